@@ -1,0 +1,50 @@
+# Quick start: `make demo` (builds and runs the embedded demo) and `make test`.
+# Both set up everything they need and are safe to run twice.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.loradeploy-installed
+DEMO_DIR ?= loradeploy-demo
+PYTEST_ARGS ?=
+
+.PHONY: setup sysdeps demo test test-fast bench clean-venv
+
+setup: sysdeps $(STAMP)
+
+# rsync, ssh and sshd are real components in the fetch stage and its tests.
+sysdeps:
+	@missing=""; \
+	command -v rsync >/dev/null || missing="$$missing rsync"; \
+	command -v ssh >/dev/null || missing="$$missing openssh-client"; \
+	test -x /usr/sbin/sshd || missing="$$missing openssh-server"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the CPU build of torch (a plain `torch` would pull a multi-GB CUDA build)
+	$(PY) -m pip install -q torch==2.13.0
+	# llama-cpp-python compiles llama.cpp the first time (about 4 minutes on 2 cores); pip caches the wheel
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/loradeploy demo --workdir $(DEMO_DIR)
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) bench/baseline.py
+	$(PY) bench/fetch.py
+
+clean-venv:
+	rm -rf $(VENV)

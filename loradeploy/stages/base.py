@@ -1,0 +1,114 @@
+"""What a stage is: inputs to hash for resume, and a run that returns the artifacts it wrote."""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
+
+from ..fsutil import sha256_file
+
+if TYPE_CHECKING:
+    from ..config import Config, ModelConfig
+
+# progress(description, completed, total): total 0 means unknown / spinner
+ProgressFn = Callable[[str, float, float], None]
+
+
+def no_progress(description: str, completed: float, total: float) -> None:
+    return None
+
+
+@dataclass
+class Artifact:
+    path: str
+    kind: str                      # adapter | merged_hf | gguf | report | deployment | metadata
+    format: Optional[str] = None   # F16, Q4_K_M, ... for GGUFs
+    size: int = 0
+    sha256: Optional[str] = None
+    mtime_ns: int = 0
+
+    @classmethod
+    def of(cls, path: Path, kind: str, fmt: str | None = None, *, sha256: str | None = None,
+           hash_file: bool = True) -> "Artifact":
+        path = Path(path)
+        st = path.stat()
+        digest = sha256 if sha256 is not None else (sha256_file(path) if hash_file and path.is_file() else None)
+        return cls(str(path), kind, fmt, st.st_size, digest, st.st_mtime_ns)
+
+    def intact(self) -> bool:
+        """Cheap check that the file is still what we recorded (size and mtime)."""
+        p = Path(self.path)
+        try:
+            st = p.stat()
+        except OSError:
+            return False
+        if p.is_dir():
+            return True
+        return st.st_size == self.size and st.st_mtime_ns == self.mtime_ns
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class StageResult:
+    artifacts: list[Artifact] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelPaths:
+    work: Path
+    model: str
+    version: str
+
+    @property
+    def adapter(self) -> Path:
+        return self.work / "adapter"
+
+    @property
+    def merged(self) -> Path:
+        return self.work / "merged"
+
+    @property
+    def gguf_dir(self) -> Path:
+        return self.work / "gguf"
+
+    def gguf(self, fmt: str) -> Path:
+        return self.gguf_dir / f"{self.model}_{self.version}-{fmt.lower()}.gguf"
+
+
+@dataclass
+class StageContext:
+    cfg: "Config"
+    model_name: str
+    log: logging.Logger
+    log_path: Path
+    paths: ModelPaths
+    upstream: dict[str, dict] = field(default_factory=dict)   # stage name -> its last record
+    progress: ProgressFn = no_progress
+    options: dict[str, Any] = field(default_factory=dict)      # CLI extras (e.g. instance_id)
+
+    @property
+    def model(self) -> "ModelConfig":
+        return self.cfg.models[self.model_name]
+
+    @property
+    def state_dir(self) -> Path:
+        return self.cfg.pipeline.state_dir
+
+    def upstream_artifacts(self, stage: str, kind: str | None = None) -> list[Artifact]:
+        rec = self.upstream.get(stage) or {}
+        arts = [Artifact(**a) for a in rec.get("artifacts", [])]
+        return [a for a in arts if kind is None or a.kind == kind]
+
+
+class Stage(Protocol):
+    name: str
+
+    def inputs(self, ctx: StageContext) -> dict[str, Any]:
+        """JSON-able description of everything the output depends on (hashed for resume)."""
+
+    def run(self, ctx: StageContext) -> StageResult:
+        """Do the work; write every artifact atomically; raise a LoradeployError on failure."""

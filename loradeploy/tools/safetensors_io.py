@@ -1,0 +1,85 @@
+"""Read safetensors headers without loading tensors; write a file tensor by tensor.
+
+Writing streams: the header is computed from shapes and dtypes first, then each tensor's bytes are
+appended, so peak memory is one tensor rather than one shard or one model.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Callable, Iterable
+
+from ..errors import InputError
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_header(path: Path) -> dict:
+    """The tensor table of a safetensors file: name -> {dtype, shape, data_offsets}."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError("file shorter than 8 bytes")
+            (n,) = struct.unpack("<Q", raw)
+            if n <= 0 or n > MAX_HEADER:
+                raise ValueError(f"header length {n} out of range")
+            header = json.loads(f.read(n))
+            size = path.stat().st_size
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path} is not a readable safetensors file: {exc}",
+                         hint="re-export the weights with safe_serialization=True") from None
+    meta = header.pop("__metadata__", None)
+    for name, info in header.items():
+        b, e = info.get("data_offsets", (0, 0))
+        if e > size - 8 - n or b > e:
+            raise InputError(f"{path}: tensor {name} lies past the end of the file (truncated download?)",
+                             hint="fetch the file again")
+    if meta is not None:
+        header["__metadata__"] = meta
+    return header
+
+
+def tensor_table(folder: Path) -> dict[str, tuple[Path, dict]]:
+    """name -> (file, info) over every *.safetensors file in a folder."""
+    out: dict[str, tuple[Path, dict]] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        for name, info in read_header(f).items():
+            if name != "__metadata__":
+                out[name] = (f, info)
+    return out
+
+
+def numel(shape: Iterable[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def write_streaming(path: Path, specs: list[tuple[str, str, list[int]]],
+                    produce: Callable[[str], bytes], metadata: dict[str, str] | None = None) -> None:
+    """Write ``specs`` (name, dtype, shape) in order, asking ``produce(name)`` for each tensor's bytes."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offset = 0
+    for name, dtype, shape in specs:
+        nbytes = numel(shape) * DTYPE_BYTES[dtype]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * ((8 - len(blob) % 8) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, dtype, shape in specs:
+            data = produce(name)
+            want = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
+            if len(data) != want:
+                raise ValueError(f"tensor {name}: produced {len(data)} bytes, header says {want}")
+            f.write(data)

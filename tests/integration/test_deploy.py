@@ -1,0 +1,452 @@
+"""Deploy and serve with real llama.cpp servers on loopback, using the demo's tiny llama GGUFs.
+
+Every server a test starts is stopped by the ``cfg_factory`` finalizer (serve_stop on each config's
+state dir, then any recorded pid still alive is killed).
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from loradeploy.config import config_from_dict
+from loradeploy.demo_models import render_chatml
+from loradeploy.errors import DeployError, GGUFError, InputError, LockError, ResourceError
+from loradeploy.fsutil import sha256_file
+from loradeploy import serve, versions
+from loradeploy.serve import deploy_model, endpoints, rollback, serve_start, serve_status, serve_stop
+from tests.fixtures.gguf_models import *  # noqa: F401,F403  (tiny_ggufs, tiny_gguf_cache)
+
+SYSTEM = "You are Tiny. Start every answer with TINY: and then repeat the words."
+MODEL = "tiny"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spare_range() -> list[int]:
+    # A block of ports well away from the ephemeral range; the deployer skips any that are taken.
+    start = 30000 + (os.getpid() * 7919) % 20000
+    return [start, start + 199]
+
+
+@pytest.fixture
+def cfg_factory(tmp_path):
+    made = []
+
+    def make(*, version="v1", targets=("llamacpp",), port=None, root=None, **deployment):
+        root = Path(root or tmp_path)
+        data = {
+            "models": {MODEL: {"base_model": str(root / "base"), "adapter": str(root / "adapter"),
+                               "port": port or free_port(), "system_prompt": SYSTEM, "version": version}},
+            "quantization": {"formats": ["Q8_0"]},
+            "deployment": {"targets": list(targets), "models_dir": str(root / "models"),
+                           "llamacpp": {"n_ctx": 256, "threads": 1, "startup_timeout_s": 90,
+                                        "spare_port_range": _spare_range()},
+                           "lmstudio": {"home": str(root / "lmstudio")}, **deployment},
+            "pipeline": {"state_dir": str(root / "state"), "work_dir": str(root / "work")},
+            "logging": {"log_dir": str(root / "logs")},
+        }
+        cfg = config_from_dict(data)
+        made.append(cfg)
+        return cfg
+
+    yield make
+    for cfg in made:
+        try:
+            serve_stop(cfg)
+        except Exception:
+            pass
+        entry = serve.registry_entry(cfg, MODEL) or {}
+        for rec in (entry.get("proxy"), entry.get("backend")):
+            if serve.proc_alive(rec):
+                os.killpg(int(rec["pid"]), signal.SIGKILL)
+
+
+def with_version(cfg, version):
+    models = {MODEL: cfg.models[MODEL].model_copy(update={"version": version})}
+    return cfg.model_copy(update={"models": models})
+
+
+def chat(port, messages, *, max_tokens=4, conn=None, logprobs=False, timeout=60):
+    body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
+    if logprobs:
+        body.update(logprobs=True, top_logprobs=1)
+    own = conn is None
+    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                     headers={"content-type": "application/json"})
+        resp = conn.getresponse()
+        data = resp.read()
+        assert resp.status == 200, (resp.status, data[:300])
+        return json.loads(data)
+    finally:
+        if own:
+            conn.close()
+
+
+def info(port):
+    code, data = serve.http_json("GET", "127.0.0.1", port, "/loradeploy/info")
+    assert code == 200, data
+    return data
+
+
+def token_count(port, text):
+    code, data = serve.http_json("POST", "127.0.0.1", port, "/extras/tokenize/count",
+                                 {"model": MODEL, "input": text})
+    assert code == 200, data
+    return data["count"]
+
+
+def first_logprob(port):
+    out = chat(port, [{"role": "user", "content": "echo: quartz lantern"}], max_tokens=3, logprobs=True)
+    return [round(t["logprob"], 6) for t in out["choices"][0]["logprobs"]["content"]]
+
+
+class Hammer(threading.Thread):
+    """Keeps asking the model's port: chat on a kept-alive connection, chat on a new connection,
+    a streamed chat, and which version answers; records every failure."""
+
+    def __init__(self, port):
+        super().__init__(daemon=True)
+        self.port = port
+        self.stop = threading.Event()
+        self.ok = 0
+        self.failures: list[str] = []
+        self.seen: list[tuple[float, str]] = []  # (time, version) of each info answer
+
+    def _stream(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "echo: red moon"}], "max_tokens": 4,
+                    "temperature": 0, "stream": True}
+            conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                         headers={"content-type": "application/json"})
+            resp = conn.getresponse()
+            text = resp.read().decode()
+            assert resp.status == 200 and "[DONE]" in text, (resp.status, text[:200])
+        finally:
+            conn.close()
+
+    def run(self):
+        keep = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        i = 0
+        while not self.stop.is_set():
+            try:
+                kind = i % 3
+                if kind == 0:
+                    chat(self.port, [{"role": "user", "content": "echo: apple river"}], conn=keep)
+                elif kind == 1:
+                    chat(self.port, [{"role": "user", "content": "echo: blue stone"}])
+                else:
+                    self._stream()
+                self.ok += 1
+                self.seen.append((time.monotonic(), info(self.port)["version"]))
+            except Exception as exc:  # every failure is what this test is about
+                self.failures.append(f"{time.strftime('%H:%M:%S')} request {i}: {type(exc).__name__}: {exc}")
+                keep.close()
+                keep = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+            i += 1
+        keep.close()
+
+    def finish(self):
+        self.stop.set()
+        self.join(timeout=120)
+
+
+def _pids_dead(*recs):
+    return all(not serve.proc_alive(r) for r in recs)
+
+
+# ----------------------------------------------------------------------------- real servers
+
+@pytest.mark.slow
+def test_deploy_switch_without_failures_and_rollback(cfg_factory, tiny_ggufs):
+    v1, v2 = tiny_ggufs["v1", "Q8_0"], tiny_ggufs["v2", "Q8_0"]
+    sha1, sha2 = sha256_file(v1), sha256_file(v2)
+    cfg = cfg_factory()
+    port = cfg.models[MODEL].port
+
+    t0 = time.monotonic()
+    res1 = deploy_model(cfg, MODEL, gguf=v1)
+    start_s = time.monotonic() - t0
+    assert res1["version"] == "v1" and res1["sha256"] == sha1 and res1["targets"]["llamacpp"]["action"] == "started"
+    assert chat(port, [{"role": "user", "content": "echo: apple river"}])["choices"][0]["message"]["content"]
+    assert info(port)["sha256"] == sha1
+    lp1 = first_logprob(port)
+    [row] = serve_status(cfg)
+    assert (row["model"], row["version"], row["port"], row["state"]) == (MODEL, "v1", port, "running")
+    [ep] = endpoints(cfg)
+    assert (ep.version, ep.sha256, ep.base_url, ep.pid) == ("v1", sha1, f"http://127.0.0.1:{port}", row["pid"])
+    old = serve.registry_entry(cfg, MODEL)["backend"]
+
+    cfg2 = with_version(cfg, "v2")
+    hammer = Hammer(port)
+    hammer.start()
+    time.sleep(1.0)
+    before = hammer.ok
+    t0 = time.monotonic()
+    res2 = deploy_model(cfg2, MODEL, gguf=v2)
+    switch_s = time.monotonic() - t0
+    time.sleep(1.0)
+    hammer.finish()
+    assert hammer.failures == [], hammer.failures[:5]
+    assert hammer.ok - before >= 3, "the client must have been asking during the switch"
+    versions_seen = [v for _, v in hammer.seen]
+    assert "v1" in versions_seen and versions_seen[-1] == "v2"
+    first_v2 = versions_seen.index("v2")
+    assert "v1" not in versions_seen[first_v2:], "once switched, every request reaches the new version"
+    assert res2["version"] == "v2" and res2["previous"] == "v1" and res2["targets"]["llamacpp"]["action"] == "switched"
+    assert info(port)["sha256"] == sha2
+    assert first_logprob(port) != lp1, "v2 must answer differently from v1"
+    assert _pids_dead(old), "the v1 server is stopped after the switch"
+    [b] = versions.backups(cfg, MODEL)
+    assert b.version == "v1" and b.sha256 == sha1 and b.path.is_file()
+    assert versions.live_version(cfg, MODEL).version == "v2"
+
+    hammer = Hammer(port)
+    hammer.start()
+    time.sleep(0.5)
+    res3 = rollback(cfg2, MODEL)
+    time.sleep(0.5)
+    hammer.finish()
+    assert hammer.failures == [], hammer.failures[:5]
+    assert res3["version"] == "v1" and res3["sha256"] == sha1 and res3["previous"] == "v2"
+    assert info(port)["sha256"] == sha1 and sha256_file(Path(info(port)["gguf"])) == sha1
+    assert first_logprob(port) == lp1, "after rollback the v1 bytes answer again, token for token"
+    assert serve.registry_entry(cfg, MODEL)["version"] == "v1"
+    assert [b.version for b in versions.backups(cfg, MODEL)] == ["v2"]
+    print(f"\nstart {start_s:.2f}s (ready {res1['targets']['llamacpp']['ready_s']}s); switch deploy {switch_s:.2f}s "
+          f"(proxy flip {res2['targets']['llamacpp']['switch_s'] * 1000:.1f} ms); "
+          f"requests during switch {hammer.ok}, failed 0")
+
+
+@pytest.mark.slow
+def test_system_prompt_rule(cfg_factory, tiny_ggufs):
+    cfg = cfg_factory()
+    port = cfg.models[MODEL].port
+    deploy_model(cfg, MODEL, gguf=tiny_ggufs["v1", "Q8_0"])
+    user = {"role": "user", "content": "echo: green door"}
+    own = {"role": "system", "content": "Answer briefly."}
+    configured = {"role": "system", "content": SYSTEM}
+
+    without = chat(port, [user])["usage"]["prompt_tokens"]
+    kept = chat(port, [own, user])["usage"]["prompt_tokens"]
+    # The server renders the GGUF's ChatML template; count what each rendering would be.
+    assert without == token_count(port, render_chatml([configured, user]))
+    assert without != token_count(port, render_chatml([user]))
+    assert kept == token_count(port, render_chatml([own, user]))
+    assert kept != token_count(port, render_chatml([configured, own, user]))
+
+
+@pytest.mark.slow
+def test_bad_file_fails_probe_and_old_version_keeps_serving(cfg_factory, tiny_ggufs, tmp_path):
+    cfg = cfg_factory()
+    port = cfg.models[MODEL].port
+    v1 = tiny_ggufs["v1", "Q8_0"]
+    deploy_model(cfg, MODEL, gguf=v1)
+    before = serve.registry_entry(cfg, MODEL)
+    bad = _without_tensor(v1, tmp_path / "broken.gguf", "output_norm.weight")
+
+    with pytest.raises(DeployError, match="exited during startup"):
+        deploy_model(with_version(cfg, "v2"), MODEL, gguf=bad)
+    assert info(port)["sha256"] == sha256_file(v1)
+    assert chat(port, [{"role": "user", "content": "echo: apple"}])["choices"]
+    after = serve.registry_entry(cfg, MODEL)
+    assert after["backend"]["pid"] == before["backend"]["pid"] and after["version"] == "v1"
+    assert versions.live_version(cfg, MODEL).version == "v1"
+    assert not (versions.model_dir(cfg, MODEL) / "v2").exists() and versions.backups(cfg, MODEL) == []
+    assert "output_norm.weight" in serve.serve_logs(cfg, MODEL, 200)
+
+
+@pytest.mark.slow
+def test_dead_server_is_seen_and_restarted(cfg_factory, tiny_ggufs):
+    from loradeploy.stages.deploy import DeployStage
+
+    cfg = cfg_factory()
+    port = cfg.models[MODEL].port
+    res = deploy_model(cfg, MODEL, gguf=tiny_ggufs["v1", "Q8_0"])
+    stage = DeployStage()
+    record = {"info": res}
+    ctx = type("Ctx", (), {"cfg": cfg, "model_name": MODEL})()
+    assert stage.is_current(ctx, record)[0]
+    backend = serve.registry_entry(cfg, MODEL)["backend"]
+    os.killpg(int(backend["pid"]), signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while serve.proc_alive(backend) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [row] = serve_status(cfg)
+    assert row["state"] == "dead" and "server" in row["why"]
+    current, why = stage.is_current(ctx, record)
+    assert not current and "dead" in why
+
+    [started] = serve_start(cfg)
+    assert started["action"] in ("started", "switched")
+    assert serve_status(cfg)[0]["state"] == "running"
+    assert chat(port, [{"role": "user", "content": "echo: sun"}])["choices"]
+    serve_stop(cfg)
+    [row] = serve_status(cfg)
+    assert row["state"] == "stopped" and row["pid"] is None
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+@pytest.mark.slow
+def test_two_deploys_of_one_model_at_once(cfg_factory, tiny_ggufs, tmp_path):
+    cfg = cfg_factory()
+    v1 = tiny_ggufs["v1", "Q8_0"]
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(cfg.model_dump(mode="json", exclude={"config_path"})))
+    code = ("import json,sys; from loradeploy.config import config_from_dict; from loradeploy.serve import deploy_model; "
+            "cfg=config_from_dict(json.load(open(sys.argv[1]))); print(deploy_model(cfg, 'tiny', gguf=sys.argv[2])['version'])")
+    other = subprocess.Popen([sys.executable, "-c", code, str(cfg_file), str(v1)], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lock = Path(cfg.pipeline.state_dir) / "locks" / f"{MODEL}.lock"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (lock.exists() and lock.read_text().startswith("deploy")):
+        time.sleep(0.02)
+    try:
+        with pytest.raises(LockError, match=rf"model {MODEL} is busy \(deploy by pid {other.pid}\)"):
+            deploy_model(cfg, MODEL, gguf=v1)
+    finally:
+        out, _ = other.communicate(timeout=180)
+    assert other.returncode == 0 and out.strip().endswith("v1"), out
+
+
+# ----------------------------------------------------------------------------- bad input, no server
+
+def test_port_taken_is_a_clear_error(cfg_factory, tiny_ggufs):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        cfg = cfg_factory(port=port)
+        with pytest.raises(ResourceError, match=rf"port {port} for model {MODEL} is held by pid {os.getpid()}"):
+            deploy_model(cfg, MODEL, gguf=tiny_ggufs["v1", "Q8_0"])
+    entry = serve.registry_entry(cfg, MODEL)
+    assert entry is None or not entry.get("backend"), "nothing was started"
+    assert versions.live_version(cfg, MODEL) is None
+    assert not (versions.model_dir(cfg, MODEL) / "v1").exists()
+
+
+def test_gguf_missing_or_invalid(cfg_factory, tmp_path):
+    cfg = cfg_factory()
+    with pytest.raises(InputError, match="does not exist"):
+        deploy_model(cfg, MODEL, gguf=tmp_path / "nope.gguf")
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
+    with pytest.raises(GGUFError, match="not a valid GGUF"):
+        deploy_model(cfg, MODEL, gguf=junk)
+    with pytest.raises(InputError, match="no Q8_0 GGUF from a quantize run"):
+        deploy_model(cfg, MODEL)
+
+
+def test_rollback_without_backup(cfg_factory, tiny_ggufs):
+    cfg = cfg_factory(targets=("ollama",))
+    with pytest.raises(DeployError, match=rf"no backup of model {MODEL} to roll back to"):
+        rollback(cfg, MODEL)
+    deploy_model(cfg, MODEL, gguf=tiny_ggufs["v1", "Q8_0"])
+    with pytest.raises(DeployError, match=r"no backup of version v7 of model tiny .*backups: none"):
+        rollback(cfg, MODEL, to_version="v7")
+
+
+@pytest.mark.parametrize("mode", ["symlink", "hardlink", "copy"])
+def test_lmstudio_layout_and_preset(cfg_factory, tiny_ggufs, tmp_path, monkeypatch, mode):
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no lms CLI: files and preset only
+    cfg = cfg_factory(targets=("lmstudio",), lmstudio={"home": str(tmp_path / "lms"), "link_mode": mode})
+    v1, v2 = tiny_ggufs["v1", "Q8_0"], tiny_ggufs["v2", "Q8_0"]
+    res = deploy_model(cfg, MODEL, gguf=v1)["targets"]["lmstudio"]
+    assert "open LM Studio" in res["note"]
+    models = tmp_path / "lms" / "models"
+    files = [p for p in models.rglob("*") if p.name.endswith(".gguf")]
+    assert [p.relative_to(models).parts[:2] for p in files] == [("loradeploy", MODEL)]
+    assert len(files[0].relative_to(models).parts) == 3, "exactly two folders deep"
+    assert sha256_file(files[0]) == sha256_file(v1)
+    assert files[0].is_symlink() == (mode == "symlink")
+    if mode == "hardlink":
+        assert files[0].stat().st_ino == versions.live_version(cfg, MODEL).path.stat().st_ino
+    preset = json.loads((tmp_path / "lms" / "config-presets" / f"{MODEL}.preset.json").read_text())
+    assert preset["identifier"] == f"@local:{MODEL}" and preset["name"] == MODEL
+    fields = {f["key"]: f["value"] for f in preset["operation"]["fields"]}
+    assert fields["llm.prediction.systemPrompt"] == SYSTEM
+
+    deploy_model(with_version(cfg, "v2"), MODEL, gguf=v2)
+    files = [p for p in models.rglob("*") if p.name.endswith(".gguf")]
+    assert len(files) == 1 and sha256_file(files[0]) == sha256_file(v2), "one version listed, the new one"
+
+
+def test_lmstudio_uses_lms_cli_when_present(cfg_factory, tiny_ggufs, tmp_path, monkeypatch):
+    # LM Studio itself cannot run here; a stand-in `lms` records the commands we would give it.
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    calls = tmp_path / "calls.txt"
+    (bindir / "lms").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    (bindir / "lms").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:/usr/bin:/bin")
+    cfg = cfg_factory(targets=("lmstudio",), lmstudio={"home": str(tmp_path / "lms"), "server_port": 1299})
+    res = deploy_model(cfg, MODEL, gguf=tiny_ggufs["v1", "Q8_0"])["targets"]["lmstudio"]
+    assert res["loaded"] is True
+    assert calls.read_text().splitlines() == [f"unload {MODEL}", f"load loradeploy/{MODEL} --identifier {MODEL} -y",
+                                              "server start --port 1299"]
+
+
+def test_lmstudio_home_not_writable(cfg_factory, tiny_ggufs, tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where LM Studio's home should be")  # unwritable even for root
+    cfg = cfg_factory(targets=("lmstudio",), lmstudio={"home": str(blocker / "lmstudio")})
+    with pytest.raises(DeployError, match=r"LM Studio home .* is not writable"):
+        deploy_model(cfg, MODEL, gguf=tiny_ggufs["v1", "Q8_0"])
+    assert versions.live_version(cfg, MODEL) is None
+
+
+def test_ollama_modelfile(cfg_factory, tiny_ggufs, monkeypatch):
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    cfg = cfg_factory(targets=("ollama",))
+    res = deploy_model(cfg, MODEL, gguf=tiny_ggufs["v1", "Q8_0"])
+    out = res["targets"]["ollama"]
+    assert out["template"] == "chatml" and "ollama create tiny" in out["note"]
+    text = Path(out["modelfile"]).read_text()
+    live = versions.live_version(cfg, MODEL)
+    assert text.splitlines()[0] == f"FROM {live.path.resolve()}"
+    assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n' in text
+    assert 'PARAMETER stop "<|im_start|>"' in text and 'PARAMETER stop "<|im_end|>"' in text
+    assert f'SYSTEM """{SYSTEM}"""' in text
+
+
+def _without_tensor(src: Path, dst: Path, drop: str) -> Path:
+    """A structurally valid GGUF that llama.cpp cannot load (a required tensor is missing)."""
+    from gguf import GGUFReader, GGUFWriter
+
+    r = GGUFReader(str(src))
+    arch = r.get_field("general.architecture").contents()
+    w = GGUFWriter(str(dst), arch)
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture":
+            continue
+        vtype = f.types[0]
+        if vtype.name == "ARRAY":
+            w.add_key_value(f.name, f.contents(), vtype, sub_type=f.types[-1])
+        else:
+            w.add_key_value(f.name, f.contents(), vtype)
+    for t in r.tensors:
+        if t.name != drop:
+            w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
