@@ -15,6 +15,7 @@ import json
 import os
 import random
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -155,6 +156,7 @@ class EvalTarget:
     live: bool = False                 # the deployed, serving version
     sha256: Optional[str] = None
     version: Optional[str] = None
+    system_prompt: Optional[str] = None  # added to samples without a system message (as deploy does)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -200,6 +202,7 @@ def build_targets(cfg: Config, models: Optional[Sequence[str]] = None,
     targets: list[EvalTarget] = []
     for name in names:
         order = cfg.formats_for(name)
+        sp = cfg.models[name].system_prompt or None
         rows: list[EvalTarget] = []
         covered: set[Optional[str]] = set()
         for ep in (e for e in live_eps if e.model == name):
@@ -208,7 +211,7 @@ def build_targets(cfg: Config, models: Optional[Sequence[str]] = None,
             label = f"{name} {ep.format or 'live'}"
             rows.append(EvalTarget(label, name, ep.format, base_url=ep.base_url,
                                    gguf_path=str(ep.gguf_path) if ep.gguf_path else None, pid=ep.pid, n_ctx=n_ctx,
-                                   live=True, sha256=ep.sha256, version=ep.version))
+                                   live=True, sha256=ep.sha256, version=ep.version, system_prompt=sp))
             covered.add(ep.format)
         rec = load_record(cfg.pipeline.state_dir, name)
         for a in (rec["stages"].get("quantize") or {}).get("artifacts", []):
@@ -219,7 +222,7 @@ def build_targets(cfg: Config, models: Optional[Sequence[str]] = None,
                 notes.append(f"{name} {fmt}: quantized file {a['path']} is missing; skipped")
                 continue
             rows.append(EvalTarget(f"{name} {fmt}", name, fmt, gguf_path=a["path"], n_ctx=n_ctx,
-                                   sha256=a.get("sha256"), version=cfg.models[name].version))
+                                   sha256=a.get("sha256"), version=cfg.models[name].version, system_prompt=sp))
             covered.add(fmt)
         if fmts:
             for f in fmts:
@@ -230,11 +233,19 @@ def build_targets(cfg: Config, models: Optional[Sequence[str]] = None,
             base = _base_gguf(rec)
             if base:
                 rows.append(EvalTarget(f"{name} base", name, _format_from_name(base), gguf_path=base,
-                                       is_base=True, n_ctx=n_ctx))
+                                       is_base=True, n_ctx=n_ctx, system_prompt=sp))
             else:
                 notes.append(f"{name}: no base-model GGUF recorded, so the base reference row is skipped")
         targets += rows
     return targets, notes
+
+
+def with_system_prompt(messages: Sequence[dict], prompt: Optional[str]) -> list[dict]:
+    """The deployed server's rule: a conversation without a system message gets the model's."""
+    msgs = list(messages)
+    if prompt and not any(m.get("role") in ("system", "developer") for m in msgs):
+        msgs.insert(0, {"role": "system", "content": prompt})
+    return msgs
 
 
 # ============================================================================= HTTP client
@@ -447,18 +458,50 @@ def _tail(path: Path, n: int = 15) -> str:
     return " | ".join(line.strip() for line in lines[-n:] if line.strip())[-600:]
 
 
+# Runs llama-cpp-python's server with llama.cpp's extra weight buffer types (AMX, repacking) off.
+# Some VMs advertise AMX but trap its instructions (SIGILL on the first completion); this keeps
+# such a machine usable at some speed cost, and is used only after a crash like that.
+_SAFE_LAUNCHER = """
+import runpy, sys
+import llama_cpp.llama_cpp as C
+_default = C.llama_model_default_params
+def _params():
+    p = _default()
+    p.use_extra_bufts = False
+    return p
+C.llama_model_default_params = _params
+sys.argv = ["llama_cpp.server"] + sys.argv[1:]
+runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
+"""
+_SAFE_MODE = {"on": False}   # set once a server died of SIGILL in this process
+
+
+@dataclass
+class TempServer:
+    url: str
+    pid: int
+    proc: subprocess.Popen
+    safe_mode: bool
+
+    def crashed_on_illegal_instruction(self) -> bool:
+        return self.proc.poll() == -signal.SIGILL
+
+
 @contextlib.contextmanager
-def temp_server(cfg: Config, gguf: Path, alias: str, log_path: Path) -> Iterator[tuple[str, int]]:
-    """Serve ``gguf`` with llama-cpp-python on a free loopback port; yield (base_url, pid)."""
+def temp_server(cfg: Config, gguf: Path, alias: str, log_path: Path, *,
+                safe_mode: Optional[bool] = None) -> Iterator[TempServer]:
+    """Serve ``gguf`` with llama-cpp-python on a free loopback port for the duration of the block."""
     from .resources import cpu_budget
     from .tools.proc import kill_group
 
     if not Path(gguf).is_file():
         raise EvalError(f"GGUF {gguf} not found")
+    safe = _SAFE_MODE["on"] if safe_mode is None else safe_mode
     lc = cfg.deployment.llamacpp
     port = free_port(*lc.spare_port_range)
     threads = lc.threads or cpu_budget(cfg.performance.max_cpu_threads)
-    args = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+    launch = ["-c", _SAFE_LAUNCHER] if safe else ["-m", "llama_cpp.server"]
+    args = [sys.executable, *launch, "--model", str(gguf), "--host", "127.0.0.1",
             "--port", str(port), "--model_alias", alias, "--n_ctx", str(lc.n_ctx),
             "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_batch", str(lc.n_batch),
             "--n_gpu_layers", str(lc.n_gpu_layers),
@@ -466,7 +509,7 @@ def temp_server(cfg: Config, gguf: Path, alias: str, log_path: Path) -> Iterator
             "--interrupt_requests", "False", *lc.extra_args]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log_f:
-        log_f.write(f"$ {' '.join(args)}\n")
+        log_f.write(f"$ {' '.join(a if a != _SAFE_LAUNCHER else '<safe launcher>' for a in args)}\n")
         log_f.flush()
         # A long-lived child, so not tools.proc.run (which waits); it still gets its own session
         # so kill_group stops it with any children.
@@ -488,7 +531,7 @@ def temp_server(cfg: Config, gguf: Path, alias: str, log_path: Path) -> Iterator
                     raise EvalError(f"llama.cpp server for {Path(gguf).name} did not answer within "
                                     f"{lc.startup_timeout_s:g}s", hint=f"see {log_path}") from None
                 time.sleep(0.25)
-        yield url, proc.pid
+        yield TempServer(url, proc.pid, proc, safe)
     finally:
         kill_group(proc)
 
@@ -711,6 +754,8 @@ class _TargetRun:
         self.serialize = False
         self.peak_rss = 0
         self.pid: Optional[int] = None
+        self.warmed = False
+        self.notes: list[str] = []
 
     def _error_rows(self, message: str) -> list[SampleResult]:
         rows = []
@@ -727,25 +772,26 @@ class _TargetRun:
                 self.peak_rss = max(self.peak_rss, rss)
 
     def _one(self, api: Api, s: Sample, rep: int) -> SampleResult:
+        msgs = self._messages(s)
         n_ctx = self.t.n_ctx
         if n_ctx:
-            n = api.count_tokens("\n".join(m["content"] for m in s.messages))
+            n = api.count_tokens("\n".join(m["content"] for m in msgs))
             # chat templates add a few tokens per message around the content
-            if n is not None and n + 4 * len(s.messages) + 4 >= n_ctx:
+            if n is not None and n + 4 * len(msgs) + 4 >= n_ctx:
                 return SampleResult(self.t.label, s.id, rep, error=f"prompt is about {n} tokens, longer than the "
                                     f"context of {n_ctx} tokens", prompt_tokens=n, tags=s.tags)
         kw = {"max_tokens": self.ev.max_tokens, "temperature": self.ev.temperature}
         if self.serialize:
             with self.serial:
-                reply = api.chat(s.messages, **kw)
+                reply = api.chat(msgs, **kw)
         else:
-            reply = api.chat(s.messages, **kw)
+            reply = api.chat(msgs, **kw)
         tries = 0
         while reply.interrupted and tries < 3:
             self.serialize = True
             tries += 1
             with self.serial:
-                reply = api.chat(s.messages, **kw)
+                reply = api.chat(msgs, **kw)
         res = SampleResult(self.t.label, s.id, rep, reply.text, reply.error, reply.latency_s, reply.ttft_s,
                            reply.prompt_tokens, reply.completion_tokens, reply.gen_tps, reply.prompt_tps,
                            reply.finish_reason, tags=s.tags)
@@ -757,10 +803,23 @@ class _TargetRun:
             res.quality = _round(metrics.combined_quality(res.scores))
         return res
 
+    def _warmup(self, api: Api) -> Optional[Reply]:
+        # at least one request, so a server that cannot compute shows it before the measured runs
+        reply = None
+        for i in range(max(1, self.ev.warmup)):
+            reply = api.chat(self._messages(self.samples[i % len(self.samples)]), max_tokens=self.ev.max_tokens,
+                             temperature=self.ev.temperature)
+        self.warmed = True
+        return reply
+
+    def _messages(self, s: Sample) -> list[dict]:
+        return with_system_prompt(s.messages, self.t.system_prompt)
+
     def _measure(self, api: Api) -> list[SampleResult]:
-        for i in range(self.ev.warmup):
-            api.chat(self.samples[i % len(self.samples)].messages, max_tokens=self.ev.max_tokens,
-                     temperature=self.ev.temperature)
+        if not self.warmed:
+            for i in range(self.ev.warmup):
+                api.chat(self._messages(self.samples[i % len(self.samples)]), max_tokens=self.ev.max_tokens,
+                         temperature=self.ev.temperature)
         jobs = [(s, rep) for rep in range(self.ev.repeats) for s in self.samples]
         out: list[SampleResult] = []
         with cf.ThreadPoolExecutor(min(self.ev.concurrency, len(jobs))) as pool:
@@ -773,35 +832,53 @@ class _TargetRun:
         out.sort(key=lambda r: order[(r.sample_id, r.repeat)])
         return out
 
-    def _serve(self, api_url: Optional[str], pid: Optional[int]) -> tuple[list[SampleResult], Optional[str]]:
+    def _serve(self, api_url: str, pid: Optional[int], *, warmup_only: bool = False
+               ) -> tuple[list[SampleResult], Optional[str], Optional[Reply]]:
         api = Api(api_url, self.ev.timeout_s)
         try:
             api.probe(timeout=min(10.0, self.ev.timeout_s))
         except EvalError as exc:
-            return self._error_rows(exc.one_line()), exc.one_line()
+            return self._error_rows(exc.one_line()), exc.one_line(), None
         if pid is None and api.host in ("127.0.0.1", "localhost", "::1"):
             pid = _pid_listening_on(api.port)
         self.pid = pid or None   # 0: the registry says the backend is stopped
         self._sample_rss()
-        return self._measure(api), None
+        if warmup_only:
+            return [], None, self._warmup(api)
+        return self._measure(api), None, None
+
+    def _serve_file(self) -> tuple[list[SampleResult], Optional[str], Optional[int]]:
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.t.label)
+        log_path = Path(self.cfg.logging.log_dir) / "evaluate" / f"server-{safe}.log"
+        for attempt in (1, 2):
+            try:
+                with temp_server(self.cfg, Path(self.t.gguf_path), safe, log_path) as srv:
+                    rows, err, reply = self._serve(srv.url, srv.pid, warmup_only=True)
+                    if reply is not None and reply.error:
+                        with contextlib.suppress(subprocess.TimeoutExpired):
+                            srv.proc.wait(3)   # a crashed server may not be reaped yet
+                    if err is None and srv.crashed_on_illegal_instruction() and not srv.safe_mode and attempt == 1:
+                        _SAFE_MODE["on"] = True
+                        self.notes.append("llama.cpp died of an illegal instruction (a CPU feature the machine "
+                                          "advertises but does not allow, e.g. AMX); servers were restarted "
+                                          "without llama.cpp's extra weight buffers")
+                        continue
+                    if err is None:
+                        rows, err, _ = self._serve(srv.url, srv.pid)
+                    return rows, err, gpu_memory_bytes(srv.pid)
+            except EvalError as exc:
+                return self._error_rows(exc.one_line()), exc.one_line(), None
+        raise AssertionError("unreachable")
 
     def run(self) -> tuple[TargetResult, list[SampleResult]]:
         t0 = time.monotonic()
         tr = TargetResult(self.t, n_samples=len(self.samples))
-        err: Optional[str] = None
         gpu: Optional[int] = None
         if self.t.base_url:
-            rows, err = self._serve(self.t.base_url, self.t.pid)
+            rows, err, _ = self._serve(self.t.base_url, self.t.pid)
             gpu = gpu_memory_bytes(self.pid) if self.pid else None
         else:
-            safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.t.label)
-            log_path = Path(self.cfg.logging.log_dir) / "evaluate" / f"server-{safe}.log"
-            try:
-                with temp_server(self.cfg, Path(self.t.gguf_path), safe, log_path) as (url, pid):
-                    rows, err = self._serve(url, pid)
-                    gpu = gpu_memory_bytes(pid)
-            except EvalError as exc:
-                rows, err = self._error_rows(exc.one_line()), exc.one_line()
+            rows, err, gpu = self._serve_file()
         agg = aggregate(rows)
         size = None
         if self.t.gguf_path:
@@ -883,7 +960,9 @@ def evaluate(cfg: Config, models: Optional[Sequence[str]] = None, *,
     for t, ss in plan:
         if progress:
             progress(f"evaluating {t.label}", done[0], total)
-        tr, rows = _TargetRun(cfg, t, ss, tick).run()
+        run = _TargetRun(cfg, t, ss, tick)
+        tr, rows = run.run()
+        notes += [n for n in run.notes if n not in notes]
         target_results.append(tr)
         all_rows += rows
     result = EvalResult(SCHEMA_VERSION, created, time.monotonic() - t0,

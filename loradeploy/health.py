@@ -380,6 +380,12 @@ class _Completion:
     tokens_per_s: Optional[float] = None
 
 
+def _unstreamed(answer: dict) -> dict:
+    choices = [{"delta": {"content": (c.get("message") or {}).get("content")},
+                "finish_reason": c.get("finish_reason")} for c in answer.get("choices") or []]
+    return {"choices": choices, "usage": answer.get("usage")}
+
+
 def _complete(t: _Target, model_id: str, prompt: str, hc: "HealthCheckConfig") -> _Completion:
     body = {"model": model_id, "messages": [{"role": "user", "content": prompt}], "max_tokens": hc.max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
@@ -390,10 +396,22 @@ def _complete(t: _Target, model_id: str, prompt: str, hc: "HealthCheckConfig") -
     parts: list[str] = []
     first = last = None
     usage_tokens = None
+    streamed = True
     try:
         if resp.status != 200:
             raise _HttpError(resp.status, resp.reason, _read_body(sock, resp, deadline))
-        for event in _sse_events(sock, resp, deadline):
+        if (resp.getheader("Content-Type") or "").startswith("application/json"):
+            # A server that ignores "stream": one JSON answer, so no time to first token.
+            events: Iterable[dict] = [_unstreamed(json.loads(_read_body(sock, resp, deadline)))]
+            streamed = False
+        else:
+            events = _sse_events(sock, resp, deadline)
+        for event in events:
+            if not isinstance(event, dict):
+                raise ValueError(f"stream event is not an object: {str(event)[:100]}")
+            if event.get("error"):
+                raise http.client.HTTPException(f"the server reported an error mid-stream: "
+                                                f"{str(event['error'])[:300]}")
             if isinstance(event.get("usage"), dict) and event["usage"].get("completion_tokens") is not None:
                 usage_tokens = int(event["usage"]["completion_tokens"])
             for choice in event.get("choices") or []:
@@ -411,7 +429,9 @@ def _complete(t: _Target, model_id: str, prompt: str, hc: "HealthCheckConfig") -
     out.text = "".join(parts)
     out.latency_s = end - t0
     out.tokens = usage_tokens if usage_tokens is not None else len(parts)
-    if first is not None:
+    if first is not None and not streamed:
+        out.tokens_per_s = out.tokens / out.latency_s if out.latency_s > 0 else None
+    elif first is not None:
         out.ttft_s = first - t0
         # Decode rate after the first token; prompt processing is what TTFT measures.
         if out.tokens >= 2 and last > first:

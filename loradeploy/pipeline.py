@@ -32,13 +32,15 @@ class StageOutcome:
     status: str                  # done | skipped | failed | unavailable | not_run
     seconds: float = 0.0
     peak_rss_mib: float = 0.0
+    start_rss_mib: float = 0.0
     error: Optional[str] = None
     note: Optional[str] = None
     artifacts: list[dict] = field(default_factory=list)
     info: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        d = {"status": self.status, "seconds": round(self.seconds, 3), "peak_rss_mib": self.peak_rss_mib}
+        d = {"status": self.status, "seconds": round(self.seconds, 3), "peak_rss_mib": self.peak_rss_mib,
+             "start_rss_mib": self.start_rss_mib}
         for k in ("error", "note"):
             if getattr(self, k):
                 d[k] = getattr(self, k)
@@ -194,7 +196,7 @@ class _ModelRun:
                                           hint=f"see {log_path}")
                     return self._fail(stage, err, log, time.monotonic() - t0, 0.0)
                 secs = time.monotonic() - t0
-                out = StageOutcome(stage, "done", secs, peak.peak_mib,
+                out = StageOutcome(stage, "done", secs, peak.peak_mib, round(peak.start / 2**20, 1),
                                    artifacts=[a.to_dict() for a in result.artifacts], info=result.info)
                 self.record["stages"][stage] = {
                     "status": "done", "inputs_hash": h, "artifacts": out.artifacts, "info": result.info,

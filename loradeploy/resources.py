@@ -20,6 +20,7 @@ class PeakRSS:
     def __init__(self, interval: float = 0.1):
         self.interval = interval
         self.peak = 0
+        self.start = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -42,7 +43,7 @@ class PeakRSS:
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "PeakRSS":
-        self.peak = self._sample()
+        self.peak = self.start = self._sample()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
         return self

@@ -1,5 +1,18 @@
-pytest_plugins = ["tests.fixtures.sshd"]
+import os
+
+import pytest
+
+# Fixtures shared across test files.
+pytest_plugins = ["tests.fixtures.models", "tests.fixtures.receivers"]
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than 20 s")
+@pytest.fixture(autouse=True)
+def _isolate_home(tmp_path, monkeypatch):
+    """Every test gets its own HOME, so nothing reads or writes the user's real dot-folders."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(home / ".cache" / "huggingface"))
+    monkeypatch.delenv("LORADEPLOY_DEBUG", raising=False)
+    yield

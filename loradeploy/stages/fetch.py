@@ -1,10 +1,12 @@
 """Fetch stage: bring a LoRA adapter from the training box into the work folder, verified.
 
-Remote sources (``ssh://`` or a vast.ai instance) go through system rsync over ssh into a staging
-folder beside the adapter folder (``.adapter.incoming``). The staging folder survives failures, so a
-re-run resumes: finished files pass rsync's quick check and an interrupted file continues from its
-copy in ``.rsync-partial``. Only after every file matches the SHA-256 computed on the box is
-``metadata.json`` written and the staging folder swapped in as the adapter folder.
+Remote sources (``ssh://`` or a vast.ai instance) go through system rsync over ssh (one shared
+SSH connection for listing, hashing and transfer) into a staging folder beside the adapter folder
+(``.adapter.incoming``). The staging folder survives failures, so a re-run resumes: finished files
+pass rsync's quick check, and the prefix of an interrupted file (kept by rsync in ``.rsync-partial``)
+gets only the rest appended (``--append-verify``). Only after every file matches the SHA-256
+computed on the box is ``metadata.json`` written and the staging folder swapped in as the adapter
+folder. Without rsync on either end, scp does the same job file by file (no resume inside a file).
 
 Integrity: the box hashes its files live (``openssl``/``sha256sum``/``shasum``/``python3``, whichever
 it has), concurrently with the transfer, and reports each file's size and mtime before and after
@@ -206,6 +208,8 @@ class _Watcher:
         self._thread.join()
         try:
             self._poll()     # catch the last rename
+        except Exception:
+            pass
         finally:
             for name in list(self._tails):
                 self._close(name)

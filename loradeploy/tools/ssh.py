@@ -165,9 +165,12 @@ def classify_failure(output: str, t: SshTarget) -> LoradeployError | None:
     if "connection refused" in low:
         return FetchError(f"cannot connect to {where}: connection refused",
                           hint="is the instance running and the SSH port right?")
-    if "timed out" in low or "operation timed out" in low:
+    if "banner exchange" in low or ("connect to host" in low and "timed out" in low):
         return FetchError(f"connect timeout: no SSH answer from {where} within {t.connect_timeout_s}s",
                           hint="check the host/port, the instance state, or raise vast.connect_timeout_s")
+    if "io timeout" in low or "not responding" in low or "timed out" in low:
+        return FetchError(f"connection to {where} stalled and was dropped",
+                          hint="run again: finished and partial files are kept and the transfer resumes")
     if "permission denied" in low and ("publickey" in low or "password" in low or "keyboard" in low):
         return FetchError(f"authentication failed for {where}",
                           hint="check vast.ssh_key and that its public key is on the instance")
@@ -453,7 +456,10 @@ def rsync_argv(t: SshTarget, run_dir: str, files_from: Path, dest: Path, *, comp
     if append:
         args += ["--inplace", "--append-verify"]
     else:
-        args.append(f"--partial-dir={PARTIAL_DIR}")   # interrupted files wait here, never over a finished one
+        # Interrupted files wait in the partial folder, never over a finished one. Whole files:
+        # a changed file shares nothing with its old version (new weights), and rolling the
+        # delta checksum over it costs more than sending it.
+        args += [f"--partial-dir={PARTIAL_DIR}", "--whole-file"]
     if compress:
         args += ["--compress", "--compress-choice=zstd"]
     return args + [t.spec(run_dir.rstrip("/") + "/"), str(dest) + "/"]

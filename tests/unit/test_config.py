@@ -1,0 +1,137 @@
+"""Config: every section typed, unknown keys and wrong types fail with `section.key: message`."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from loradeploy.config import config_from_dict, load_config, parse_adapter_source
+from loradeploy.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+MIN = {"models": {"majora": {"base_model": "/m/base", "adapter": "/a/majora", "port": 5000}}}
+
+
+def with_(path: str, value):
+    data = yaml.safe_load(yaml.safe_dump(MIN))
+    cur = data
+    keys = path.split(".")
+    for k in keys[:-1]:
+        cur = cur.setdefault(k, {})
+    cur[keys[-1]] = value
+    return data
+
+
+def test_example_config_loads_with_three_models(monkeypatch):
+    monkeypatch.delenv("VAST_API_KEY", raising=False)
+    cfg = load_config(REPO / "examples" / "deployment_config.yaml")
+    assert {n: m.port for n, m in cfg.models.items()} == {"majora": 5000, "nayru": 5001, "veran": 5002}
+    assert cfg.models["nayru"].adapter_source.kind == "ssh"
+    assert cfg.models["nayru"].adapter_source.port == 22345
+    assert cfg.models["majora"].adapter_source.kind == "vast"
+    assert cfg.quantization.primary == "Q4_K_M"
+    # relative paths resolve against the config's folder
+    assert cfg.logging.log_dir == REPO / "examples" / "logs"
+    assert Path(cfg.models["veran"].adapter) == REPO / "examples" / "adapters" / "veran"
+
+
+def test_defaults_fill_every_section():
+    cfg = config_from_dict(MIN)
+    assert cfg.pipeline.stages[0] == "fetch" and cfg.pipeline.stages[-1] == "evaluate"
+    assert cfg.vast.host_key_policy == "strict"
+    assert cfg.quantization.formats == ["Q4_K_M", "Q5_K_M", "Q8_0"]
+    assert cfg.deployment.targets == ["llamacpp"]
+
+
+@pytest.mark.parametrize("path,value,expect", [
+    ("models.majora.portt", 1, "models.majora.portt: unknown key"),
+    ("merge.stratgy", "peft", "merge.stratgy: unknown key"),
+    ("models.majora.port", "fivethousand", "models.majora.port:"),
+    ("models.majora.port", 80, "models.majora.port:"),
+    ("quantization.formats", ["Q4_K_X"], "unknown llama.cpp quantization type 'Q4_K_X'"),
+    ("quantization.primary_format", "Q6_K", "primary_format Q6_K is not one of formats"),
+    ("merge.strategy", "magic", "merge.strategy:"),
+    ("vast.host_key_policy", "yolo", "vast.host_key_policy:"),
+    ("vast.remote_output_dir", "workspace/output", "must be an absolute path"),
+    ("notifications.slack", {"webhook_url": "not a url"}, "notifications.slack.webhook_url: must be an http(s) URL"),
+    ("models.majora.adapter", "ftp://x/y", "unsupported adapter source"),
+    ("models.majora.adapter", "vast://nobox", "vast instance 'nobox'"),
+    ("pipeline.stages", ["merge", "polish"], "pipeline.stages.1:"),
+    ("logging.level", "LOUD", "logging.level:"),
+])
+def test_bad_values_name_the_key(path, value, expect):
+    with pytest.raises(ConfigError) as ei:
+        config_from_dict(with_(path, value))
+    assert expect in str(ei.value)
+    assert "\n" not in str(ei.value)
+
+
+def test_missing_required_key():
+    with pytest.raises(ConfigError, match=r"models\.majora\.port: required key is missing"):
+        config_from_dict({"models": {"majora": {"base_model": "/b", "adapter": "/a"}}})
+    with pytest.raises(ConfigError, match=r"models: required key is missing"):
+        config_from_dict({"merge": {}})
+
+
+def test_duplicate_ports_rejected():
+    data = with_("models.nayru", {"base_model": "/b", "adapter": "/a", "port": 5000})
+    with pytest.raises(ConfigError, match="5000 is already used by model majora"):
+        config_from_dict(data)
+
+
+def test_env_expansion(monkeypatch):
+    monkeypatch.setenv("HOOK", "https://hooks.slack.com/services/T/B/SECRET")
+    cfg = config_from_dict(with_("notifications.slack", {"webhook_url": "${HOOK}"}))
+    assert cfg.notifications.slack.webhook_url.endswith("/SECRET")
+    cfg = config_from_dict(with_("vast.api_key", "${NOPE_UNSET:-fallback}"))
+    assert cfg.vast.api_key == "fallback"
+    monkeypatch.delenv("NOPE_UNSET", raising=False)
+    with pytest.raises(ConfigError, match="vast.api_key: environment variable NOPE_UNSET is not set"):
+        config_from_dict(with_("vast.api_key", "${NOPE_UNSET}"))
+
+
+def test_config_is_frozen():
+    cfg = config_from_dict(MIN)
+    with pytest.raises(Exception):
+        cfg.merge.strategy = "peft"
+
+
+def test_adapter_sources():
+    s = parse_adapter_source("ssh://root@10.0.0.5:2222/workspace/output/run1")
+    assert (s.kind, s.user, s.host, s.port, s.path) == ("ssh", "root", "10.0.0.5", 2222, "/workspace/output/run1")
+    v = parse_adapter_source("vast://123456/run-7")
+    assert (v.kind, v.instance, v.path) == ("vast", "123456", "run-7")
+    assert parse_adapter_source("vast://123456").path == ""
+    with pytest.raises(ValueError):
+        parse_adapter_source("ssh://host-without-path")
+
+
+def test_yaml_errors_are_one_line(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("models:\n  majora: [unclosed\n")
+    with pytest.raises(ConfigError, match="line"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    empty = tmp_path / "e.yaml"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_config(empty)
+
+
+def test_cli_validate_exit_codes(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(MIN))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(with_("merge.oops", 1)))
+    exe = [sys.executable, "-m", "loradeploy.cli"]
+    ok = subprocess.run([*exe, "config", "validate", "-c", str(good)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "majora (port 5000)" in ok.stdout
+    no = subprocess.run([*exe, "config", "validate", "-c", str(bad)], capture_output=True, text=True)
+    assert no.returncode == 2
+    assert "merge.oops: unknown key" in no.stderr
+    assert "Traceback" not in no.stderr
