@@ -58,7 +58,8 @@ def config(tmp: Path, server, run: Path, **vast):
     }, base_dir=tmp)
 
 
-def plain_rsync(tmp: Path, server, run: Path, names: list[str], cipher: str | None = None) -> float:
+def plain_rsync(tmp: Path, server, run: Path, names: list[str], cipher: str | None = None,
+                fsync: bool = False) -> float:
     dest = tmp / "plain"
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir()
@@ -66,7 +67,7 @@ def plain_rsync(tmp: Path, server, run: Path, names: list[str], cipher: str | No
     ssh = (f"ssh -o BatchMode=yes -o UserKnownHostsFile={tmp / 'state' / 'known_hosts'} "
            f"-i {server.client_key} -p {server.port}" + (f" -c {cipher}" if cipher else ""))
     t0 = time.perf_counter()
-    subprocess.run(["rsync", "-t", f"--files-from={tmp / 'names'}", "-e", ssh,
+    subprocess.run(["rsync", "-t", *(["--fsync"] if fsync else []), f"--files-from={tmp / 'names'}", "-e", ssh,
                     f"{server.user}@127.0.0.1:{run}/", f"{dest}/"], check=True)
     return time.perf_counter() - t0
 
@@ -129,31 +130,44 @@ def main() -> None:
         total = sum((run / n).stat().st_size for n in names)
         cfg = config(tmp, server, run)
         plain_rsync(tmp, server, run, names)          # warm the page cache and sshd
-        plain_t, aes_t, ours_t, zstd_t = [], [], [], []
-        for _ in range(args.rounds):
-            plain_t.append(plain_rsync(tmp, server, run, names))
-            aes_t.append(plain_rsync(tmp, server, run, names, cipher="aes128-gcm@openssh.com"))
+        plain_t, aes_t, sync_t, ours_t, zstd_t = [], [], [], [], []
+
+        def run_ours() -> float:
             t, meta = ours(tmp, cfg)
-            ours_t.append(t)
             assert meta["verified_sha256"] and meta["tool"] == "rsync"
+            return t
+
+        jobs = [(plain_t, lambda: plain_rsync(tmp, server, run, names)),
+                (aes_t, lambda: plain_rsync(tmp, server, run, names, cipher="aes128-gcm@openssh.com")),
+                (sync_t, lambda: plain_rsync(tmp, server, run, names, cipher="aes128-gcm@openssh.com", fsync=True)),
+                (ours_t, run_ours)]
+        for i in range(args.rounds):
+            for k in range(len(jobs)):          # rotate the order: no job always runs first
+                times, job = jobs[(i + k) % len(jobs)]
+                os.sync()                      # nobody pays for the previous run's writeback
+                times.append(job())
         if args.zstd:
             zcfg = config(tmp, server, run, compression="zstd")
             for _ in range(args.rounds):
+                os.sync()
                 zstd_t.append(ours(tmp, zcfg)[0])
         mib = total / MiB
         p, a, o = statistics.median(plain_t), statistics.median(aes_t), statistics.median(ours_t)
+        f = statistics.median(sync_t)
         print(f"files: {len(names)}, {mib:.1f} MiB over loopback sshd; {os.cpu_count()} CPUs, "
               f"load {os.getloadavg()[0]:.1f}; median of {args.rounds}")
         print(f"plain rsync -t        : {p:6.2f} s  {mib / p:7.1f} MiB/s   runs {', '.join(f'{x:.2f}' for x in plain_t)}")
         print(f"plain rsync, AES-GCM  : {a:6.2f} s  {mib / a:7.1f} MiB/s   runs {', '.join(f'{x:.2f}' for x in aes_t)}"
               f"   (the cipher we prefer)")
+        print(f"plain, AES-GCM, fsync : {f:6.2f} s  {mib / f:7.1f} MiB/s   runs {', '.join(f'{x:.2f}' for x in sync_t)}"
+              f"   (rsync --fsync: durable like ours)")
         print(f"loradeploy fetch      : {o:6.2f} s  {mib / o:7.1f} MiB/s   runs {', '.join(f'{x:.2f}' for x in ours_t)}"
               f"   (sha256 both ends, fsync, metadata)")
         if zstd_t:
             z = statistics.median(zstd_t)
             print(f"loradeploy fetch zstd : {z:6.2f} s  {mib / z:7.1f} MiB/s   (compression forced; random data)")
         print(f"throughput ratio ours/plain: {p / o:.2f}x (goal >= 0.9); "
-              f"ours/plain-with-same-cipher: {a / o:.2f}x")
+              f"ours/plain-with-same-cipher: {a / o:.2f}x; ours/same-cipher-and-fsync: {f / o:.2f}x")
         r = resume_bench(tmp, server, cfg, total)
         print(f"resume after a link drop mid-file ({r['error'][:80]}...):")
         print(f"  kept locally {r['kept'] / MiB:.1f} MiB (partial weights {r['partial'] / MiB:.1f} MiB), "

@@ -56,6 +56,9 @@ def main() -> None:
 def _run(cfg, models, *, as_json: bool, **kw):
     from .console import RichReporter, artifacts_table, summary_table
     from .pipeline import run_pipeline
+    if cfg.notifications.enabled and not kw.get("dry_run"):
+        from .notify import Notifier
+        Notifier(cfg.notifications).run_started(list(models) or list(cfg.models))
     with RichReporter(err_console, enabled=not as_json) as rep:
         result = run_pipeline(cfg, models, reporter=rep, **kw)
     if as_json:
@@ -226,8 +229,8 @@ def health(config, models, as_json):
     if cfg.notifications.enabled:
         from .notify import Notifier
         n = Notifier(cfg.notifications)
-        for m, st in rep.model_statuses().items() if hasattr(rep, "model_statuses") else []:
-            n.health(m, st, None)
+        for m, st in rep.model_statuses().items():
+            n.health(m, st, rep.problems(m))
     sys.exit(exit_code(rep))
 
 

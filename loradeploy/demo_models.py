@@ -337,7 +337,7 @@ def _fit(*, hidden_fn, out_rows_fn, params, data: _Batchable, to_input, to_targe
 
 
 def _model_config(arch: str, vocab_size: int, tok_ids: dict, *, hidden: int = 256, layers: int = 2,
-                  heads: int = 4, kv_heads: int = 2, intermediate: int = 512, max_pos: int = 2048):
+                  heads: int = 4, kv_heads: int = 2, intermediate: int = 512, max_pos: int = 2048, tied: bool = False):
     from transformers import LlamaConfig, Qwen2Config
 
     common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
@@ -345,7 +345,7 @@ def _model_config(arch: str, vocab_size: int, tok_ids: dict, *, hidden: int = 25
                   max_position_embeddings=max_pos, initializer_range=0.02,
                   bos_token_id=tok_ids["bos"], eos_token_id=tok_ids["eos"], pad_token_id=tok_ids["pad"])
     if arch == "llama":
-        return LlamaConfig(head_dim=hidden // heads, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        return LlamaConfig(head_dim=hidden // heads, rms_norm_eps=1e-5, tie_word_embeddings=tied,
                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **common)
     # Qwen2 has q/k/v biases built in; tied embeddings as in Qwen2.5 0.5B-3B.
     return Qwen2Config(rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=False,

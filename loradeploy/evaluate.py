@@ -229,6 +229,8 @@ def build_targets(cfg: Config, models: Optional[Sequence[str]] = None,
                 if f not in covered:
                     notes.append(f"{name} {f}: neither deployed nor quantized; skipped")
         rows.sort(key=lambda t: (order.index(t.format) if t.format in order else len(order), t.label))
+        if not rows:
+            notes.append(f"{name}: nothing deployed or quantized to evaluate")
         if cfg.evaluation.include_base:
             base = _base_gguf(rec)
             if base:
@@ -261,6 +263,8 @@ class Reply:
     finish_reason: Optional[str] = None
     gen_tps: Optional[float] = None
     prompt_tps: Optional[float] = None
+    decode_s: Optional[float] = None     # first to last streamed token
+    tps_source: Optional[str] = None     # "server" (reported timings) or "stream" (chunk arrival)
     interrupted: bool = False
 
 
@@ -330,6 +334,21 @@ class Api:
         self._tokenize = ""
         return None
 
+    def diagnose(self, messages: Sequence[dict], *, max_tokens: int, temperature: float) -> Optional[str]:
+        """The server's own error for a request whose stream broke off, if it gives one unstreamed.
+
+        llama-cpp-python drops a streaming connection on a prompt longer than the context, but
+        answers the same request unstreamed with an HTTP 400 that says so.
+        """
+        body: dict[str, Any] = {"messages": list(messages), "max_tokens": max_tokens, "temperature": temperature}
+        if self.model_id:
+            body["model"] = self.model_id
+        try:
+            status, data = self._json("POST", "/v1/chat/completions", body)
+        except (OSError, http.client.HTTPException):
+            return None
+        return f"HTTP {status}: {_error_text(data)}" if status >= 400 else None
+
     def chat(self, messages: Sequence[dict], *, max_tokens: int, temperature: float) -> Reply:
         body: dict[str, Any] = {"messages": list(messages), "max_tokens": max_tokens,
                                 "temperature": temperature, "stream": True,
@@ -371,6 +390,8 @@ class Api:
                     ev = json.loads(payload)
                 except ValueError:
                     continue
+                if not isinstance(ev, dict):
+                    continue
                 if "error" in ev:
                     r.error = f"server error: {_error_text(ev['error'])}"
                     break
@@ -405,10 +426,12 @@ class Api:
             r.interrupted = True
         if r.completion_tokens is None and chunks:
             r.completion_tokens = chunks   # llama.cpp servers stream one token per chunk
+        if first and last:
+            r.decode_s = last - first
         if timings.get("predicted_per_second"):
-            r.gen_tps = float(timings["predicted_per_second"])
-        elif r.completion_tokens and r.completion_tokens > 1 and first and last and last > first:
-            r.gen_tps = (r.completion_tokens - 1) / (last - first)
+            r.gen_tps, r.tps_source = float(timings["predicted_per_second"]), "server"
+        elif r.completion_tokens and r.completion_tokens > 1 and r.decode_s:
+            r.gen_tps, r.tps_source = (r.completion_tokens - 1) / r.decode_s, "stream"
         if timings.get("prompt_per_second"):
             r.prompt_tps = float(timings["prompt_per_second"])
             r.prompt_tokens = r.prompt_tokens or timings.get("prompt_n")
@@ -473,6 +496,8 @@ C.llama_model_default_params = _params
 sys.argv = ["llama_cpp.server"] + sys.argv[1:]
 runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
 """
+SAFE_MODE_NOTE = ("llama.cpp died of an illegal instruction (a CPU feature this machine advertises but does not "
+                  "allow, e.g. AMX); temporary servers run without llama.cpp's extra weight buffers")
 _SAFE_MODE = {"on": False}   # set once a server died of SIGILL in this process
 
 
@@ -483,20 +508,10 @@ class TempServer:
     proc: subprocess.Popen
     safe_mode: bool
 
-    def crashed_on_illegal_instruction(self) -> bool:
-        return self.proc.poll() == -signal.SIGILL
 
-
-@contextlib.contextmanager
-def temp_server(cfg: Config, gguf: Path, alias: str, log_path: Path, *,
-                safe_mode: Optional[bool] = None) -> Iterator[TempServer]:
-    """Serve ``gguf`` with llama-cpp-python on a free loopback port for the duration of the block."""
+def _spawn_server(cfg: Config, gguf: Path, alias: str, log_path: Path, safe: bool) -> tuple[subprocess.Popen, str]:
     from .resources import cpu_budget
-    from .tools.proc import kill_group
 
-    if not Path(gguf).is_file():
-        raise EvalError(f"GGUF {gguf} not found")
-    safe = _SAFE_MODE["on"] if safe_mode is None else safe_mode
     lc = cfg.deployment.llamacpp
     port = free_port(*lc.spare_port_range)
     threads = lc.threads or cpu_budget(cfg.performance.max_cpu_threads)
@@ -515,22 +530,61 @@ def temp_server(cfg: Config, gguf: Path, alias: str, log_path: Path, *,
         # so kill_group stops it with any children.
         proc = subprocess.Popen(args, stdout=log_f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _wait_ready(proc: subprocess.Popen, url: str, gguf: Path, log_path: Path, timeout_s: float) -> None:
+    api = Api(url, 5.0)
+    end = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise EvalError(f"llama.cpp server for {gguf.name} exited with code {proc.returncode}: "
+                            f"{_tail(log_path, 5)}", hint=f"see {log_path}")
+        try:
+            api.probe(timeout=2.0)
+            break
+        except EvalError:
+            if time.monotonic() > end:
+                raise EvalError(f"llama.cpp server for {gguf.name} did not answer within {timeout_s:g}s",
+                                hint=f"see {log_path}") from None
+            time.sleep(0.25)
+    # one token, so a server that cannot compute on this CPU shows it now rather than mid-run
+    reply = api.chat([{"role": "user", "content": "hi"}], max_tokens=1, temperature=0.0)
+    if reply.error:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(3)   # a crashed server may not be reaped yet
+
+
+@contextlib.contextmanager
+def temp_server(cfg: Config, gguf: Path, alias: str, log_path: Path, *,
+                safe_mode: Optional[bool] = None) -> Iterator[TempServer]:
+    """Serve ``gguf`` with llama-cpp-python on a free loopback port for the duration of the block.
+
+    A server that dies of SIGILL on its first token is restarted once in safe mode (no extra
+    weight buffers), and later servers of this process start that way.
+    """
+    from .tools.proc import kill_group
+
+    gguf = Path(gguf)
+    if not gguf.is_file():
+        raise EvalError(f"GGUF {gguf} not found")
+    safe = _SAFE_MODE["on"] if safe_mode is None else safe_mode
+    timeout_s = cfg.deployment.llamacpp.startup_timeout_s
+    while True:
+        proc, url = _spawn_server(cfg, gguf, alias, log_path, safe)
+        try:
+            _wait_ready(proc, url, gguf, log_path, timeout_s)
+        except BaseException:
+            kill_group(proc)
+            raise
+        if proc.poll() == -signal.SIGILL and not safe:
+            _SAFE_MODE["on"] = safe = True
+            continue
+        if proc.poll() is not None:
+            raise EvalError(f"llama.cpp server for {gguf.name} exited with code {proc.returncode} on its first "
+                            f"completion: {_tail(log_path, 5)}", hint=f"see {log_path}")
+        break
     try:
-        url = f"http://127.0.0.1:{port}"
-        api = Api(url, 5.0)
-        end = time.monotonic() + lc.startup_timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise EvalError(f"llama.cpp server for {Path(gguf).name} exited with code {proc.returncode}: "
-                                f"{_tail(log_path, 5)}", hint=f"see {log_path}")
-            try:
-                api.probe(timeout=2.0)
-                break
-            except EvalError:
-                if time.monotonic() > end:
-                    raise EvalError(f"llama.cpp server for {Path(gguf).name} did not answer within "
-                                    f"{lc.startup_timeout_s:g}s", hint=f"see {log_path}") from None
-                time.sleep(0.25)
         yield TempServer(url, proc.pid, proc, safe)
     finally:
         kill_group(proc)
@@ -608,6 +662,8 @@ class SampleResult:
     gen_tps: Optional[float] = None
     prompt_tps: Optional[float] = None
     finish_reason: Optional[str] = None
+    decode_s: Optional[float] = None
+    tps_source: Optional[str] = None
     scores: dict = field(default_factory=dict)
     quality: Optional[float] = None
     tags: tuple[str, ...] = ()
@@ -686,12 +742,29 @@ def _quality_means(rows: list[SampleResult]) -> dict:
     return out
 
 
+def _gen_tps(ok: list[SampleResult]) -> tuple[Optional[float], Optional[str]]:
+    """Decode speed: the server's timings when reported, else the stream's token arrival times.
+
+    When a stream's tokens arrive in bursts (a tiny model finishes before the first chunk is
+    flushed) the arrival window says nothing; then the end-to-end rate is the honest number.
+    """
+    server = [r.gen_tps for r in ok if r.tps_source == "server"]
+    if server:
+        return metrics.mean(server), "server"
+    toks = sum((r.completion_tokens or 0) - 1 for r in ok if r.decode_s and (r.completion_tokens or 0) > 1)
+    window = sum(r.decode_s for r in ok if r.decode_s and (r.completion_tokens or 0) > 1)
+    latency = sum(r.latency_s or 0 for r in ok)
+    if toks and window > 0.05 * latency:
+        return toks / window, "stream"
+    n = sum(r.completion_tokens or 0 for r in ok)
+    return (n / latency, "end-to-end") if n and latency else (None, None)
+
+
 def aggregate(rows: list[SampleResult]) -> dict:
     """Latency, TTFT, throughput and quality over one target's rows (errors count as errors only)."""
     ok = [r for r in rows if not r.error]
-    decode_tokens = sum((r.completion_tokens or 0) - 1 for r in ok if r.gen_tps and (r.completion_tokens or 0) > 1)
-    decode_time = sum(((r.completion_tokens or 0) - 1) / r.gen_tps for r in ok
-                      if r.gen_tps and (r.completion_tokens or 0) > 1)
+    gen_tps, tps_source = _gen_tps(ok)
+    total_lat = sum(r.latency_s or 0 for r in ok)
     tags: dict[str, list[SampleResult]] = {}
     for r in rows:
         for t in r.tags:
@@ -700,7 +773,8 @@ def aggregate(rows: list[SampleResult]) -> dict:
         "requests": len(rows), "ok": len(ok), "errors": len(rows) - len(ok),
         "latency_s": _rounded(metrics.summarize([r.latency_s for r in ok])),
         "ttft_s": _rounded(metrics.summarize([r.ttft_s for r in ok])),
-        "gen_tokens_per_s": _round(decode_tokens / decode_time if decode_time > 0 else None, 2),
+        "gen_tokens_per_s": _round(gen_tps, 2), "gen_tokens_per_s_source": tps_source,
+        "e2e_tokens_per_s": _round(sum(r.completion_tokens or 0 for r in ok) / total_lat if total_lat else None, 2),
         "prompt_tokens_per_s": _round(metrics.mean(r.prompt_tps for r in ok), 2),
         "completion_tokens_mean": _round(metrics.mean(r.completion_tokens for r in ok), 2),
         "quality": _quality_means(rows),
@@ -725,7 +799,8 @@ def compare(targets: list[TargetResult]) -> list[dict]:
             mem = a.get("memory", {})
             row = {
                 "label": t.target.label, "model": model, "format": t.target.format, "is_base": t.target.is_base,
-                "live": t.target.live, "status": t.status, "errors": a.get("errors", 0), "requests": a.get("requests", 0),
+                "live": t.target.live, "status": t.status, "errors": a.get("errors", 0),
+                "requests": a.get("requests", 0),
                 "quality": q.get("quality"), "exact": q.get("exact"), "contains": q.get("contains"),
                 "rouge_l": q.get("rouge_l"), "chrf": q.get("chrf"),
                 "latency_p50_s": a.get("latency_s", {}).get("p50"), "latency_p95_s": a.get("latency_s", {}).get("p95"),
@@ -754,8 +829,9 @@ class _TargetRun:
         self.serialize = False
         self.peak_rss = 0
         self.pid: Optional[int] = None
-        self.warmed = False
         self.notes: list[str] = []
+        # a server we start has the configured context; a given one has what its target says
+        self.n_ctx = target.n_ctx or (None if target.base_url else cfg.deployment.llamacpp.n_ctx)
 
     def _error_rows(self, message: str) -> list[SampleResult]:
         rows = []
@@ -773,7 +849,7 @@ class _TargetRun:
 
     def _one(self, api: Api, s: Sample, rep: int) -> SampleResult:
         msgs = self._messages(s)
-        n_ctx = self.t.n_ctx
+        n_ctx = self.n_ctx
         if n_ctx:
             n = api.count_tokens("\n".join(m["content"] for m in msgs))
             # chat templates add a few tokens per message around the content
@@ -792,9 +868,11 @@ class _TargetRun:
             tries += 1
             with self.serial:
                 reply = api.chat(msgs, **kw)
+        if reply.error and not reply.text and reply.error.startswith("the stream ended"):
+            reply.error = api.diagnose(msgs, **kw) or reply.error
         res = SampleResult(self.t.label, s.id, rep, reply.text, reply.error, reply.latency_s, reply.ttft_s,
                            reply.prompt_tokens, reply.completion_tokens, reply.gen_tps, reply.prompt_tps,
-                           reply.finish_reason, tags=s.tags)
+                           reply.finish_reason, reply.decode_s, reply.tps_source, tags=s.tags)
         if reply.interrupted:
             res.error = "the server kept cutting this answer short (llama-cpp-python interrupt_requests)"
         if not res.error:
@@ -803,23 +881,13 @@ class _TargetRun:
             res.quality = _round(metrics.combined_quality(res.scores))
         return res
 
-    def _warmup(self, api: Api) -> Optional[Reply]:
-        # at least one request, so a server that cannot compute shows it before the measured runs
-        reply = None
-        for i in range(max(1, self.ev.warmup)):
-            reply = api.chat(self._messages(self.samples[i % len(self.samples)]), max_tokens=self.ev.max_tokens,
-                             temperature=self.ev.temperature)
-        self.warmed = True
-        return reply
-
     def _messages(self, s: Sample) -> list[dict]:
         return with_system_prompt(s.messages, self.t.system_prompt)
 
     def _measure(self, api: Api) -> list[SampleResult]:
-        if not self.warmed:
-            for i in range(self.ev.warmup):
-                api.chat(self._messages(self.samples[i % len(self.samples)]), max_tokens=self.ev.max_tokens,
-                         temperature=self.ev.temperature)
+        for i in range(self.ev.warmup):
+            api.chat(self._messages(self.samples[i % len(self.samples)]), max_tokens=self.ev.max_tokens,
+                     temperature=self.ev.temperature)
         jobs = [(s, rep) for rep in range(self.ev.repeats) for s in self.samples]
         out: list[SampleResult] = []
         with cf.ThreadPoolExecutor(min(self.ev.concurrency, len(jobs))) as pool:
@@ -832,50 +900,36 @@ class _TargetRun:
         out.sort(key=lambda r: order[(r.sample_id, r.repeat)])
         return out
 
-    def _serve(self, api_url: str, pid: Optional[int], *, warmup_only: bool = False
-               ) -> tuple[list[SampleResult], Optional[str], Optional[Reply]]:
+    def _serve(self, api_url: str, pid: Optional[int]) -> tuple[list[SampleResult], Optional[str]]:
         api = Api(api_url, self.ev.timeout_s)
         try:
             api.probe(timeout=min(10.0, self.ev.timeout_s))
         except EvalError as exc:
-            return self._error_rows(exc.one_line()), exc.one_line(), None
+            return self._error_rows(exc.one_line()), exc.one_line()
         if pid is None and api.host in ("127.0.0.1", "localhost", "::1"):
             pid = _pid_listening_on(api.port)
         self.pid = pid or None   # 0: the registry says the backend is stopped
         self._sample_rss()
-        if warmup_only:
-            return [], None, self._warmup(api)
-        return self._measure(api), None, None
+        return self._measure(api), None
 
     def _serve_file(self) -> tuple[list[SampleResult], Optional[str], Optional[int]]:
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.t.label)
-        log_path = Path(self.cfg.logging.log_dir) / "evaluate" / f"server-{safe}.log"
-        for attempt in (1, 2):
-            try:
-                with temp_server(self.cfg, Path(self.t.gguf_path), safe, log_path) as srv:
-                    rows, err, reply = self._serve(srv.url, srv.pid, warmup_only=True)
-                    if reply is not None and reply.error:
-                        with contextlib.suppress(subprocess.TimeoutExpired):
-                            srv.proc.wait(3)   # a crashed server may not be reaped yet
-                    if err is None and srv.crashed_on_illegal_instruction() and not srv.safe_mode and attempt == 1:
-                        _SAFE_MODE["on"] = True
-                        self.notes.append("llama.cpp died of an illegal instruction (a CPU feature the machine "
-                                          "advertises but does not allow, e.g. AMX); servers were restarted "
-                                          "without llama.cpp's extra weight buffers")
-                        continue
-                    if err is None:
-                        rows, err, _ = self._serve(srv.url, srv.pid)
-                    return rows, err, gpu_memory_bytes(srv.pid)
-            except EvalError as exc:
-                return self._error_rows(exc.one_line()), exc.one_line(), None
-        raise AssertionError("unreachable")
+        log_path = Path(self.cfg.logging.log_dir) / self.t.model / f"eval-server-{safe}.log"
+        try:
+            with temp_server(self.cfg, Path(self.t.gguf_path), safe, log_path) as srv:
+                if srv.safe_mode:
+                    self.notes.append(SAFE_MODE_NOTE)
+                rows, err = self._serve(srv.url, srv.pid)
+                return rows, err, gpu_memory_bytes(srv.pid)
+        except EvalError as exc:
+            return self._error_rows(exc.one_line()), exc.one_line(), None
 
     def run(self) -> tuple[TargetResult, list[SampleResult]]:
         t0 = time.monotonic()
         tr = TargetResult(self.t, n_samples=len(self.samples))
         gpu: Optional[int] = None
         if self.t.base_url:
-            rows, err, _ = self._serve(self.t.base_url, self.t.pid)
+            rows, err = self._serve(self.t.base_url, self.t.pid)
             gpu = gpu_memory_bytes(self.pid) if self.pid else None
         else:
             rows, err, gpu = self._serve_file()
@@ -928,8 +982,13 @@ def evaluate(cfg: Config, models: Optional[Sequence[str]] = None, *,
         target_list = list(targets)
         if models:
             target_list = [t for t in target_list if t.model in models]
+        if formats:
+            want = {f.strip().upper() for f in formats}
+            target_list = [t for t in target_list if t.is_base or t.format in want]
     if not target_list:
-        raise EvalError("nothing to evaluate: no deployed model and no quantized GGUF found",
+        why = "; ".join(notes[:3])
+        raise EvalError("nothing to evaluate: no deployed model and no quantized GGUF found"
+                        + (f" ({why})" if why else ""),
                         hint="run the pipeline through quantize/deploy first, or check --model / --formats")
     labels = [t.label for t in target_list]
     dup = sorted({x for x in labels if labels.count(x) > 1})

@@ -400,7 +400,8 @@ def _read_tensor_infos(r: _Reader, n_tensors: int, probs: _Problems) -> list[_Te
         seen.add(raw)
         n_dims = r.u32(f"tensor {name!r} n_dims")
         if n_dims > MAX_DIMS:
-            raise _Stop("n_dims", f"tensor {name!r} has n_dims={n_dims}, more than GGML's maximum of {MAX_DIMS}")
+            raise _Stop("n_dims", f"tensor {name!r} has n_dims={n_dims}, "
+                                  f"more than GGML's maximum of {MAX_DIMS}")
         dims = tuple(r.u64(f"tensor {name!r} dimensions") for _ in range(n_dims))
         gtype = r.u32(f"tensor {name!r} type")
         offset = r.u64(f"tensor {name!r} offset")
@@ -442,7 +443,8 @@ def _check_key_types(kvs: dict[str, tuple[int, Any]], report: GGUFReport, probs:
     if arch is None:
         probs.error("missing_key", "required key 'general.architecture' is missing")
     elif arch[0] != GGUFValueType.STRING or not arch[1]:
-        probs.error("key_type", f"'general.architecture' must be a non-empty string, got {_vtype_name(arch[0])}")
+        probs.error("key_type", "'general.architecture' must be a non-empty string, "
+                                f"got {_vtype_name(arch[0])}")
     else:
         report.architecture = arch[1]
     name = kvs.get("general.name")
@@ -596,7 +598,8 @@ def validate_gguf(path: str | os.PathLike, *, expected_sha256: str | None = None
     if expected_sha256 is not None:
         report.sha256 = sha256_file(Path(path))
         if report.sha256.lower() != expected_sha256.lower():
-            probs.error("sha256", f"sha256 {report.sha256} does not match the expected {expected_sha256.lower()}")
+            probs.error("sha256", f"sha256 {report.sha256} does not match the expected "
+                                  f"{expected_sha256.lower()}")
     probs.finish()
     return report
 

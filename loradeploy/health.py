@@ -117,6 +117,14 @@ class HealthReport:
     def seconds(self) -> float:
         return round(self.finished_at - self.started_at, 3)
 
+    def model_statuses(self) -> dict[str, str]:
+        return {k: m.status for k, m in self.models.items()}
+
+    def problems(self, model: str) -> dict[str, str]:
+        """check name -> detail for the model's failed and warned checks (for notifications)."""
+        m = self.models.get(model)
+        return {c.name: c.detail for c in (m.checks if m else []) if c.status in (FAIL, WARN)}
+
     def failures(self) -> list[tuple[str, Check]]:
         return [(k, c) for k, m in self.models.items() for c in m.checks if c.status == FAIL] + \
                [("system", c) for c in self.system if c.status == FAIL]
@@ -148,10 +156,10 @@ def file_checks(endpoint: EndpointLike) -> list[Check]:
         return [Check("file.exists", SKIP, "no GGUF path is known for this endpoint")]
     if not path.is_file():
         return [Check("file.exists", FAIL, f"{path} does not exist",
-                      f"redeploy {endpoint.model} (loradeploy run --model {endpoint.model} --from deploy) "
+                      f"redeploy it (loradeploy run -m {endpoint.model} --from-stage deploy) "
                       "or roll back to a backup")]
     checks = [Check("file.exists", PASS, str(path), metrics={"size": path.stat().st_size})]
-    expected = endpoint.sha256
+    expected = endpoint.sha256 or None
     try:
         report = validate_gguf(path, expected_sha256=expected)
     except LoradeployError as exc:  # a malformed sha256 in the record
@@ -176,8 +184,10 @@ def file_checks(endpoint: EndpointLike) -> list[Check]:
         if not any(c.name == "file.sha256" for c in checks):
             checks.append(Check("file.sha256", SKIP, "no sha256 recorded for this deployment"))
     elif any(p.code == "sha256" for p in report.errors):
-        checks.append(Check("file.sha256", FAIL, f"sha256 {report.sha256} differs from the recorded {expected}",
-                            "the file changed after deploy: redeploy it or roll back to a backup"))
+        checks.append(Check("file.sha256", FAIL, f"sha256 {report.sha256[:12]}... differs from the recorded "
+                                                 f"{expected[:12]}...",
+                            "the file changed after deploy: redeploy it or roll back to a backup",
+                            {"sha256": report.sha256, "expected": expected}))
     else:
         checks.append(Check("file.sha256", PASS, "matches the run record", metrics={"sha256": report.sha256}))
     return checks
@@ -282,8 +292,9 @@ def _get_json(t: _Target, path: str, timeout_s: float) -> Any:
     return json.loads(body)
 
 
-def _sse_events(sock, resp, deadline: _Deadline) -> Iterable[dict]:
-    """Decoded ``data:`` payloads of a server-sent event stream, ending at [DONE] or EOF."""
+def _sse_events(sock, resp, deadline: _Deadline, state: dict) -> Iterable[dict]:
+    """Decoded ``data:`` payloads of a server-sent event stream, ending at [DONE] (which sets
+    ``state["done"]``) or EOF."""
     try:
         while True:
             sock.settimeout(deadline.left())
@@ -296,6 +307,7 @@ def _sse_events(sock, resp, deadline: _Deadline) -> Iterable[dict]:
                 continue
             payload = line[5:].strip()
             if payload == b"[DONE]":
+                state["done"] = True
                 return
             yield json.loads(payload)
     except socket.timeout:
@@ -305,8 +317,8 @@ def _sse_events(sock, resp, deadline: _Deadline) -> Iterable[dict]:
 # ----------------------------------------------------------------------------- API checks
 
 def _restart_hint(endpoint: EndpointLike) -> str:
-    return (f"start or restart it: loradeploy run --model {endpoint.model} --from deploy; "
-            f"see the server log under logs/{endpoint.model}/")
+    return (f"restart it: loradeploy serve start -m {endpoint.model}; "
+            f"its log: loradeploy serve logs -m {endpoint.model}")
 
 
 def _port_check(t: _Target, endpoint: EndpointLike, hc: "HealthCheckConfig") -> Check:
@@ -397,6 +409,7 @@ def _complete(t: _Target, model_id: str, prompt: str, hc: "HealthCheckConfig") -
     first = last = None
     usage_tokens = None
     streamed = True
+    state = {"done": False}
     try:
         if resp.status != 200:
             raise _HttpError(resp.status, resp.reason, _read_body(sock, resp, deadline))
@@ -405,7 +418,7 @@ def _complete(t: _Target, model_id: str, prompt: str, hc: "HealthCheckConfig") -
             events: Iterable[dict] = [_unstreamed(json.loads(_read_body(sock, resp, deadline)))]
             streamed = False
         else:
-            events = _sse_events(sock, resp, deadline)
+            events = _sse_events(sock, resp, deadline, state)
         for event in events:
             if not isinstance(event, dict):
                 raise ValueError(f"stream event is not an object: {str(event)[:100]}")
@@ -423,6 +436,10 @@ def _complete(t: _Target, model_id: str, prompt: str, hc: "HealthCheckConfig") -
                     parts.append(content)
                 if choice.get("finish_reason"):
                     out.finish_reason = choice["finish_reason"]
+        if streamed and not state["done"] and out.finish_reason is None:
+            raise http.client.HTTPException(
+                f"the stream ended after {len(parts)} token(s) with no finish_reason: the server closed "
+                "the connection mid-answer (did it crash?)")
     finally:
         conn.close()
     end = time.monotonic()
@@ -521,7 +538,7 @@ def process_check(endpoint: EndpointLike) -> Check:
     import psutil
 
     if not endpoint.pid:
-        return Check("system.process", SKIP, "server pid unknown (not started by loradeploy)")
+        return Check("system.process", SKIP, "no server process recorded (stopped, or not started by loradeploy)")
     try:
         p = psutil.Process(endpoint.pid)
         if p.status() == psutil.STATUS_ZOMBIE:
@@ -668,23 +685,19 @@ def _key(ep: EndpointLike, taken: dict) -> str:
 def check_health(cfg: "Config", models: Optional[Sequence[str]] = None, *,
                  endpoints: Optional[Sequence[EndpointLike]] = None,
                  include_model_test: bool = True) -> HealthReport:
-    """Health of the deployed models (default: every enabled model) and of this machine.
+    """Health of the deployed models and of this machine.
 
-    ``endpoints`` overrides what serve.endpoints() reports; with it and no ``models``, only those
-    endpoints are checked.
+    Without ``models`` every recorded deployment is checked; a model named in ``models`` that has
+    no deployment is unhealthy. ``endpoints`` replaces what serve.endpoints() reports.
     """
     report = HealthReport(started_at=time.time())
-    names = list(models) if models else None
-    if names:
-        for n in names:
-            cfg.model(n)  # unknown names fail early with the known list
+    expected = list(models or [])
+    for n in expected:
+        cfg.model(n)  # unknown names fail early with the known list
     if endpoints is None:
         from .serve import endpoints as deployed
-        expected = names or [n for n, m in cfg.models.items() if m.enabled]
-        eps = list(deployed(cfg, expected))
-    else:
-        expected = names or []
-        eps = [e for e in endpoints if not names or e.model in names]
+        endpoints = deployed(cfg, expected or None)
+    eps = [e for e in endpoints if not expected or e.model in expected]
     hc = cfg.health_check
     prompts = hc.test_prompts if include_model_test else []
     for ep in eps:
@@ -696,10 +709,10 @@ def check_health(cfg: "Config", models: Optional[Sequence[str]] = None, *,
         if not any(ep.model == n for ep in eps):
             report.models[n] = ModelHealth(n, cfg.models[n].version, checks=[Check(
                 "deploy.endpoint", FAIL, f"{n} is not deployed: no server is recorded for it",
-                f"deploy it: loradeploy run --model {n}")])
+                f"deploy it: loradeploy run -m {n}")])
     if not report.models:
         report.system.append(Check("deploy.endpoint", FAIL, "no deployed model to check",
-                                   "deploy one: loradeploy run"))
+                                   "deploy one: loradeploy run -m NAME"))
     report.system.extend(system_checks(cfg, eps))
     report.finished_at = time.time()
     return report

@@ -20,6 +20,8 @@ from .state import ModelLock, inputs_hash, load_record, save_record
 # Errors a retry cannot fix: the input is what it is.
 NO_RETRY = (ConfigError, InputError, GGUFError, StageUnavailable, ResourceError)
 # Which stage's outputs a stage reads (so a cleaned-up temporary is rebuilt when needed).
+PHASES: tuple[tuple[str, ...], ...] = (("fetch",), ("merge", "convert", "quantize"), ("deploy", "health"),
+                                       ("evaluate",))
 NEEDS: dict[str, tuple[str, ...]] = {
     "merge": ("fetch",), "convert": ("merge",), "quantize": ("convert",),
     "deploy": ("quantize",), "health": ("deploy",), "evaluate": ("deploy",),
@@ -326,26 +328,38 @@ def run_pipeline(cfg: Config, models: Sequence[str], *, from_stage: str | None =
                     return False
             return True
 
-        # Fetches are network-bound: run them side by side; heavy stages go one model at a time.
+        # Phases across models: fetches side by side (network-bound); the heavy build stages one
+        # model at a time (so two merges never compete for RAM); then every deploy + health check;
+        # evaluation last, when every model serves.
         alive = {n: True for n in names}
-        if "fetch" in stages and len(names) > 1:
-            workers = max(1, min(cfg.performance.parallel_downloads, len(names)))
-            with cf.ThreadPoolExecutor(workers) as pool:
-                futs = {pool.submit(run_one, runs[n], ["fetch"]): n for n in names}
-                for f in cf.as_completed(futs):
-                    alive[futs[f]] = f.result()
-            rest = [s for s in stages if s != "fetch"]
-        else:
-            rest = stages
+        for phase in PHASES:
+            todo = [s for s in stages if s in phase]
+            if not todo:
+                continue
+            ready = [n for n in names if alive[n]]
+            if failed_any and not cfg.pipeline.continue_on_error:
+                for n in ready:
+                    for s in todo:
+                        runs[n].outcome.stages.setdefault(s, StageOutcome(s, "not_run", note="an earlier model failed"))
+                continue
+            if phase == ("fetch",) and len(ready) > 1:
+                workers = max(1, min(cfg.performance.parallel_downloads, len(ready)))
+                with cf.ThreadPoolExecutor(workers) as pool:
+                    futs = {pool.submit(run_one, runs[n], todo): n for n in ready}
+                    for f in cf.as_completed(futs):
+                        alive[futs[f]] = f.result()
+            else:
+                for n in ready:
+                    if failed_any and not cfg.pipeline.continue_on_error:
+                        for s in todo:
+                            runs[n].outcome.stages.setdefault(s, StageOutcome(s, "not_run", note="an earlier model failed"))
+                        continue
+                    alive[n] = run_one(runs[n], todo)
+                    if not alive[n]:
+                        failed_any = True
+            failed_any = failed_any or not all(alive[n] for n in ready)
         for n in names:
             mr = runs[n]
-            if not alive[n]:
-                failed_any = True
-            elif failed_any and not cfg.pipeline.continue_on_error:
-                for s in rest:
-                    mr.outcome.stages.setdefault(s, StageOutcome(s, "not_run", note="an earlier model failed"))
-            elif not run_one(mr, [s for s in rest if s not in mr.outcome.stages]):
-                failed_any = True
             if mr.outcome.ok:
                 removed = mr.cleanup()
                 if removed:

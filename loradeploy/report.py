@@ -123,11 +123,15 @@ def render_markdown(result: "EvalResult", charts: dict[str, str]) -> str:
         lat, ttft = a.get("latency_s", {}), a.get("ttft_s", {})
         rows.append([_cell(t.target.label), _f(lat.get("mean")), _f(lat.get("p50")), _f(lat.get("p95")),
                      _f(ttft.get("mean")), _f(ttft.get("p50")), _f(ttft.get("p95")),
-                     _f(a.get("gen_tokens_per_s"), 1), _f(a.get("prompt_tokens_per_s"), 1),
+                     _f(a.get("gen_tokens_per_s"), 1), a.get("gen_tokens_per_s_source") or "–",
+                     _f(a.get("e2e_tokens_per_s"), 1), _f(a.get("prompt_tokens_per_s"), 1),
                      _f(a.get("completion_tokens_mean"), 1)])
     out += [_table(["target", "latency mean s", "p50 s", "p95 s", "TTFT mean s", "TTFT p50 s", "TTFT p95 s",
-                    "gen tok/s", "prompt tok/s", "tokens/answer"], rows), "",
-            "Prompt tokens/s is shown where the server reports timings (llama.cpp's own server does).", ""]
+                    "gen tok/s", "measured from", "end-to-end tok/s", "prompt tok/s", "tokens/answer"], rows), "",
+            "Generation tokens/s comes from the server's timings when it reports them, else from when streamed "
+            "tokens arrive; when they arrive in one burst it falls back to the end-to-end rate (tokens over "
+            "request time). Prompt tokens/s is shown where the server reports timings (llama.cpp's own server "
+            "does).", ""]
 
     out += ["## Memory", ""]
     rows = []
@@ -239,7 +243,7 @@ def _bars(path: Path, result: "EvalResult") -> bool:
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels(labels, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("generated tokens per second (decode)")
+    ax.set_xlabel("generated tokens per second")
     ax.set_title(CHARTS["tokens_per_s"][1])
     ax.set_xlim(0, max(vals) * 1.18)
     ax.grid(True, axis="x", alpha=0.3)

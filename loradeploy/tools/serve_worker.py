@@ -80,19 +80,59 @@ class SystemPromptMiddleware:
         return await self.app(scope, replay, send)
 
 
+def _disable_extra_bufts() -> None:
+    """Load weights without llama.cpp's extra buffer types (AMX / repacked layouts): needed where the
+    CPU advertises AMX but faults on it. llama-cpp-python exposes no switch, so its default
+    model params are wrapped before the model loads."""
+    import llama_cpp.llama_cpp as C
+
+    orig = C.llama_model_default_params
+
+    def params():
+        p = orig()
+        p.use_extra_bufts = False
+        return p
+
+    C.llama_model_default_params = params
+
+
+def _quiet_llama(verbose: bool) -> None:
+    """Keep llama.cpp's warnings and errors (why a file will not load) in server.log, not its
+    hundreds of info lines per load. With verbose=False llama-cpp-python would instead swallow
+    stdout/stderr while loading, errors included; so the model loads "verbose" while the
+    library's log level is held at WARNING."""
+    import logging
+
+    import llama_cpp.llama as llama_module
+    from llama_cpp import _logger
+
+    level = logging.DEBUG if verbose else logging.WARNING
+    _logger.logger.setLevel(level)
+    llama_module.set_verbose = lambda _v: _logger.logger.setLevel(level)
+
+
 def run_backend(conf: dict) -> int:
     import uvicorn
     from fastapi.responses import JSONResponse
     from llama_cpp.server.app import create_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
+    if conf.get("extra_bufts") is False:
+        _disable_extra_bufts()
+        _log("llama.cpp extra weight buffer types (AMX/repack) are off on this machine")
     t0 = time.monotonic()
     server = ServerSettings(host=conf["host"], port=conf["port"], api_key=None)
     model = ModelSettings(model=conf["gguf"], model_alias=conf["alias"], n_ctx=conf["n_ctx"],
                           n_threads=conf["threads"], n_threads_batch=conf["threads"],
                           n_gpu_layers=conf["n_gpu_layers"], n_batch=conf["n_batch"], chat_format=None,
-                          verbose=bool(conf.get("verbose", False)), **conf.get("model_extra", {}))
+                          verbose=True, **conf.get("model_extra", {}))
+    _quiet_llama(bool(conf.get("verbose", False)))
     app = create_app(server_settings=server, model_settings=[model])
+    from llama_cpp.server import app as app_module
+
+    loaded = getattr(app_module, "_llama_proxy", None)
+    if loaded is not None and getattr(loaded, "_current_model", None) is not None:
+        loaded._current_model.verbose = bool(conf.get("verbose", False))  # no per-request timings
     info = {k: conf.get(k) for k in ("alias", "version", "format", "sha256", "gguf")}
     info.update(pid=os.getpid(), system_prompt=bool(conf.get("system_prompt")), started_at=time.time())
 

@@ -246,11 +246,16 @@ def test_system_prompt_rule(cfg_factory, tiny_ggufs):
 
     without = chat(port, [user])["usage"]["prompt_tokens"]
     kept = chat(port, [own, user])["usage"]["prompt_tokens"]
-    # The server renders the GGUF's ChatML template; count what each rendering would be.
-    assert without == token_count(port, render_chatml([configured, user]))
-    assert without != token_count(port, render_chatml([user]))
-    assert kept == token_count(port, render_chatml([own, user]))
-    assert kept != token_count(port, render_chatml([configured, own, user]))
+    # The server renders the GGUF's ChatML template (which adds no BOS); count each rendering.
+    bos = token_count(port, "")
+
+    def count(messages):
+        return token_count(port, render_chatml(messages)) - bos
+
+    assert without == count([configured, user])
+    assert without != count([user])
+    assert kept == count([own, user])
+    assert kept != count([configured, own, user])
 
 
 @pytest.mark.slow

@@ -89,6 +89,40 @@ def test_missing_sample_file(tmp_path):
         parse_samples("{oops\n", "src")
 
 
+def _row(label, sid, q, *, err=None, lat=0.1, tags=("t",)):
+    from loradeploy.evaluate import SampleResult
+
+    r = SampleResult(label, sid, 0, response="x", error=err, latency_s=lat, ttft_s=lat / 2, completion_tokens=5,
+                     decode_s=lat / 2, tps_source="stream", tags=tags)
+    if not err:
+        r.scores = {"exact": q, "contains": q, "rouge_l": q, "chrf": q}
+        r.quality = q
+    return r
+
+
+def test_aggregate_and_compare_deltas():
+    from loradeploy.evaluate import TargetResult, aggregate, compare
+
+    rows = {"m Q4_K_M": [0.5, 0.7], "m Q8_0": [0.9, 0.9], "m base": [0.1, 0.3]}
+    trs = []
+    for label, qs in rows.items():
+        fmt = label.split()[1]
+        t = EvalTarget(label, "m", None if fmt == "base" else fmt, gguf_path="/x", is_base=fmt == "base")
+        rs = [_row(label, f"s{i}", q) for i, q in enumerate(qs)] + [_row(label, "bad", None, err="boom")]
+        trs.append(TargetResult(t, aggregates=aggregate(rs)))
+    a = trs[0].aggregates
+    assert (a["requests"], a["ok"], a["errors"]) == (3, 2, 1)
+    assert a["quality"]["quality"] == pytest.approx(0.6) and a["tags"]["t"]["errors"] == 1
+    assert a["latency_s"]["p50"] == pytest.approx(0.1)
+    # decode: 4 tokens after the first over 0.05 s each -> 80 tokens/s
+    assert a["gen_tokens_per_s"] == pytest.approx(80.0) and a["gen_tokens_per_s_source"] == "stream"
+    cmp = {r["label"]: r for r in compare(trs)}
+    assert cmp["m Q8_0"]["delta_vs_best"] == 0.0 and cmp["m Q8_0"]["best_format"] == "Q8_0"
+    assert cmp["m Q4_K_M"]["delta_vs_best"] == pytest.approx(-0.3)
+    assert cmp["m Q4_K_M"]["delta_vs_base"] == pytest.approx(0.4)
+    assert cmp["m base"]["delta_vs_best"] is None and cmp["m base"]["delta_vs_base"] is None
+
+
 # ============================================================================= real models (session)
 
 @contextlib.contextmanager
@@ -126,37 +160,53 @@ class EvalModels:
     ft_q4: Path
 
 
+def _marker(folder: Path) -> str:
+    from loradeploy.demo_models import BUILD_MARKER
+
+    m = folder / BUILD_MARKER
+    return m.read_text() if m.is_file() else ""
+
+
 @pytest.fixture(scope="session")
 def eval_models(tiny_ggufs, tiny_gguf_cache) -> EvalModels:
-    """The demo base and its majora fine-tune as GGUFs (Q8_0, Q4_K_M), cached with the tiny GGUFs."""
+    """The demo base and its majora fine-tune as GGUFs (Q8_0, Q4_K_M), cached beside the tiny GGUFs.
+
+    The cache folder is keyed by the base's and the adapter's build markers, so a changed demo
+    recipe rebuilds the merge and the conversions.
+    """
+    import hashlib
+
     from loradeploy.config import QUANT_TYPES
     from loradeploy.demo_models import train_adapter
     from loradeploy.fsutil import atomic_output
     from loradeploy.tools.converter import convert
     from loradeploy.tools.proc import run
 
-    cache = Path(tiny_gguf_cache) / "eval"
-    log = cache / "build.log"
+    root = Path(tiny_gguf_cache) / "eval"
     base_hf = tiny_ggufs.hf_dir("v1")
-    base_q8 = tiny_ggufs.path("v1", "Q8_0")
-    with _locked(cache / ".build.lock"):
-        adapter = train_adapter(base_hf, cache / "adapter-majora", persona="majora")
+    with _locked(root / ".build.lock"):
+        adapter = train_adapter(base_hf, root / "adapter-majora", persona="majora")
+        key = hashlib.sha256((_marker(base_hf) + _marker(adapter)).encode()).hexdigest()[:12]
+        cache = root / key
+        log = cache / "build.log"
         merged = cache / "merged-majora"
         if not (merged / "config.json").is_file():
+            cache.mkdir(parents=True, exist_ok=True)
             _peft_merge(base_hf, adapter, merged)
         out = {}
-        for fmt, outtype in (("F16", "f16"), ("Q8_0", "q8_0")):
-            p = cache / f"majora-{fmt.lower()}.gguf"
+        for name, hf, outtype in (("base-q8_0", base_hf, "q8_0"), ("majora-f16", merged, "f16"),
+                                  ("majora-q8_0", merged, "q8_0")):
+            p = cache / f"{name}.gguf"
             if not p.is_file():
                 with atomic_output(p) as tmp:
-                    convert(merged, tmp, outtype=outtype, log_path=log, timeout=600, model_name="majora")
-            out[fmt] = p
+                    convert(hf, tmp, outtype=outtype, log_path=log, timeout=600, model_name=name)
+            out[name] = p
         q4 = cache / "majora-q4_k_m.gguf"
         if not q4.is_file():
             with atomic_output(q4) as tmp:
-                run([sys.executable, "-m", "loradeploy.tools.llama_quantize", str(out["F16"]), str(tmp),
+                run([sys.executable, "-m", "loradeploy.tools.llama_quantize", str(out["majora-f16"]), str(tmp),
                      str(QUANT_TYPES["Q4_K_M"]), "--nthread", "2"], log_path=log, timeout=600, what="quantize")
-    return EvalModels(base_q8, out["Q8_0"], q4)
+    return EvalModels(out["base-q8_0"], out["majora-q8_0"], q4)
 
 
 def _cfg(tmp_path: Path, samples: Path, **evaluation):

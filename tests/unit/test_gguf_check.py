@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
 from rich.console import Console
 
 from gguf_samples import (HEADER_KV_COUNT, HEADER_TENSOR_COUNT, HEADER_VERSION, kv_fields, put_u32,
@@ -357,7 +357,7 @@ def test_trailing_bytes_warn_only(tmp_path, data):
 
 def _sparse_model(path: Path, *, n_params: int, ggml_type: GGMLQuantizationType, ftype: LlamaFileType) -> Path:
     """Header of a big model; the data region is a sparse hole, so it costs no disk."""
-    block, type_size = gguf_check.GGML_QUANT_SIZES[ggml_type]
+    block, type_size = GGML_QUANT_SIZES[ggml_type]
     rows = n_params // 4096
     nbytes = rows * 4096 // block * type_size
     w = GGUFWriter(path, "llama")

@@ -1,0 +1,400 @@
+"""Health checks against real servers on loopback: llama.cpp's OpenAI server with the tiny demo
+model, a server answering 500, a server that accepts and never answers, one that stops mid-stream."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from loradeploy.config import config_from_dict
+from loradeploy.errors import HealthError
+from loradeploy.fsutil import sha256_file
+from loradeploy.health import (DEGRADED, FAIL, HEALTHY, PASS, SKIP, UNHEALTHY, WARN, check_health, exit_code,
+                               probe, render)
+from loradeploy.serve import Endpoint
+from loradeploy.stages.base import ModelPaths, StageContext
+from loradeploy.stages.health import HealthStage
+from tests.fixtures.gguf_models import *  # noqa: F401,F403 (tiny_ggufs, tiny_gguf_cache)
+from tests.fixtures.receivers import closed_port, free_port, silent_port  # noqa: F401
+
+MODEL = "tiny"
+PROMPT = "echo: apple river"  # the demo base's task: a short answer and a stop token
+
+
+def _cfg(tmp_path: Path, port: int, **hc) -> "object":
+    health = {"timeout_s": 60, "test_prompts": [PROMPT], "max_tokens": 16, "max_latency_s": 60,
+              "min_tokens_per_s": 0.01, "min_free_disk_gb": 0, "min_free_memory_gb": 0, **hc}
+    return config_from_dict({
+        "models": {MODEL: {"base_model": str(tmp_path / "base"), "adapter": str(tmp_path / "adapter"),
+                           "port": port}},
+        "health_check": health,
+        "deployment": {"models_dir": str(tmp_path / "models")},
+        "pipeline": {"work_dir": str(tmp_path / "work"), "state_dir": str(tmp_path / "state")},
+        "logging": {"log_dir": str(tmp_path / "logs")},
+    }, base_dir=tmp_path)
+
+
+def _endpoint(port: int, gguf: Path | None = None, pid: int = 0, sha256: str | None = None) -> Endpoint:
+    sha = sha256 if sha256 is not None else (sha256_file(gguf) if gguf else "")
+    return Endpoint(MODEL, "v1", "Q8_0", f"http://127.0.0.1:{port}", port, pid, str(gguf) if gguf else "", sha or None)
+
+
+def _check(checks, name):
+    found = [c for c in checks if c.name == name]
+    assert found, f"no {name} check in {[c.name for c in checks]}"
+    return found[0]
+
+
+# llama-cpp-python's server with llama.cpp's extra weight buffers (AMX, repacking) off: some VMs
+# advertise AMX but trap its instructions, killing the server on its first completion (SIGILL).
+_LAUNCHER = """
+import runpy, sys
+import llama_cpp.llama_cpp as C
+_default = C.llama_model_default_params
+def _params():
+    p = _default()
+    p.use_extra_bufts = False
+    return p
+C.llama_model_default_params = _params
+sys.argv = ["llama_cpp.server"] + sys.argv[1:]
+runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
+"""
+
+
+class LlamaServer:
+    def __init__(self, gguf: Path, log: Path):
+        self.gguf, self.port = gguf, free_port()
+        self.log = open(log, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _LAUNCHER, "--model", str(gguf), "--model_alias", MODEL,
+             "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", "512", "--n_threads", "1",
+             "--n_threads_batch", "1"],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        end = time.monotonic() + 120
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama_cpp.server exited with {self.proc.returncode}; see {log}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"llama_cpp.server did not listen within 120s; see {log}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_q8(tiny_ggufs) -> Path:
+    return tiny_ggufs[("v1", "Q8_0")]
+
+
+@pytest.fixture(scope="module")
+def llama_server(tiny_q8, tmp_path_factory):
+    server = LlamaServer(tiny_q8, tmp_path_factory.mktemp("llama") / "server.log")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def live(llama_server):
+    return _endpoint(llama_server.port, llama_server.gguf, llama_server.proc.pid)
+
+
+# ----------------------------------------------------------------------------- a real llama.cpp server
+
+def test_real_server_is_healthy_with_numbers(tmp_path, live):
+    cfg = _cfg(tmp_path, live.port)
+    report = check_health(cfg, endpoints=[live])
+    m = report.models[MODEL]
+    assert report.status == HEALTHY, [c.to_dict() for c in m.checks + report.system if c.status != PASS]
+    assert exit_code(report) == 0
+    for name in ("file.exists", "file.structure", "file.sha256", "api.port", "api.models", "model.completion",
+                 "model.performance", "system.process"):
+        assert _check(m.checks, name).status == PASS
+    answer = _check(m.checks, "model.completion").metrics
+    assert answer["finish_reason"] == "stop" and answer["answer"].strip()
+    metrics = m.metrics
+    assert metrics["latency_s"] > 0 and metrics["tokens_per_s"] > 0 and metrics["completion_tokens"] >= 1
+    assert 0 < metrics["ttft_s"] <= metrics["latency_s"]
+    assert metrics["rss_mib"] > 10
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["status"] == HEALTHY and data["exit_code"] == 0
+    assert data["models"][MODEL]["metrics"]["tokens_per_s"] == metrics["tokens_per_s"]
+    assert {c["name"] for c in data["system"]["checks"]} >= {"system.disk", "system.memory", "system.gpu"}
+    from rich.console import Console
+    console = Console(file=io.StringIO(), width=160, record=True)
+    console.print(render(report))
+    text = console.export_text()
+    assert "HEALTHY" in text and "model.completion" in text and "exit code 0" in text
+    print(f"\nhealthy: latency {metrics['latency_s']}s ttft {metrics['ttft_s']}s "
+          f"{metrics['tokens_per_s']} tok/s rss {metrics['rss_mib']} MiB, report {report.seconds}s")
+
+
+def test_degraded_when_too_slow_or_low_disk(tmp_path, live):
+    report = check_health(_cfg(tmp_path, live.port, min_tokens_per_s=1e9, min_free_disk_gb=1e6), endpoints=[live])
+    assert report.status == DEGRADED and exit_code(report) == 1
+    perf = _check(report.models[MODEL].checks, "model.performance")
+    assert perf.status == WARN and "min_tokens_per_s" in perf.detail and perf.remedy
+    disk = _check(report.system, "system.disk")
+    assert disk.status == WARN and "low disk" in disk.detail and "keep_backups" in disk.remedy
+    assert report.models[MODEL].metrics["tokens_per_s"] > 0  # degraded still reports the numbers
+
+
+def test_answer_cut_by_max_tokens_is_a_warning(tmp_path, live):
+    report = check_health(_cfg(tmp_path, live.port, max_tokens=1), endpoints=[live])
+    c = _check(report.models[MODEL].checks, "model.completion")
+    assert c.status == WARN and c.metrics["finish_reason"] == "length" and "max_tokens=1" in c.detail
+    assert report.status == DEGRADED
+
+
+def test_probe_without_prompts_is_a_readiness_probe(tmp_path, live):
+    cfg = _cfg(tmp_path, live.port)
+    checks = probe(live, cfg.health_check, prompts=[], files=False)
+    assert [c.name for c in checks] == ["api.port", "api.models", "system.process"]
+    assert all(c.status == PASS for c in checks)
+
+
+def _ctx(tmp_path: Path, cfg) -> StageContext:
+    paths = ModelPaths(cfg.pipeline.work_dir / MODEL, MODEL, "v1")
+    return StageContext(cfg, MODEL, logging.getLogger("test.health"), tmp_path / "health.log", paths)
+
+
+def test_stage_reports_metrics_and_is_never_current(tmp_path, live):
+    cfg = _cfg(tmp_path, live.port)
+    stage = HealthStage(endpoints=[live])
+    ctx = _ctx(tmp_path, cfg)
+    ctx.upstream = {"deploy": {"artifacts": [{"path": live.gguf_path, "kind": "gguf", "format": "Q8_0",
+                                              "sha256": live.sha256}]}}
+    assert stage.inputs(ctx)["gguf_sha256"] == live.sha256
+    assert stage.is_current(ctx, {"status": "done"}) == (False, "health is always re-checked")
+    result = stage.run(ctx)
+    assert result.info["status"] == HEALTHY
+    assert result.info["metrics"]["latency_s"] > 0 and result.info["metrics"]["tokens_per_s"] > 0
+    saved = json.loads(Path(result.info["report"]).read_text())
+    assert saved["models"][MODEL]["status"] == HEALTHY
+
+
+def test_stopping_the_server_makes_it_unhealthy(tmp_path, tiny_q8):
+    server = LlamaServer(tiny_q8, tmp_path / "server.log")
+    ep = _endpoint(server.port, tiny_q8, server.proc.pid)
+    cfg = _cfg(tmp_path, server.port)
+    try:
+        assert check_health(cfg, endpoints=[ep], include_model_test=False).status == HEALTHY
+    finally:
+        server.stop()
+    t0 = time.monotonic()
+    report = check_health(cfg, endpoints=[ep])
+    assert time.monotonic() - t0 < 10
+    assert report.status == UNHEALTHY and exit_code(report) == 2
+    assert report.model_statuses() == {MODEL: UNHEALTHY} and "api.port" in report.problems(MODEL)
+    checks = report.models[MODEL].checks
+    port = _check(checks, "api.port")
+    assert port.status == FAIL and "connection refused" in port.detail and "serve start -m tiny" in port.remedy
+    assert _check(checks, "system.process").status == FAIL
+    assert _check(checks, "model.completion").status == SKIP
+    assert _check(checks, "file.structure").status == PASS  # the file is fine; the server is not
+    with pytest.raises(HealthError, match="api.port"):
+        HealthStage(endpoints=[ep]).run(_ctx(tmp_path, cfg))
+
+
+# ----------------------------------------------------------------------------- misbehaving servers
+
+class FakeApi:
+    """A real HTTP server whose answers a test chooses: 'error' (500 everywhere), 'chat500'
+    (models listed, completions 500), 'stall' (streams one token, then goes silent)."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.release = threading.Event()
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _send(self, code: int, body: bytes, ctype: str = "application/json") -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):  # noqa: N802
+                if api.mode == "error":
+                    return self._send(500, b'{"error": "model crashed: out of memory"}')
+                self._send(200, json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model"}]}).encode())
+
+            def do_POST(self):  # noqa: N802
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if api.mode in ("error", "chat500"):
+                    return self._send(500, b'{"error": "internal error"}')
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                chunk = {"choices": [{"index": 0, "delta": {"content": "hel"}, "finish_reason": None}]}
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                self.wfile.flush()
+                api.release.wait(60)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake_api(request):
+    api = FakeApi(request.param)
+    try:
+        yield api
+    finally:
+        api.close()
+
+
+@pytest.mark.parametrize("fake_api", ["error"], indirect=True)
+def test_server_answering_500_is_unhealthy(tmp_path, fake_api):
+    ep = _endpoint(fake_api.port)
+    report = check_health(_cfg(tmp_path, fake_api.port), endpoints=[ep])
+    c = _check(report.models[MODEL].checks, "api.models")
+    assert c.status == FAIL and "500" in c.detail and "out of memory" in c.detail and c.remedy
+    assert c.metrics["http_status"] == 500
+    assert report.status == UNHEALTHY and exit_code(report) == 2
+
+
+@pytest.mark.parametrize("fake_api", ["chat500"], indirect=True)
+def test_completion_answering_500_is_unhealthy(tmp_path, fake_api):
+    report = check_health(_cfg(tmp_path, fake_api.port), endpoints=[_endpoint(fake_api.port)])
+    checks = report.models[MODEL].checks
+    assert _check(checks, "api.models").status == PASS
+    c = _check(checks, "model.completion")
+    assert c.status == FAIL and "HTTP 500" in c.detail
+    assert report.status == UNHEALTHY
+
+
+def test_hung_server_fails_within_the_timeout(tmp_path, silent_port):
+    cfg = _cfg(tmp_path, silent_port, timeout_s=1.5)
+    t0 = time.monotonic()
+    report = check_health(cfg, endpoints=[_endpoint(silent_port)])
+    took = time.monotonic() - t0
+    assert took < 1.5 + 2.0, took
+    c = _check(report.models[MODEL].checks, "api.models")
+    assert c.status == FAIL and "within 1.5s" in c.detail and "hung" in c.detail and "restart" in c.remedy
+    assert _check(report.models[MODEL].checks, "api.port").status == PASS
+    assert report.status == UNHEALTHY and exit_code(report) == 2
+
+
+@pytest.mark.parametrize("fake_api", ["stall"], indirect=True)
+def test_stream_stalling_midway_fails_within_the_timeout(tmp_path, fake_api):
+    cfg = _cfg(tmp_path, fake_api.port, timeout_s=1.5)
+    t0 = time.monotonic()
+    report = check_health(cfg, endpoints=[_endpoint(fake_api.port)])
+    assert time.monotonic() - t0 < 1.5 * 2 + 2.0  # /v1/models and the completion each get the timeout
+    c = _check(report.models[MODEL].checks, "model.completion")
+    assert c.status == FAIL and "within 1.5s" in c.detail and "timeout_s" in c.remedy
+    assert report.status == UNHEALTHY
+
+
+# ----------------------------------------------------------------------------- files and system
+
+def test_malformed_gguf_fails_the_file_check_without_loading(tmp_path, tiny_q8, closed_port):
+    bad = tmp_path / "bad.gguf"
+    data = bytearray(tiny_q8.read_bytes())
+    data[8:16] = (2**40).to_bytes(8, "little")  # absurd tensor count
+    bad.write_bytes(bytes(data))
+    cfg = _cfg(tmp_path, closed_port)
+    t0 = time.monotonic()
+    checks = probe(_endpoint(closed_port, bad), cfg.health_check)
+    assert time.monotonic() - t0 < 5
+    c = _check(checks, "file.structure")
+    assert c.status == FAIL and "tensor_count" in c.detail and "re-run quantize" in c.remedy
+
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(tiny_q8.read_bytes()[:4096])
+    checks = probe(_endpoint(closed_port, truncated, sha256=sha256_file(tiny_q8)), cfg.health_check, prompts=[])
+    assert _check(checks, "file.structure").status == FAIL
+    sha = _check(checks, "file.sha256")
+    assert sha.status == FAIL and "differs from the recorded" in sha.detail
+
+
+def test_changed_or_missing_file(tmp_path, tiny_q8, closed_port):
+    copy = tmp_path / "copy.gguf"
+    shutil.copy(tiny_q8, copy)
+    hc = _cfg(tmp_path, closed_port).health_check
+    with open(copy, "ab") as f:
+        f.write(b"\0" * 8)  # still a valid GGUF, but not the deployed bytes
+    checks = probe(_endpoint(closed_port, copy, sha256=sha256_file(tiny_q8)), hc, prompts=[])
+    assert _check(checks, "file.structure").status != FAIL
+    assert _check(checks, "file.sha256").status == FAIL
+    checks = probe(_endpoint(closed_port, tmp_path / "gone.gguf", sha256="0" * 64), hc, prompts=[])
+    assert _check(checks, "file.exists").status == FAIL and "does not exist" in _check(checks, "file.exists").detail
+
+
+def test_gpu_check_is_skipped_without_a_gpu(tmp_path, closed_port):
+    report = check_health(_cfg(tmp_path, closed_port), endpoints=[])
+    gpu = [c for c in report.system if c.name == "system.gpu"]
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        has_gpu = pynvml.nvmlDeviceGetCount() > 0
+        pynvml.nvmlShutdown()
+    except Exception:
+        has_gpu = False
+    if has_gpu:
+        assert all(c.status in (PASS, WARN) and c.metrics["memory_total_gb"] > 0 for c in gpu)
+    else:
+        assert len(gpu) == 1 and gpu[0].status == SKIP and "skipped" in gpu[0].detail
+    mem = _check(report.system, "system.memory")
+    assert mem.status == PASS and mem.metrics["available_gb"] > 0
+    # nothing deployed at all is itself a failure
+    assert _check(report.system, "deploy.endpoint").status == FAIL and report.status == UNHEALTHY
+
+
+def test_named_model_without_deployment_is_unhealthy(tmp_path, closed_port):
+    report = check_health(_cfg(tmp_path, closed_port), [MODEL], endpoints=[])
+    c = _check(report.models[MODEL].checks, "deploy.endpoint")
+    assert c.status == FAIL and "not deployed" in c.detail and f"run -m {MODEL}" in c.remedy
+    assert exit_code(report) == 2
+
+
+def test_memory_threshold_warns(tmp_path, live):
+    report = check_health(_cfg(tmp_path, live.port, min_free_memory_gb=1e6), endpoints=[live],
+                          include_model_test=False)
+    mem = _check(report.system, "system.memory")
+    assert mem.status == WARN and "low memory" in mem.detail
+    assert report.status == DEGRADED
+
+
+def test_nothing_recorded_by_serve_is_unhealthy(tmp_path, closed_port):
+    # No endpoints given: the deployments come from serve's registry, empty here.
+    report = check_health(_cfg(tmp_path, closed_port), include_model_test=False)
+    assert report.models == {}
+    assert _check(report.system, "deploy.endpoint").status == FAIL and exit_code(report) == 2
