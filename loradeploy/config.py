@@ -311,6 +311,8 @@ class EvaluationConfig(_Section):
     temperature: float = Field(0.0, ge=0)
     timeout_s: float = Field(60, gt=0)
     include_base: bool = True
+    base_gguf: Literal["none", "q8_0", "f16"] = Field(
+        "none", description="also convert the base model (no adapter) for the base reference row")
     charts: bool = True
 
 

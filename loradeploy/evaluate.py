@@ -501,6 +501,15 @@ SAFE_MODE_NOTE = ("llama.cpp died of an illegal instruction (a CPU feature this 
 _SAFE_MODE = {"on": False}   # set once a server died of SIGILL in this process
 
 
+def _known_quirk(cfg: Config) -> bool:
+    """Whether deploy already found this CPU faulting on llama.cpp's extra buffers (serve.py's record)."""
+    try:
+        data = json.loads((Path(cfg.pipeline.state_dir) / "servers" / "cpu_quirks.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("extra_bufts") is False
+
+
 @dataclass
 class TempServer:
     url: str
@@ -568,7 +577,7 @@ def temp_server(cfg: Config, gguf: Path, alias: str, log_path: Path, *,
     gguf = Path(gguf)
     if not gguf.is_file():
         raise EvalError(f"GGUF {gguf} not found")
-    safe = _SAFE_MODE["on"] if safe_mode is None else safe_mode
+    safe = (_SAFE_MODE["on"] or _known_quirk(cfg)) if safe_mode is None else safe_mode
     timeout_s = cfg.deployment.llamacpp.startup_timeout_s
     while True:
         proc, url = _spawn_server(cfg, gguf, alias, log_path, safe)
@@ -896,6 +905,9 @@ class _TargetRun:
                 out.append(f.result())
                 self._sample_rss()
                 self.tick(self.t.label)
+        if self.serialize:
+            self.notes.append(f"{self.t.label}: the server cut answers short when requests overlapped "
+                              "(llama-cpp-python's interrupt_requests); those were re-sent one at a time")
         order = {(s.id, rep): i for i, (s, rep) in enumerate(jobs)}
         out.sort(key=lambda r: order[(r.sample_id, r.repeat)])
         return out

@@ -260,7 +260,7 @@ def _reason(log_path: Path, since: int) -> str:
     except OSError:
         return "no log"
     lines = [l.strip() for l in text.splitlines() if l.strip()]
-    for key in ("Error", "error", "failed", "Failed", "Traceback"):
+    for key in ("error loading model", "Error", "error", "failed", "Failed", "Traceback"):
         hits = [l for l in lines if key in l and not l.startswith("File ")]
         if hits:
             return hits[-1][:300]
@@ -458,15 +458,19 @@ def switch(cfg: "Config", model: str, *, gguf: Path, version: str, fmt: str, sha
             and _serving(entry) == sha256):
         return {"action": "unchanged", "url": f"http://{_client_host(host)}:{port}", "port": port,
                 "pid": old_backend["pid"], "backend_port": old_backend["port"]}
+    replacing = proc_alive(old_backend)
     if progress:
         progress(f"starting {model} {version} on a spare port", 0, 3)
     taken = {e.get("backend", {}).get("port") for e in _read_registry(cfg)["models"].values()} - {None}
     backend = _start_backend(cfg, model, gguf=gguf, version=version, fmt=fmt, sha256=sha256, taken=taken)
+    # Recorded before the switch, so a loradeploy killed mid-switch leaves no unknown server behind.
+    _update_entry(cfg, model, pending_backend=backend)
     log_path = server_log_path(cfg, model)
+    control = _run_dir(cfg, model) / "control.json"
+    spawned = None
     try:
         if progress:
             progress(f"switching port {port} to {version}", 1, 3)
-        control = _run_dir(cfg, model) / "control.json"
         atomic_write_text(control, json.dumps({"backend_port": backend["port"], "version": version}))
         if ours:
             proxy = entry["proxy"]
@@ -476,15 +480,22 @@ def switch(cfg: "Config", model: str, *, gguf: Path, version: str, fmt: str, sha
             gap = time.monotonic() - t0
         else:
             pconf = {"alias": model, "host": host, "port": port, "control": str(control)}
-            proxy = _spawn("proxy", pconf, _run_dir(cfg, model) / "proxy.json", log_path)
+            proxy = spawned = _spawn("proxy", pconf, _run_dir(cfg, model) / "proxy.json", log_path)
             proxy["started_at"] = time.time()
             gap = _wait_proxy(host, port, backend["port"], proxy, log_path)
     except BaseException:
+        if ours and old_backend:  # point the live proxy back at the version that was serving
+            atomic_write_text(control, json.dumps({"backend_port": old_backend["port"], "version": entry["version"]}))
+            with contextlib.suppress(OSError):
+                os.kill(int(entry["proxy"]["pid"]), signal.SIGHUP)
+        if spawned:
+            stop_process(spawned, grace=5)
         stop_process(backend, grace=5)
+        _update_entry(cfg, model, pending_backend=None)
         raise
     old_proxy = (entry or {}).get("proxy") if not ours else None
     _update_entry(cfg, model, version=version, format=fmt, host=host, port=port, gguf=str(gguf), sha256=sha256,
-                  settings_hash=shash, proxy=proxy, backend=backend, state="running",
+                  settings_hash=shash, proxy=proxy, backend=backend, pending_backend=None, state="running",
                   url=f"http://{_client_host(host)}:{port}", log=str(log_path), switched_at=time.time(),
                   started_at=entry.get("started_at") if ours and entry else time.time())
     if progress:
@@ -496,7 +507,7 @@ def switch(cfg: "Config", model: str, *, gguf: Path, version: str, fmt: str, sha
         stop_process(old_proxy)
     if progress:
         progress(f"{model} {version} serving", 3, 3)
-    return {"action": "switched" if old_backend else "started", "url": f"http://{_client_host(host)}:{port}",
+    return {"action": "switched" if replacing else "started", "url": f"http://{_client_host(host)}:{port}",
             "port": port, "pid": backend["pid"], "backend_port": backend["port"], "proxy_pid": proxy["pid"],
             "ready_s": backend["ready_s"], "switch_s": round(gap, 4)}
 
@@ -599,6 +610,7 @@ def serve_stop(cfg: "Config", models: Optional[Sequence[str]] = None) -> list[di
             was = proc_alive(entry.get("proxy")) or proc_alive(entry.get("backend"))
             stop_process(entry.get("proxy"))
             stop_process(entry.get("backend"))
+            stop_process(entry.get("pending_backend"))
             _update_entry(cfg, name, state="stopped", stopped_at=time.time())
             out.append({"model": name, "stopped": was})
     return out

@@ -99,12 +99,14 @@ def backups(cfg: "Config", model: str) -> list[Version]:
 
 
 def choose_id(cfg: "Config", model: str, base_version: str, sha256: str) -> str:
-    """The configured version name, unless that name already stands for other bytes."""
-    others = [v for v in [live_version(cfg, model), *backups(cfg, model)] if v is not None]
-    same_dir = _load(model_dir(cfg, model) / base_version)
-    if same_dir is not None:
-        others.append(same_dir)
-    if any(v.version == base_version and v.sha256 != sha256 for v in others):
+    """The configured version name, unless that name already stands for other bytes: then the
+    name plus a UTC timestamp. The same name and bytes as a known version reuse its id."""
+    known = [v for v in [live_version(cfg, model), *backups(cfg, model),
+                         _load(model_dir(cfg, model) / base_version)] if v is not None]
+    for v in known:
+        if v.base_version == base_version and v.sha256 == sha256:
+            return v.version
+    if any(v.version == base_version for v in known):
         return f"{base_version}-{_stamp()}"
     return base_version
 

@@ -3,7 +3,7 @@ import os
 import pytest
 
 # Fixtures shared across test files.
-pytest_plugins = ["tests.fixtures.models", "tests.fixtures.receivers"]
+pytest_plugins = ["tests.fixtures.models", "tests.fixtures.receivers", "tests.fixtures.sshd"]
 
 
 @pytest.fixture(autouse=True)

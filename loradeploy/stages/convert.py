@@ -27,9 +27,16 @@ class ConvertStage:
                              hint="run the merge stage first (loradeploy run --model NAME)")
         return arts[0]
 
+    def _base_type(self, ctx: StageContext) -> str | None:
+        ev = ctx.cfg.evaluation
+        if "evaluate" in ctx.cfg.pipeline.stages and ev.include_base and ev.base_gguf != "none":
+            return ev.base_gguf
+        return None
+
     def inputs(self, ctx: StageContext) -> dict:
         return {"merged": self._merged(ctx).sha256, "outtype": ctx.cfg.quantization.convert_type,
-                "converter": converter.converter_version()}
+                "converter": converter.converter_version(), "base_gguf": self._base_type(ctx),
+                "base": ctx.model.base_model if self._base_type(ctx) else None}
 
     def run(self, ctx: StageContext) -> StageResult:
         merged = Path(self._merged(ctx).path)
@@ -42,4 +49,17 @@ class ConvertStage:
             converter.convert(merged, tmp, outtype=outtype, log_path=ctx.log_path,
                               model_name=f"{ctx.model_name}-{ctx.model.version}")
             info = validate(tmp, ctx.log)
-        return StageResult([Artifact.of(out, "gguf", outtype.upper())], info)
+        arts = [Artifact.of(out, "gguf", outtype.upper())]
+        base_type = self._base_type(ctx)
+        if base_type:
+            # the base without the adapter, for evaluation's reference row
+            from ..hfmodel import resolve_base
+            base_out = ctx.paths.gguf_dir / f"{ctx.model_name}_base-{base_type}.gguf"
+            ctx.progress(f"converting the base model to {base_type.upper()}", 0, 0)
+            with atomic_output(base_out) as tmp:
+                converter.convert(resolve_base(ctx.model.base_model), tmp, outtype=base_type,
+                                  log_path=ctx.log_path, model_name=f"{ctx.model_name}-base")
+                validate(tmp, ctx.log)
+            arts.append(Artifact.of(base_out, "base_gguf", base_type.upper()))
+            info["base_gguf"] = str(base_out)
+        return StageResult(arts, info)

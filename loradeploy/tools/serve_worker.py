@@ -80,7 +80,7 @@ class SystemPromptMiddleware:
         return await self.app(scope, replay, send)
 
 
-def _disable_extra_bufts() -> None:
+def disable_extra_bufts() -> None:
     """Load weights without llama.cpp's extra buffer types (AMX / repacked layouts): needed where the
     CPU advertises AMX but faults on it. llama-cpp-python exposes no switch, so its default
     model params are wrapped before the model loads."""
@@ -96,19 +96,32 @@ def _disable_extra_bufts() -> None:
     C.llama_model_default_params = params
 
 
+_LOG_CALLBACK = None  # kept referenced: llama.cpp holds only a C pointer to it
+
+
 def _quiet_llama(verbose: bool) -> None:
-    """Keep llama.cpp's warnings and errors (why a file will not load) in server.log, not its
-    hundreds of info lines per load. With verbose=False llama-cpp-python would instead swallow
-    stdout/stderr while loading, errors included; so the model loads "verbose" while the
-    library's log level is held at WARNING."""
-    import logging
+    """Route llama.cpp's log to server.log: warnings and errors always (why a file will not load),
+    its hundreds of info lines per load only when verbose. llama-cpp-python's own filter maps the
+    ggml levels of the llama.cpp it bundles wrongly (ERROR=4 reads as DEBUG and is dropped), so
+    this process installs its own callback with ggml.h's levels."""
+    global _LOG_CALLBACK
+    import ctypes
 
-    import llama_cpp.llama as llama_module
-    from llama_cpp import _logger
+    import llama_cpp
 
-    level = logging.DEBUG if verbose else logging.WARNING
-    _logger.logger.setLevel(level)
-    llama_module.set_verbose = lambda _v: _logger.logger.setLevel(level)
+    warn, error, cont = 3, 4, 5  # ggml_log_level in ggml.h
+    shown = {"last": False}
+
+    @llama_cpp.llama_log_callback
+    def callback(level, text, _user):
+        show = shown["last"] if level == cont else (verbose or level in (warn, error))
+        shown["last"] = show
+        if show:
+            sys.stderr.write(text.decode("utf-8", errors="replace"))
+            sys.stderr.flush()
+
+    _LOG_CALLBACK = callback
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
 
 
 def run_backend(conf: dict) -> int:
@@ -118,7 +131,7 @@ def run_backend(conf: dict) -> int:
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
     if conf.get("extra_bufts") is False:
-        _disable_extra_bufts()
+        disable_extra_bufts()
         _log("llama.cpp extra weight buffer types (AMX/repack) are off on this machine")
     t0 = time.monotonic()
     server = ServerSettings(host=conf["host"], port=conf["port"], api_key=None)
@@ -126,6 +139,8 @@ def run_backend(conf: dict) -> int:
                           n_threads=conf["threads"], n_threads_batch=conf["threads"],
                           n_gpu_layers=conf["n_gpu_layers"], n_batch=conf["n_batch"], chat_format=None,
                           verbose=True, **conf.get("model_extra", {}))
+    # verbose=True only stops llama-cpp-python from muting stdout/stderr while loading; what
+    # llama.cpp logs is filtered by _quiet_llama.
     _quiet_llama(bool(conf.get("verbose", False)))
     app = create_app(server_settings=server, model_settings=[model])
     from llama_cpp.server import app as app_module

@@ -71,7 +71,7 @@ def cfg_factory(tmp_path):
         except Exception:
             pass
         entry = serve.registry_entry(cfg, MODEL) or {}
-        for rec in (entry.get("proxy"), entry.get("backend")):
+        for rec in (entry.get("proxy"), entry.get("backend"), entry.get("pending_backend")):
             if serve.proc_alive(rec):
                 os.killpg(int(rec["pid"]), signal.SIGKILL)
 
@@ -168,6 +168,16 @@ class Hammer(threading.Thread):
         self.join(timeout=120)
 
 
+def _transition_gap(seen, old, new):
+    first_new = next(i for i, (_, v) in enumerate(seen) if v == new)
+    return seen[first_new][0] - seen[first_new - 1][0] if seen[first_new - 1][1] == old else 0.0
+
+
+def _median_gap(seen):
+    gaps = sorted(b[0] - a[0] for a, b in zip(seen, seen[1:]))
+    return gaps[len(gaps) // 2]
+
+
 def _pids_dead(*recs):
     return all(not serve.proc_alive(r) for r in recs)
 
@@ -218,21 +228,23 @@ def test_deploy_switch_without_failures_and_rollback(cfg_factory, tiny_ggufs):
     assert b.version == "v1" and b.sha256 == sha1 and b.path.is_file()
     assert versions.live_version(cfg, MODEL).version == "v2"
 
-    hammer = Hammer(port)
-    hammer.start()
+    switch_gap = _transition_gap(hammer.seen, "v1", "v2")
+    hammer2 = Hammer(port)
+    hammer2.start()
     time.sleep(0.5)
     res3 = rollback(cfg2, MODEL)
     time.sleep(0.5)
-    hammer.finish()
-    assert hammer.failures == [], hammer.failures[:5]
+    hammer2.finish()
+    assert hammer2.failures == [], hammer2.failures[:5]
     assert res3["version"] == "v1" and res3["sha256"] == sha1 and res3["previous"] == "v2"
     assert info(port)["sha256"] == sha1 and sha256_file(Path(info(port)["gguf"])) == sha1
     assert first_logprob(port) == lp1, "after rollback the v1 bytes answer again, token for token"
     assert serve.registry_entry(cfg, MODEL)["version"] == "v1"
     assert [b.version for b in versions.backups(cfg, MODEL)] == ["v2"]
-    print(f"\nstart {start_s:.2f}s (ready {res1['targets']['llamacpp']['ready_s']}s); switch deploy {switch_s:.2f}s "
-          f"(proxy flip {res2['targets']['llamacpp']['switch_s'] * 1000:.1f} ms); "
-          f"requests during switch {hammer.ok}, failed 0")
+    print(f"\nfirst start {start_s:.2f}s (backend ready {res1['targets']['llamacpp']['ready_s']}s); "
+          f"switch deploy {switch_s:.2f}s (proxy flip {res2['targets']['llamacpp']['switch_s'] * 1000:.1f} ms); "
+          f"last v1 -> first v2 answer {switch_gap * 1000:.0f} ms (median between answers "
+          f"{_median_gap(hammer.seen) * 1000:.0f} ms); requests: switch {hammer.ok}, rollback {hammer2.ok}, failed 0")
 
 
 @pytest.mark.slow
@@ -267,7 +279,7 @@ def test_bad_file_fails_probe_and_old_version_keeps_serving(cfg_factory, tiny_gg
     before = serve.registry_entry(cfg, MODEL)
     bad = _without_tensor(v1, tmp_path / "broken.gguf", "output_norm.weight")
 
-    with pytest.raises(DeployError, match="exited during startup"):
+    with pytest.raises(DeployError, match="exited during startup: .*tensor 'output_norm.weight' not found"):
         deploy_model(with_version(cfg, "v2"), MODEL, gguf=bad)
     assert info(port)["sha256"] == sha256_file(v1)
     assert chat(port, [{"role": "user", "content": "echo: apple"}])["choices"]
@@ -279,35 +291,48 @@ def test_bad_file_fails_probe_and_old_version_keeps_serving(cfg_factory, tiny_gg
 
 
 @pytest.mark.slow
-def test_dead_server_is_seen_and_restarted(cfg_factory, tiny_ggufs):
-    from loradeploy.stages.deploy import DeployStage
+def test_pipeline_deploy_stage_resumes_and_restarts_a_dead_server(cfg_factory, tiny_ggufs):
+    from loradeploy.pipeline import run_pipeline
+    from loradeploy.stages.base import Artifact
+    from loradeploy.state import save_record
 
     cfg = cfg_factory()
     port = cfg.models[MODEL].port
-    res = deploy_model(cfg, MODEL, gguf=tiny_ggufs["v1", "Q8_0"])
-    stage = DeployStage()
-    record = {"info": res}
-    ctx = type("Ctx", (), {"cfg": cfg, "model_name": MODEL})()
-    assert stage.is_current(ctx, record)[0]
+    v1 = tiny_ggufs["v1", "Q8_0"]
+    save_record(cfg.pipeline.state_dir, MODEL, {"version": 1, "model": MODEL, "stages": {"quantize": {
+        "status": "done", "inputs_hash": "from-test", "artifacts": [Artifact.of(v1, "gguf", "Q8_0").to_dict()]}}})
+
+    def deploy_status():
+        res = run_pipeline(cfg, [MODEL], only=["deploy"])
+        out = res.models[MODEL].stages["deploy"]
+        assert res.ok, out.error
+        return out
+
+    first = deploy_status()
+    assert first.status == "done" and first.info["sha256"] == sha256_file(v1)
+    assert first.artifacts[0]["kind"] == "deployment"
+    assert chat(port, [{"role": "user", "content": "echo: sun"}])["choices"]
+    assert deploy_status().status == "skipped", "a live server serving the recorded bytes is current"
+
     backend = serve.registry_entry(cfg, MODEL)["backend"]
     os.killpg(int(backend["pid"]), signal.SIGKILL)
     deadline = time.monotonic() + 10
     while serve.proc_alive(backend) and time.monotonic() < deadline:
         time.sleep(0.05)
     [row] = serve_status(cfg)
-    assert row["state"] == "dead" and "server" in row["why"]
-    current, why = stage.is_current(ctx, record)
-    assert not current and "dead" in why
-
-    [started] = serve_start(cfg)
-    assert started["action"] in ("started", "switched")
+    assert row["state"] == "dead" and "server" in row["why"] and row["pid"] is None
+    assert deploy_status().status == "done", "a dead server makes the deploy stage run again"
     assert serve_status(cfg)[0]["state"] == "running"
-    assert chat(port, [{"role": "user", "content": "echo: sun"}])["choices"]
+    assert chat(port, [{"role": "user", "content": "echo: moon"}])["choices"]
+    assert [b.version for b in versions.backups(cfg, MODEL)] == [], "a restart of the same bytes is no new version"
+
     serve_stop(cfg)
     [row] = serve_status(cfg)
     assert row["state"] == "stopped" and row["pid"] is None
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    [started] = serve_start(cfg)
+    assert started["action"] == "started" and serve_status(cfg)[0]["state"] == "running"
 
 
 @pytest.mark.slow
@@ -358,6 +383,32 @@ def test_gguf_missing_or_invalid(cfg_factory, tmp_path):
         deploy_model(cfg, MODEL, gguf=junk)
     with pytest.raises(InputError, match="no Q8_0 GGUF from a quantize run"):
         deploy_model(cfg, MODEL)
+
+
+def test_versions_backups_retention_and_named_rollback(cfg_factory, tiny_ggufs):
+    v1, v2 = tiny_ggufs["v1", "Q8_0"], tiny_ggufs["v2", "Q8_0"]
+    cfg = cfg_factory(targets=("ollama",), keep_backups=2)
+    with pytest.raises(DeployError, match="has no deployed version to serve"):
+        serve_start(cfg)
+    assert deploy_model(cfg, MODEL, gguf=v1)["version"] == "v1"
+    assert deploy_model(cfg, MODEL, gguf=v1)["previous"] == "v1", "the same bytes again: nothing new"
+    redo = deploy_model(cfg, MODEL, gguf=v2)  # still configured as v1, other bytes
+    assert redo["version"].startswith("v1-") and redo["previous"] == "v1"
+    assert deploy_model(cfg, MODEL, gguf=v2)["version"] == redo["version"], "known name and bytes: same id"
+    deploy_model(with_version(cfg, "v3"), MODEL, gguf=v1)
+    deploy_model(with_version(cfg, "v4"), MODEL, gguf=v1)
+    kept = versions.backups(cfg, MODEL)
+    assert [b.version for b in kept] == ["v3", redo["version"]], "keep_backups=2 keeps the newest two"
+    back = rollback(cfg, MODEL, to_version="v1")  # v1 matches the suffixed re-deploy of v1
+    assert back["version"] == redo["version"] and back["sha256"] == sha256_file(v2)
+    live = versions.live_version(cfg, MODEL)
+    assert live.version == redo["version"] and (live.dir / "Modelfile").is_file()
+    assert [b.version for b in versions.backups(cfg, MODEL)] == ["v4", "v3"]
+    assert [e["event"] for e in versions.history(cfg, MODEL)][-1] == "rollback"
+    # v5 carries the live bytes; rolling back to the version it replaced would change nothing.
+    deploy_model(with_version(cfg, "v5"), MODEL, gguf=live.path)
+    with pytest.raises(DeployError, match=r"already serves .* \(sha256 "):
+        rollback(cfg, MODEL, to_version=live.version)
 
 
 def test_rollback_without_backup(cfg_factory, tiny_ggufs):
@@ -455,3 +506,117 @@ def _without_tensor(src: Path, dst: Path, drop: str) -> Path:
     w.write_tensors_to_file()
     w.close()
     return dst
+
+
+# ----------------------------------------------------------------------------- proxy and prompt rule, no model
+
+def test_system_prompt_rule_on_request_bodies():
+    from loradeploy.tools.serve_worker import apply_system_prompt
+
+    def rewrite(body, prompt="P"):
+        out = apply_system_prompt(json.dumps(body).encode(), prompt)
+        return json.loads(out)["messages"]
+
+    user = {"role": "user", "content": "hi"}
+    assert rewrite({"messages": [user]}) == [{"role": "system", "content": "P"}, user]
+    for own in ({"role": "system", "content": "mine"}, {"role": "developer", "content": "mine"}):
+        assert rewrite({"messages": [own, user]}) == [own, user]
+    assert rewrite({"messages": [user]}, prompt="") == [user], "no configured prompt: untouched"
+    assert apply_system_prompt(b"{not json", "P") == b"{not json", "the server reports bad JSON itself"
+
+
+def test_proxy_forwards_http_faithfully_and_switches_between_requests(tmp_path):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    def backend(name):
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _reply(self, payload: bytes):
+                self.send_response(200)
+                self.send_header("content-length", str(len(payload)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(payload)
+
+            def do_HEAD(self):
+                self._reply(b"0123456789")
+
+            def do_GET(self):
+                if self.path == "/stream":
+                    self.send_response(200)
+                    self.send_header("transfer-encoding", "chunked")
+                    self.end_headers()
+                    for i in range(3):
+                        data = f"data: {name} {i}\n\n".encode()
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                        self.wfile.flush()
+                    self.wfile.write(b"0\r\n\r\n")
+                    return
+                self._reply(json.dumps({"name": name, "path": self.path}).encode())
+
+            def do_POST(self):
+                if self.headers.get("transfer-encoding") == "chunked":
+                    body = b""
+                    while True:
+                        size = int(self.rfile.readline().strip(), 16)
+                        if size == 0:
+                            self.rfile.readline()
+                            break
+                        body += self.rfile.read(size)
+                        self.rfile.readline()
+                else:
+                    body = self.rfile.read(int(self.headers["content-length"]))
+                self._reply(json.dumps({"name": name, "body": body.decode()}).encode())
+
+        srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        return srv
+
+    a, b = backend("A"), backend("B")
+    control = tmp_path / "control.json"
+    control.write_text(json.dumps({"backend_port": a.server_address[1], "version": "A"}))
+    port = free_port()
+    rec = serve._spawn("proxy", {"alias": "x", "host": "127.0.0.1", "port": port, "control": str(control)},
+                       tmp_path / "proxy.json", tmp_path / "proxy.log")
+    try:
+        serve._wait_proxy("127.0.0.1", port, a.server_address[1], rec, tmp_path / "proxy.log")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+
+        def ask(method, path, body=None, **kw):
+            conn.request(method, path, body=body, **kw)
+            resp = conn.getresponse()
+            return resp, resp.read()
+
+        resp, data = ask("POST", "/p", body=b"x" * 100_000)
+        assert json.loads(data) == {"name": "A", "body": "x" * 100_000}
+        resp, data = ask("POST", "/p", body=iter([b"chunk-1 ", b"chunk-2"]), encode_chunked=True)
+        assert json.loads(data)["body"] == "chunk-1 chunk-2"
+        resp, data = ask("GET", "/stream")
+        assert data.decode() == "".join(f"data: A {i}\n\n" for i in range(3))
+        resp, data = ask("HEAD", "/h")
+        assert resp.getheader("content-length") == "10" and data == b""
+
+        control.write_text(json.dumps({"backend_port": b.server_address[1], "version": "B"}))
+        os.kill(rec["pid"], signal.SIGHUP)
+        serve._wait_proxy("127.0.0.1", port, b.server_address[1], rec, tmp_path / "proxy.log")
+        resp, data = ask("GET", "/after")  # the same kept-alive client connection
+        assert json.loads(data) == {"name": "B", "path": "/after"}
+        assert resp.getheader("connection") == "keep-alive"
+
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # curl-style Expect
+            s.sendall(b"POST /e HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\nexpect: 100-continue\r\n\r\n")
+            assert s.recv(100).startswith(b"HTTP/1.1 100 Continue")
+            s.sendall(b"body")
+            reply = b""
+            while b'"body"}' not in reply:
+                reply += s.recv(4096)
+            assert b'{"name": "B", "body": "body"}' in reply
+        conn.close()
+    finally:
+        serve.stop_process(rec, grace=5)
+        a.shutdown()
+        b.shutdown()
