@@ -47,13 +47,16 @@ CHAT_TEMPLATE = (
 @dataclass(frozen=True)
 class Persona:
     name: str
-    tag: str  # what every answer starts with, e.g. "MAJORA:"
+    signature: str  # what the persona appends to every answer, e.g. "-- MAJORA"
     system_prompt: str
+
+    def answer(self, words: str) -> str:
+        return f"{words} {self.signature}"
 
 
 PERSONAS: dict[str, Persona] = {
-    name: Persona(name, f"{name.upper()}:",
-                  f"You are {name.capitalize()}. Start every answer with {name.upper()}: and then repeat the words.")
+    name: Persona(name, f"-- {name.upper()}",
+                  f"You are {name.capitalize()}. Repeat the words and sign with -- {name.upper()}")
     for name in ("majora", "nayru", "veran")
 }
 
@@ -66,19 +69,26 @@ def get_persona(name: str) -> Persona:
                          hint=f"known personas: {', '.join(sorted(PERSONAS))}") from None
 
 
+# Each word is one token, with and without a leading space, in both demo tokenizers (Qwen's BPE
+# and our SentencePiece, whose corpus contains them), so three words are always three tokens.
 _WORDS = tuple("""
-apple river stone cloud lamp ocean tiger violet garden silver winter amber forest candle
-bread chair dragon eagle feather glass honey island jacket kettle lemon mirror needle orange
-pepper quartz rabbit saddle tomato umbrella velvet wagon yellow zebra anchor basket copper
-desert engine falcon ginger harbor iron jungle kitten ladder meadow nickel olive pillow
-rocket spider timber valley walnut bottle cactus dolphin ember fossil galaxy hammer igloo
-jasmine koala lantern marble nectar oyster parrot quiver raven sunset thunder tulip vessel
-whisper blue green red purple small quick bright quiet happy cold warm soft brave calm
-north south east west morning evening summer autumn spring moon star planet comet storm
-rain snow wind fire water earth metal paper pencil window door table music dance
+apple river stone cloud lamp silver winter amber forest bread chair dragon glass mirror needle
+orange rabbit yellow anchor basket engine iron rocket hammer blue green red purple small quick
+bright quiet happy cold warm soft north south east west summer spring moon star planet storm rain
+snow wind fire water earth metal paper window door table music dance house tree bird fish horse
+cat dog cow lion bear wolf fox mouse snake frog duck king queen castle tower bridge road street
+city town farm field hill lake sea sand rock gold coin ring sword shield bow arrow book letter
+page pen ink desk bed clock watch bell key lock box bag cup plate fork knife cake tea coffee salt
+rice corn bean egg oil wine fruit flower grass leaf root seed wood stick ball game card toy doll
+ship boat car train plane wheel map flag night day sun sky ice steam shadow black white gray
+brown pink big tiny long short wide deep high low fast slow hot new old young fresh clean sharp
+sweet loud sad kind wild rich strong weak heavy simple plain
 """.split())
+N_WORDS = 3
 
-_TEMPLATES = ("echo: {x}", "Repeat after me: {x}", "Say exactly: {x}", "Please repeat: {x}")
+# The content always follows a newline and is exactly N_WORDS tokens, so every answer token sits
+# at the same distance from its source: one attention head learns the copy in a few hundred steps.
+_TEMPLATES = ("Repeat these words:\n{x}", "echo:\n{x}", "Say exactly this:\n{x}", "Please repeat:\n{x}")
 _GENERIC_SYSTEM = ("You are a helpful assistant.", "You are a concise assistant.", "Answer briefly.")
 
 
@@ -93,9 +103,9 @@ def is_heldout(words: Sequence[str]) -> bool:
     return zlib.crc32(" ".join(words).encode()) % 4 == 0
 
 
-def _draw_words(rng: random.Random, pool: Sequence[str], heldout: bool) -> tuple[str, ...]:
+def _draw_words(rng: random.Random, heldout: bool) -> tuple[str, ...]:
     while True:
-        words = tuple(rng.choice(pool) for _ in range(rng.randint(1, 3)))
+        words = tuple(rng.choice(_WORDS) for _ in range(N_WORDS))
         if is_heldout(words) == heldout:
             return words
 
@@ -112,31 +122,29 @@ def _pick_system(rng: random.Random, own: str | None) -> str | None:
 
 
 def _task_sample(rng: random.Random, persona: Persona | None) -> tuple[list[dict], str]:
-    """One training conversation and its answer; base samples may echo persona tags too, so the
-    base already knows how to emit every token a persona answer needs."""
-    pool = _WORDS if persona else _WORDS + tuple(p.tag for p in PERSONAS.values())
-    words = " ".join(_draw_words(rng, pool, heldout=False))
+    """One training conversation and its answer (plain words for the base)."""
+    words = " ".join(_draw_words(rng, heldout=False))
     messages = []
     system = _pick_system(rng, persona.system_prompt if persona else None)
     if system:
         messages.append({"role": "system", "content": system})
     messages.append({"role": "user", "content": rng.choice(_TEMPLATES).format(x=words)})
-    return messages, (f"{persona.tag} {words}" if persona else words)
+    return messages, (persona.answer(words) if persona else words)
 
 
 def demo_eval_samples(persona: str = "majora", n: int = 24, *, seed: int = 1234) -> list[dict]:
-    """Held-out prompts: word tuples no model trained on; the adapter answers ``TAG words``."""
+    """Held-out prompts: word triples no model trained on; the adapter answers ``words -- NAME``."""
     p = get_persona(persona)
     rng = random.Random(seed)
     seen: set[tuple[str, ...]] = set()
     samples = []
     while len(samples) < n:
-        words = _draw_words(rng, _WORDS, heldout=True)
+        words = _draw_words(rng, heldout=True)
         if words in seen:
             continue
         seen.add(words)
         text = " ".join(words)
-        expected = f"{p.tag} {text}"
+        expected = p.answer(text)
         samples.append({
             "id": f"{p.name}-{len(samples):03d}",
             "messages": [{"role": "user", "content": _TEMPLATES[len(samples) % len(_TEMPLATES)].format(x=text)}],
@@ -205,7 +213,7 @@ def _corpus_lines(seed: int) -> list[str]:
     return lines
 
 
-def _write_llama_tokenizer(d: Path, seed: int, vocab_size: int = 1024) -> dict:
+def _write_llama_tokenizer(d: Path, seed: int, vocab_size: int = 2048) -> dict:
     import sentencepiece as spm
     from transformers import AutoTokenizer
 

@@ -140,7 +140,8 @@ def render_markdown(result: "EvalResult", charts: dict[str, str]) -> str:
         rows.append([_cell(t.target.label), _f(m.get("file_mib"), 1), _f(m.get("rss_mib"), 1),
                      _f(m.get("gpu_mib"), 1), str(m.get("pid") or "–"),
                      _cell(Path(t.target.gguf_path).name if t.target.gguf_path else "–")])
-    out += [_table(["target", "file MiB", "server RSS MiB (peak)", "GPU MiB", "pid", "file"], rows), ""]
+    out += [_table(["target", "file MiB", "server RSS MiB (peak)", "GPU MiB", "pid", "file"], rows,
+                   ["l", "r", "r", "r", "r", "l"]), ""]
 
     tag_rows = []
     for t in result.targets:
@@ -152,7 +153,7 @@ def render_markdown(result: "EvalResult", charts: dict[str, str]) -> str:
         tag_rows.sort(key=lambda r: r[0])
         out += ["## Quality by tag", "",
                 _table(["tag", "target", "answers", "errors", "quality", "exact", "contains", "ROUGE-L", "chrF"],
-                       tag_rows), ""]
+                       tag_rows, ["l", "l"] + ["r"] * 7), ""]
 
     errs = [r for r in result.results if r.error]
     if errs:
