@@ -56,9 +56,6 @@ def main() -> None:
 def _run(cfg, models, *, as_json: bool, **kw):
     from .console import RichReporter, artifacts_table, summary_table
     from .pipeline import run_pipeline
-    if cfg.notifications.enabled and not kw.get("dry_run"):
-        from .notify import Notifier
-        Notifier(cfg.notifications).run_started(list(models) or list(cfg.models))
     with RichReporter(err_console, enabled=not as_json) as rep:
         result = run_pipeline(cfg, models, reporter=rep, **kw)
     if as_json:
@@ -67,23 +64,7 @@ def _run(cfg, models, *, as_json: bool, **kw):
         out_console.print(summary_table(result))
         if any(m.artifacts for m in result.models.values()):
             out_console.print(artifacts_table(result))
-    _notify_run(cfg, result)
     return result
-
-
-def _notify_run(cfg, result) -> None:
-    if not cfg.notifications.enabled:
-        return
-    from .notify import Notifier
-    n = Notifier(cfg.notifications)
-    rows = []
-    for name, mo in result.models.items():
-        for s, o in mo.stages.items():
-            rows.append({"model": name, "stage": s, "status": o.status, "seconds": f"{o.seconds:.1f}"})
-            if o.status in ("failed", "unavailable"):
-                log = Path(cfg.logging.log_dir) / name / f"{s}.log"
-                n.stage_failed(name, s, o.error or o.status, str(log))
-    n.run_finished(rows, result.ok)
 
 
 @main.command()

@@ -109,9 +109,21 @@ def model_paths(cfg: Config, name: str) -> ModelPaths:
     return ModelPaths(cfg.pipeline.work_dir / name, name, cfg.models[name].version)
 
 
+def make_notifier(cfg: Config, log):
+    """A Notifier when notifications are on; it never raises (failures are logged)."""
+    if not cfg.notifications.enabled:
+        return None
+    from .notify import Notifier
+    n = Notifier(cfg.notifications, log=log)
+    for h in log.handlers:
+        h.addFilter(n.redact_filter())
+    return n
+
+
 class _ModelRun:
     def __init__(self, cfg: Config, name: str, stages: list[str], *, force: bool, redo: set[str],
-                 options: dict, reporter: Reporter):
+                 options: dict, reporter: Reporter, notifier=None):
+        self.notifier = notifier
         self.cfg, self.name, self.stages, self.force, self.redo = cfg, name, stages, force, redo
         self.options, self.reporter = options, reporter
         self.log = pipeline_logger(cfg.logging.log_dir, cfg.logging.level)
@@ -154,6 +166,8 @@ class _ModelRun:
         except StageUnavailable as exc:
             out = StageOutcome(stage, "unavailable", error=exc.one_line())
             self._store(stage, out, None)
+            if self.notifier:
+                self.notifier.stage_failed(self.name, stage, out.error, "")
             return out
         with stage_logger(self.cfg.logging.log_dir, self.name, stage, self.cfg.logging.level) as (log, log_path):
             ctx = self._ctx(stage, log, log_path)
@@ -208,6 +222,8 @@ class _ModelRun:
                 self._invalidate_after(stage)
                 save_record(self.cfg.pipeline.state_dir, self.name, self.record)
                 log.info("%s: done in %.1fs, peak RSS %.0f MiB", stage, secs, peak.peak_mib)
+                if stage == "health" and self.notifier and result.info.get("status") == "degraded":
+                    self.notifier.health(self.name, "degraded", result.info.get("warnings"))
                 self.reporter.stage_finished(self.name, stage, out)
                 return out
         raise AssertionError("unreachable")
@@ -236,6 +252,9 @@ class _ModelRun:
         out = StageOutcome(stage, "failed", secs, peak, error=msg)
         self._store(stage, out, None)
         self.reporter.stage_finished(self.name, stage, out)
+        if self.notifier:
+            self.notifier.stage_failed(self.name, stage, msg,
+                                       str(Path(self.cfg.logging.log_dir) / self.name / f"{stage}.log"))
         return out
 
     def _store(self, stage: str, out: StageOutcome, h: str | None) -> None:
@@ -310,11 +329,15 @@ def run_pipeline(cfg: Config, models: Sequence[str], *, from_stage: str | None =
         return result
 
     log.info("run started: models=%s stages=%s force=%s", names, stages, force)
+    notifier = make_notifier(cfg, log)
+    if notifier:
+        notifier.run_started(names)
     locks = []
     try:
         for n in names:
             locks.append(ModelLock(cfg.pipeline.state_dir, n).acquire())
-        runs = {n: _ModelRun(cfg, n, stages, force=force, redo=redo, options=dict(options or {}), reporter=reporter)
+        runs = {n: _ModelRun(cfg, n, stages, force=force, redo=redo, options=dict(options or {}), reporter=reporter,
+                             notifier=notifier)
                 for n in names}
         failed_any = False
 
@@ -372,6 +395,10 @@ def run_pipeline(cfg: Config, models: Sequence[str], *, from_stage: str | None =
     result.seconds = time.monotonic() - t0
     log.info("run finished in %.1fs: %s", result.seconds, "ok" if result.ok else "FAILED")
     _write_summary(cfg, result)
+    if notifier:
+        rows = [{"model": n, "stage": st, "status": o.status, "seconds": f"{o.seconds:.1f}",
+                 "peak MiB": f"{o.peak_rss_mib:.0f}"} for n, mo in result.models.items() for st, o in mo.stages.items()]
+        notifier.run_finished(rows, result.ok)
     return result
 
 

@@ -26,6 +26,7 @@ from loradeploy.report import render
 from loradeploy.stages.base import Artifact
 from loradeploy.state import load_record, save_record
 from tests.fixtures.gguf_models import *  # noqa: F401,F403  (tiny_ggufs, tiny_gguf_cache)
+from tests.fixtures.models import llama_pair  # noqa: F401
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -168,45 +169,42 @@ def _marker(folder: Path) -> str:
 
 
 @pytest.fixture(scope="session")
-def eval_models(tiny_ggufs, tiny_gguf_cache) -> EvalModels:
-    """The demo base and its majora fine-tune as GGUFs (Q8_0, Q4_K_M), cached beside the tiny GGUFs.
+def eval_models(llama_pair, tiny_ggufs) -> EvalModels:
+    """The demo base (Q8_0) and its majora fine-tune (Q8_0, Q4_K_M), cached with the other tiny models.
 
-    The cache folder is keyed by the base's and the adapter's build markers, so a changed demo
-    recipe rebuilds the merge and the conversions.
+    The fine-tune's folder is keyed by the base's and the adapter's build markers, so a changed
+    demo recipe rebuilds the merge and the conversions.
     """
     import hashlib
 
     from loradeploy.config import QUANT_TYPES
-    from loradeploy.demo_models import train_adapter
     from loradeploy.fsutil import atomic_output
     from loradeploy.tools.converter import convert
     from loradeploy.tools.proc import run
+    from tests.fixtures.models import cache_dir
 
-    root = Path(tiny_gguf_cache) / "eval"
-    base_hf = tiny_ggufs.hf_dir("v1")
-    with _locked(root / ".build.lock"):
-        adapter = train_adapter(base_hf, root / "adapter-majora", persona="majora")
-        key = hashlib.sha256((_marker(base_hf) + _marker(adapter)).encode()).hexdigest()[:12]
-        cache = root / key
-        log = cache / "build.log"
-        merged = cache / "merged-majora"
+    base_hf, adapter = llama_pair
+    base_q8 = tiny_ggufs.path("v1", "Q8_0")
+    key = hashlib.sha256((_marker(base_hf) + _marker(adapter)).encode()).hexdigest()[:12]
+    cache = cache_dir() / "eval" / f"majora-{key}"
+    log = cache / "build.log"
+    with _locked(cache.parent / f".{cache.name}.lock"):
+        merged = cache / "merged"
         if not (merged / "config.json").is_file():
-            cache.mkdir(parents=True, exist_ok=True)
             _peft_merge(base_hf, adapter, merged)
         out = {}
-        for name, hf, outtype in (("base-q8_0", base_hf, "q8_0"), ("majora-f16", merged, "f16"),
-                                  ("majora-q8_0", merged, "q8_0")):
-            p = cache / f"{name}.gguf"
+        for fmt, outtype in (("F16", "f16"), ("Q8_0", "q8_0")):
+            p = cache / f"majora-{fmt.lower()}.gguf"
             if not p.is_file():
                 with atomic_output(p) as tmp:
-                    convert(hf, tmp, outtype=outtype, log_path=log, timeout=600, model_name=name)
-            out[name] = p
+                    convert(merged, tmp, outtype=outtype, log_path=log, timeout=600, model_name="majora")
+            out[fmt] = p
         q4 = cache / "majora-q4_k_m.gguf"
         if not q4.is_file():
             with atomic_output(q4) as tmp:
-                run([sys.executable, "-m", "loradeploy.tools.llama_quantize", str(out["majora-f16"]), str(tmp),
+                run([sys.executable, "-m", "loradeploy.tools.llama_quantize", str(out["F16"]), str(tmp),
                      str(QUANT_TYPES["Q4_K_M"]), "--nthread", "2"], log_path=log, timeout=600, what="quantize")
-    return EvalModels(out["base-q8_0"], out["majora-q8_0"], q4)
+    return EvalModels(base_q8, out["Q8_0"], q4)
 
 
 def _cfg(tmp_path: Path, samples: Path, **evaluation):
