@@ -12,6 +12,7 @@ the full softmax for such a model, so what we train is what llama.cpp later samp
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -22,7 +23,7 @@ import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from .errors import InputError
 from .fsutil import atomic_output
@@ -299,7 +300,7 @@ def _encode_samples(tok, samples, ids: dict, *, bos_sometimes: bool, rng: random
 
 
 def _fit(*, hidden_fn, out_rows_fn, params, data: _Batchable, to_input, to_target, n_rest: int,
-         pad_id: int, steps: int, batch: int, lr: float, seed: int, progress: Progress | None,
+         steps: int, batch: int, lr: float, seed: int, progress: Progress | None,
          desc: str) -> float:
     """Train on answer tokens only. ``to_input`` maps token ids to model input ids, ``to_target``
     to positions among the output rows that ``out_rows_fn`` returns."""
@@ -313,20 +314,21 @@ def _fit(*, hidden_fn, out_rows_fn, params, data: _Batchable, to_input, to_targe
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
     rest = math.log(n_rest) if n_rest > 0 else None
     loss_val = float("nan")
-    n = len(data.ids)
+    # Batches of equal-length sequences: no padding, so no compute spent on it.
+    by_len: dict[int, list[int]] = {}
+    for i, seq in enumerate(data.ids):
+        by_len.setdefault(len(seq), []).append(i)
+    lengths = sorted(by_len)
+    weights = torch.tensor([len(by_len[n]) for n in lengths], dtype=torch.float)
     for step in range(steps):
-        pick = torch.randint(0, n, (batch,), generator=gen).tolist()
-        width = max(len(data.ids[i]) for i in pick)
-        inp = torch.full((batch, width), pad_id, dtype=torch.long)
-        mask = torch.zeros((batch, width), dtype=torch.long)
-        lab = torch.zeros((batch, width), dtype=torch.bool)
+        group = by_len[lengths[int(torch.multinomial(weights, 1, generator=gen))]]
+        pick = [group[j] for j in torch.randint(0, len(group), (batch,), generator=gen).tolist()]
+        inp = torch.tensor([data.ids[i] for i in pick])
+        lab = torch.zeros(inp.shape, dtype=torch.bool)
         for r, i in enumerate(pick):
-            seq = data.ids[i]
-            inp[r, :len(seq)] = torch.tensor(seq)
-            mask[r, :len(seq)] = 1
-            lab[r, data.n_prompt[i] - 1:len(seq) - 1] = True  # position t predicts token t+1
+            lab[r, data.n_prompt[i] - 1:inp.shape[1] - 1] = True  # position t predicts token t+1
         targets = to_target(inp[:, 1:][lab[:, :-1]])
-        hidden = hidden_fn(to_input(inp), mask)[lab]
+        hidden = hidden_fn(to_input(inp))[lab]
         logits = hidden @ out_rows_fn().T
         if rest is not None:
             logits = torch.cat([logits, logits.new_full((logits.shape[0], 1), rest)], dim=1)
@@ -337,7 +339,7 @@ def _fit(*, hidden_fn, out_rows_fn, params, data: _Batchable, to_input, to_targe
         opt.step()
         sched.step()
         loss_val = float(loss.detach())
-        if _DEBUG_LOSS:
+        if _DEBUG_LOSS:  # noqa: library code never prints, except this developer switch
             print(step, round(loss_val, 3), flush=True)
         if step % 10 == 0 or step == steps - 1:
             _report(progress, desc, step + 1, steps)
@@ -365,10 +367,44 @@ def _check_arch(arch: str) -> None:
         raise InputError(f"unknown demo architecture {arch!r}", hint=f"known: {', '.join(ARCHS)}")
 
 
-_BASE_TRAIN = {"llama": dict(steps=300, batch=32, lr=3e-3), "qwen2": dict(steps=300, batch=32, lr=3e-3)}
-_ADAPTER_TRAIN = dict(steps=120, batch=32, lr=3e-3, r=8, alpha=16)
-_NOISE_STD = 1e-3
-_DEBUG_LOSS = False  # rows the task never uses: small enough that their logits stay ~0
+_BASE_TRAIN = dict(steps=500, batch=32, lr=5e-3, samples=6000)
+_ADAPTER_TRAIN = dict(steps=150, batch=32, lr=4e-3, samples=3000, r=8, alpha=16)
+_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_NOISE_STD = 1e-3  # rows the task never uses: small enough that their logits stay ~0
+_ACTIVE_ROW_NORM = 0.1  # trained rows have norm ~1, noise rows ~_NOISE_STD * sqrt(hidden)
+_DEBUG_LOSS = False
+
+
+@contextlib.contextmanager
+def _training_env(seed: int) -> Iterator[None]:
+    """One torch thread: on two shared cores a second OpenMP thread spin-waits against other
+    processes and makes these tiny matmuls ten times slower; seeded without touching the caller's RNG."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _special_ids(tok, arch: str) -> dict:
+    im_end = tok.convert_tokens_to_ids(IM_END)
+    if arch == "llama":
+        return {"bos": tok.bos_token_id, "eos": im_end, "pad": tok.pad_token_id,
+                "eos_list": [im_end, tok.convert_tokens_to_ids("</s>")]}
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    return {"bos": eot, "eos": im_end, "pad": eot, "eos_list": [im_end, eot]}
+
+
+def _check_words_single_tokens(tok) -> None:
+    bad = [w for w in _WORDS if len(tok.encode(w, add_special_tokens=False)) != 1
+           or len(tok.encode(" " + w, add_special_tokens=False)) != 1]
+    if bad:
+        raise RuntimeError(f"demo words split into several tokens: {bad[:5]}")
 
 
 def build_base(out_dir: Path, arch: str = "llama", *, seed: int = 0, progress: Progress | None = None) -> Path:
@@ -378,59 +414,129 @@ def build_base(out_dir: Path, arch: str = "llama", *, seed: int = 0, progress: P
     params = {"kind": "base", "arch": arch, "seed": seed, "version": _BUILD_VERSION}
     if _check_target(out_dir, params):
         return out_dir
+    t0 = time.monotonic()
+    with atomic_output(out_dir, is_dir=True) as tmp, _training_env(seed):
+        _report(progress, f"{arch} base: tokenizer", 0, 1)
+        if arch == "llama":
+            _write_llama_tokenizer(tmp, seed)
+        else:
+            _write_qwen2_tokenizer(tmp)
+        loss = _train_base(tmp, arch, seed, progress)
+        _write_marker(tmp, {**params, "train_loss": round(loss, 5), "seconds": round(time.monotonic() - t0, 1)})
+    return out_dir
+
+
+def _train_base(d: Path, arch: str, seed: int, progress: Progress | None) -> float:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    tok = AutoTokenizer.from_pretrained(d)
+    _check_words_single_tokens(tok)
+    ids = _special_ids(tok, arch)
+    full_vocab = len(tok) if arch == "llama" else 151936  # Qwen2.5 pads its vocab to 151936
+    rng = random.Random(seed)
+    samples = [_task_sample(rng, None) for _ in range(_BASE_TRAIN["samples"])]
+    data = _encode_samples(tok, samples, ids, bos_sometimes=(arch == "llama"), rng=rng)
+
+    # Train a model whose vocabulary is only the tokens the task uses, then scatter its rows
+    # into the full vocabulary; tied while training, because copying is then nearly free.
+    active = sorted({ids["bos"], ids["eos"], ids["pad"], tok.convert_tokens_to_ids(IM_START)}
+                    .union(*map(set, data.ids)))
+    lookup = torch.zeros(full_vocab, dtype=torch.long)
+    lookup[torch.tensor(active)] = torch.arange(len(active))
+    small_ids = {k: int(lookup[ids[k]]) for k in ("bos", "eos", "pad")}
+    small = AutoModelForCausalLM.from_config(_model_config(arch, len(active), small_ids, tied=True),
+                                             dtype=torch.float32)
+    small.train()
+    hp = _BASE_TRAIN
+    loss = _fit(hidden_fn=lambda x: small.model(input_ids=x).last_hidden_state,
+                out_rows_fn=lambda: small.get_output_embeddings().weight,
+                params=list(small.parameters()), data=data,
+                to_input=lambda x: lookup[x], to_target=lambda y: lookup[y],
+                n_rest=full_vocab - len(active), steps=hp["steps"],
+                batch=hp["batch"], lr=hp["lr"], seed=seed, progress=progress, desc=f"{arch} base: training")
+
+    _report(progress, f"{arch} base: saving", 0, 1)
+    full = AutoModelForCausalLM.from_config(_model_config(arch, full_vocab, ids), dtype=torch.float32)
+    state = {k: v for k, v in small.state_dict().items() if k != "lm_head.weight"}
+    emb = torch.randn((full_vocab, state["model.embed_tokens.weight"].shape[1])) * _NOISE_STD
+    emb[torch.tensor(active)] = state["model.embed_tokens.weight"]
+    state["model.embed_tokens.weight"] = emb
+    if not full.config.tie_word_embeddings:
+        state["lm_head.weight"] = emb.clone()
+    full.load_state_dict(state, strict=True) if "lm_head.weight" in state else _load_tied(full, state)
+    full = full.to(torch.float16)
+    full.generation_config = GenerationConfig(bos_token_id=ids["bos"], eos_token_id=ids["eos_list"],
+                                              pad_token_id=ids["pad"], do_sample=False)
+    full.save_pretrained(d)
+    return loss
+
+
+def _load_tied(model, state: dict) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if [k for k in missing if k != "lm_head.weight"] or unexpected:
+        raise RuntimeError(f"demo base weights do not fit: missing {missing}, unexpected {unexpected}")
+
+
+def is_complete_build(path: Path) -> bool:
+    """True when ``path`` holds a finished demo build (base, adapter or bench)."""
+    return _read_marker(Path(path)) is not None
+
+
+def train_adapter(base_dir: Path, out_dir: Path, *, seed: int = 0, persona: str = "majora",
+                  progress: Progress | None = None) -> Path:
+    """Train (or reuse) a peft LoRA adapter that gives the base ``persona``'s answer format."""
+    p = get_persona(persona)
+    base_dir, out_dir = Path(base_dir).resolve(), Path(out_dir)
+    base_marker = _read_marker(base_dir)
+    if base_marker is None or base_marker.get("kind") != "base":
+        raise InputError(f"{base_dir} is not a demo base model", hint="build it with build_base first")
+    params = {"kind": "adapter", "persona": p.name, "seed": seed, "version": _BUILD_VERSION,
+              "base": str(base_dir), "base_arch": base_marker["arch"], "base_seed": base_marker["seed"]}
+    if _check_target(out_dir, params):
+        return out_dir
     t0 = time.monotonic()
-    with atomic_output(out_dir, is_dir=True) as tmp:
-        _report(progress, f"{arch} base: tokenizer", 0, 1)
-        tok_ids = _write_llama_tokenizer(tmp, seed) if arch == "llama" else _write_qwen2_tokenizer(tmp)
-        tok = AutoTokenizer.from_pretrained(tmp)
-        full_vocab = len(tok) if arch == "llama" else 151936  # Qwen2.5 pads its vocab to 151936
-        rng = random.Random(seed)
-        samples = [_task_sample(rng, None) for _ in range(6000)]
-        data = _encode_samples(tok, samples, tok_ids, bos_sometimes=(arch == "llama"), rng=rng)
-
-        used = set(tok_ids[k] for k in ("bos", "eos", "pad") if tok_ids[k] is not None)
-        used.update(tok.convert_tokens_to_ids([IM_START]))
-        for seq in data.ids:
-            used.update(seq)
-        active = sorted(used)
-        compact = {t: i for i, t in enumerate(active)}
-        lookup = torch.zeros(full_vocab, dtype=torch.long)
-        lookup[torch.tensor(active)] = torch.arange(len(active))
-        small_ids = {k: compact[tok_ids[k]] for k in ("bos", "eos", "pad")}
-
-        torch.manual_seed(seed)
-        small = AutoModelForCausalLM.from_config(_model_config(arch, len(active), small_ids), dtype=torch.float32)
-        small.train()
-        hp = _BASE_TRAIN[arch]
-        loss = _fit(hidden_fn=lambda x, m: small.model(input_ids=x, attention_mask=m).last_hidden_state,
-                    out_rows_fn=lambda: small.get_output_embeddings().weight,
-                    params=[p for p in small.parameters() if p.requires_grad], data=data,
-                    to_input=lambda x: lookup[x], to_target=lambda y: lookup[y],
-                    n_rest=full_vocab - len(active), pad_id=tok_ids["pad"], steps=hp["steps"],
-                    batch=hp["batch"], lr=hp["lr"], seed=seed, progress=progress, desc=f"{arch} base: training")
-
-        _report(progress, f"{arch} base: saving", 0, 1)
-        full = AutoModelForCausalLM.from_config(_model_config(arch, full_vocab, tok_ids), dtype=torch.float32)
-        state = {}
-        gen = torch.Generator().manual_seed(seed + 1)
-        idx = torch.tensor(active)
-        for name, value in small.state_dict().items():
-            if value.shape[0] == len(active) and value.dim() == 2 and name.endswith(("embed_tokens.weight", "lm_head.weight")):
-                big = torch.randn((full_vocab, value.shape[1]), generator=gen) * _NOISE_STD
-                big[idx] = value
-                value = big
-            state[name] = value
-        if full.config.tie_word_embeddings:
-            state["lm_head.weight"] = state["model.embed_tokens.weight"]
-        missing, unexpected = full.load_state_dict(state, strict=False)
-        if [k for k in missing if k != "lm_head.weight"] or unexpected:
-            raise RuntimeError(f"state mismatch: missing {missing}, unexpected {unexpected}")
-        full = full.to(torch.float16)
-        full.generation_config = GenerationConfig(bos_token_id=tok_ids["bos"], eos_token_id=tok_ids["eos_list"],
-                                                  pad_token_id=tok_ids["pad"], do_sample=False)
-        full.save_pretrained(tmp)
+    with atomic_output(out_dir, is_dir=True) as tmp, _training_env(seed):
+        loss = _train_lora(base_dir, tmp, p, seed, base_marker["arch"], progress)
         _write_marker(tmp, {**params, "train_loss": round(loss, 5), "seconds": round(time.monotonic() - t0, 1)})
     return out_dir
+
+
+def _train_lora(base_dir: Path, out: Path, p: Persona, seed: int, arch: str, progress: Progress | None) -> float:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _report(progress, f"{p.name} adapter: loading base", 0, 1)
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    ids = _special_ids(tok, arch)
+    # the path string becomes base_model_name_or_path in adapter_config.json
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    rng = random.Random(seed)
+    samples = [_task_sample(rng, p) for _ in range(_ADAPTER_TRAIN["samples"])]
+    data = _encode_samples(tok, samples, ids, bos_sometimes=(arch == "llama"), rng=rng)
+
+    out_w = model.get_output_embeddings().weight.detach()
+    active = torch.nonzero(out_w.norm(dim=1) > _ACTIVE_ROW_NORM).flatten()
+    pos = torch.full((out_w.shape[0],), -1, dtype=torch.long)
+    pos[active] = torch.arange(len(active))
+    needed = torch.tensor(sorted({t for seq, n in zip(data.ids, data.n_prompt) for t in seq[n:]}))
+    if (pos[needed] < 0).any():
+        raise RuntimeError(f"persona {p.name} needs tokens the base never learned to emit")
+    rows = out_w[active].clone()
+
+    hp = _ADAPTER_TRAIN
+    config = LoraConfig(r=hp["r"], lora_alpha=hp["alpha"], lora_dropout=0.0, bias="none",
+                        target_modules=_LORA_TARGETS, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    inner = peft_model.base_model.model.model  # the transformer body, LoRA layers in place
+    params = [q for q in peft_model.parameters() if q.requires_grad]
+    peft_model.train()
+    loss = _fit(hidden_fn=lambda x: inner(input_ids=x).last_hidden_state,
+                out_rows_fn=lambda: rows, params=params, data=data,
+                to_input=lambda x: x, to_target=lambda y: pos[y],
+                n_rest=out_w.shape[0] - len(active), steps=hp["steps"],
+                batch=hp["batch"], lr=hp["lr"], seed=seed, progress=progress, desc=f"{p.name} adapter: training")
+    _report(progress, f"{p.name} adapter: saving", 0, 1)
+    peft_model.save_pretrained(str(out), safe_serialization=True)
+    return loss

@@ -800,7 +800,9 @@ def compare(targets: list[TargetResult]) -> list[dict]:
         by_model.setdefault(t.target.model, []).append(t)
     for model, ts in by_model.items():
         scored = [t for t in ts if not t.target.is_base and t.aggregates.get("quality", {}).get("quality") is not None]
-        best = max(scored, key=lambda t: t.aggregates["quality"]["quality"], default=None)
+        # ties go to the smaller file: same quality for less memory
+        best = max(scored, key=lambda t: (t.aggregates["quality"]["quality"],
+                                          -(t.aggregates.get("memory", {}).get("file_mib") or 0)), default=None)
         base = next((t for t in ts if t.target.is_base), None)
         base_q = base.aggregates.get("quality", {}).get("quality") if base else None
         for t in ts:

@@ -209,6 +209,7 @@ def _scatter(path: Path, pts: list[dict], x_key: str, y_key: str, xlabel: str, y
                    label=label, edgecolors="black", linewidths=0.5, zorder=3)
         text = "base" if p["is_base"] else (p["format"] or p["label"])
         ax.annotate(text, (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8)
+    ax.margins(x=0.12)   # room for the labels of the outermost points
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -73,9 +73,6 @@ class MergeStage:
                                             allow_mismatch=ctx.cfg.merge.allow_base_mismatch):
             ctx.log.warning(w)
         strategy = _resolve_strategy(ctx.cfg.merge.strategy, adapter)
-        ctx.progress("converter preflight", 0, 0)
-        conv = converter.preflight(base_dir, log_path=ctx.log_path)
-        ctx.log.info("converter preflight: %s", conv)
         # disk: merged folder + F16 GGUF + every quant, all in work_dir
         params = base.param_count
         fmts = ctx.cfg.formats_for(ctx.model_name)
@@ -84,6 +81,9 @@ class MergeStage:
         budget = memory_budget_bytes(ctx.cfg.performance.max_memory_gb)
         mem = base.largest_tensor_bytes * 4 + 256 * 1024 ** 2 if strategy == "stream" else int(params * 2 * 1.3)
         require_memory(mem, budget, f"the {strategy} merge")
+        ctx.progress("converter preflight", 0, 0)
+        conv = converter.preflight(base_dir, log_path=ctx.log_path)
+        ctx.log.info("converter preflight: %s", conv)
         return base, adapter, strategy, conv
 
     def run(self, ctx: StageContext) -> StageResult:

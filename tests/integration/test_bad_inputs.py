@@ -45,7 +45,7 @@ def test_hub_id_not_in_cache(llama_pair, tmp_path):
     _, adapter = llama_pair
     cfg = make_cfg(tmp_path, "nobody/not-a-cached-model", adapter, stages=["fetch", "merge"])
     err = _fail(run_pipeline(cfg, ["majora"]))
-    assert "not in the local Hugging Face cache" in err and "huggingface-cli download" in err
+    assert "nor in the local Hugging Face cache" in err and "huggingface-cli download" in err
 
 
 def _shrunk_adapter(src: Path, dst: Path) -> Path:

@@ -26,7 +26,6 @@ from loradeploy.report import render
 from loradeploy.stages.base import Artifact
 from loradeploy.state import load_record, save_record
 from tests.fixtures.gguf_models import *  # noqa: F401,F403  (tiny_ggufs, tiny_gguf_cache)
-from tests.fixtures.models import llama_pair  # noqa: F401
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -239,16 +238,8 @@ def _record(cfg, models: EvalModels, formats=("Q4_K_M", "Q8_0"), base=True) -> N
         "quantize": {"status": "done", "inputs_hash": "x", "artifacts": arts, "info": info}}})
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    (tmp_path / "home").mkdir()
-    return tmp_path
-
-
 @pytest.mark.slow
-def test_known_answer_finetune_beats_base_and_reports_render(eval_models, home):
-    tmp_path = home
+def test_known_answer_finetune_beats_base_and_reports_render(eval_models, tmp_path):
     samples_path, rows = _demo_samples(tmp_path, 6)
     cfg = _cfg(tmp_path, samples_path)
     _record(cfg, eval_models)
@@ -319,19 +310,20 @@ def known_ref(rows: list[dict], sid: str) -> str:
 
 
 @pytest.mark.slow
-def test_down_target_and_overlong_sample_are_errors_only_there(eval_models, home):
-    tmp_path = home
+def test_down_target_and_overlong_sample_are_errors_only_there(eval_models, tmp_path):
+    from loradeploy.demo_models import demo_eval_samples
+
+    known = dict(demo_eval_samples("majora", 1)[0], id="ok")
     long_prompt = "echo: " + " ".join(["apple river stone"] * 150)   # far beyond n_ctx 256
     samples = tmp_path / "s.jsonl"
-    samples.write_text(json.dumps({"id": "ok", "prompt": "echo: amber tiger", "reference": "MAJORA: amber tiger"})
-                       + "\n" + json.dumps({"id": "long", "prompt": long_prompt}) + "\n")
+    samples.write_text(json.dumps(known) + "\n" + json.dumps({"id": "long", "prompt": long_prompt}) + "\n")
     cfg = _cfg(tmp_path, samples, warmup=0, charts=False)
     dead = free_port()
-    with temp_server(cfg, eval_models.ft_q8, "remote", tmp_path / "remote.log") as (url, pid):
+    with temp_server(cfg, eval_models.ft_q8, "remote", tmp_path / "remote.log") as srv:
         targets = [
             EvalTarget("ghost Q8_0", "ghost", "Q8_0", base_url=f"http://127.0.0.1:{dead}"),
             # context unknown to us: the server itself must refuse the long prompt
-            EvalTarget("majora remote", "majora", "Q8_0", base_url=url + "/v1", pid=pid),
+            EvalTarget("majora remote", "majora", "Q8_0", base_url=srv.url + "/v1", pid=srv.pid),
             # context known: refused before sending
             EvalTarget("majora Q8_0", "majora", "Q8_0", gguf_path=str(eval_models.ft_q8), n_ctx=256),
         ]
@@ -343,7 +335,7 @@ def test_down_target_and_overlong_sample_are_errors_only_there(eval_models, home
     for lbl in ("majora remote", "majora Q8_0"):
         assert by[lbl].status == "partial", (lbl, by[lbl].error)
         ok, long = res.results_for(lbl)
-        assert ok.error is None and ok.response.strip() == "MAJORA: amber tiger" and ok.quality == 1.0
+        assert ok.error is None and ok.response.strip() == known["reference"] and ok.quality == 1.0
         assert long.error and long.response == ""
         assert by[lbl].aggregates["errors"] == 1 and by[lbl].aggregates["quality"]["quality"] == 1.0
     assert "context" in res.results_for("majora Q8_0")[1].error
@@ -353,10 +345,9 @@ def test_down_target_and_overlong_sample_are_errors_only_there(eval_models, home
 
 
 @pytest.mark.slow
-def test_evaluate_stage_through_the_pipeline(eval_models, home):
+def test_evaluate_stage_through_the_pipeline(eval_models, tmp_path):
     from loradeploy.pipeline import run_pipeline
 
-    tmp_path = home
     samples_path, _ = _demo_samples(tmp_path, 3)
     cfg = _cfg(tmp_path, samples_path, include_base=False, formats=["Q8_0"], warmup=0)
     _record(cfg, eval_models, base=False)
