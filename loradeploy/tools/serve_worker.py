@@ -134,7 +134,8 @@ def run_backend(conf: dict) -> int:
         disable_extra_bufts()
         _log("llama.cpp extra weight buffer types (AMX/repack) are off on this machine")
     t0 = time.monotonic()
-    server = ServerSettings(host=conf["host"], port=conf["port"], api_key=None)
+    # interrupt_requests=False: overlapping requests queue instead of cutting a stream short
+    server = ServerSettings(host=conf["host"], port=conf["port"], api_key=None, interrupt_requests=False)
     model = ModelSettings(model=conf["gguf"], model_alias=conf["alias"], n_ctx=conf["n_ctx"],
                           n_threads=conf["threads"], n_threads_batch=conf["threads"],
                           n_gpu_layers=conf["n_gpu_layers"], n_batch=conf["n_batch"], chat_format=None,
