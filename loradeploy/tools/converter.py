@@ -61,8 +61,7 @@ def preflight(model_dir: Path, *, log_path: Path | None = None, timeout: float =
             text = exc.stderr_tail
             if "is not supported" in text and "Model " in text:
                 raise unsupported from None
-            if "NotImplementedError" in text and ("pre-tokenizer" in text or "BPE pre-tokenizer" in text
-                                                  or "chkhsh" in text):
+            if "pre-tokenizer was not recognized" in text or ("NotImplementedError" in text and "chkhsh" in text):
                 raise ConvertError(f"llama.cpp's converter does not recognise the tokenizer of {model_dir.name} "
                                    f"(unknown BPE pre-tokenizer)",
                                    hint="use a base whose tokenizer llama.cpp supports; see convert.log") from None
