@@ -54,6 +54,7 @@ def main() -> None:
 
 
 def _run(cfg, models, *, as_json: bool, **kw):
+    _quiet_ml_libraries()
     from .console import RichReporter, artifacts_table, summary_table
     from .pipeline import run_pipeline
     with RichReporter(err_console, enabled=not as_json) as rep:
@@ -134,18 +135,45 @@ def status(config, as_json):
 @main.command()
 @click.option("--workdir", default="loradeploy-demo", show_default=True, type=click.Path(path_type=Path))
 @click.option("--arch", type=click.Choice(["llama", "qwen2"]), default="llama", show_default=True)
+@click.option("--port", default=5000, show_default=True, help="port the demo model is served on")
 @click.option("--force", is_flag=True, help="redo every stage (the built demo model is reused)")
 @json_opt
 @handle_errors
-def demo(workdir, arch, force, as_json):
+def demo(workdir, arch, port, force, as_json):
     """Build a tiny base model + LoRA adapter locally and run every stage on it."""
     from .demo import prepare_demo
+    _quiet_ml_libraries()
     with err_console.status("building the demo model and adapter", spinner="dots") if not as_json else _null():
-        cfg = prepare_demo(workdir, arch=arch)
+        cfg = prepare_demo(workdir, arch=arch, port=port)
     if not as_json:
         err_console.print(f"demo config: {cfg.config_path}")
     result = _run(cfg, list(cfg.models), as_json=as_json, force=force)
+    if not as_json and result.ok:
+        m = next(iter(cfg.models))
+        port = cfg.models[m].port
+        err_console.print(f"\n[bold green]{m}[/] serves at http://127.0.0.1:{port}/v1 — try:\n"
+                          f"  curl -s localhost:{port}/v1/chat/completions -H 'Content-Type: application/json' "
+                          f"-d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"echo: blue house\"}}],"
+                          f"\"temperature\":0}}'\n"
+                          f"evaluation report: {cfg.evaluation.output_dir / m / 'evaluation.md'}\n"
+                          f"repeat with: loradeploy run -c {cfg.config_path}   stop the server: "
+                          f"loradeploy serve stop -c {cfg.config_path}")
     sys.exit(0 if result.ok else 1)
+
+
+def _quiet_ml_libraries() -> None:
+    """transformers/peft progress bars and deprecation chatter would drown our own progress."""
+    import warnings
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    try:
+        from transformers.utils import logging as tlog
+        tlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+    except ImportError:
+        pass
 
 
 class _null:
