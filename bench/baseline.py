@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loradeploy.config import QUANT_TYPES, config_from_dict  # noqa: E402
 from loradeploy.pipeline import run_pipeline  # noqa: E402
@@ -106,6 +107,30 @@ def ours(base: Path, adapter: Path, out: Path) -> dict:
     return rows
 
 
+def merge_only(base: Path, adapter: Path, out: Path) -> dict:
+    """The merge step alone (no converter preflight): peft merge_and_unload + save vs our stream merge."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loradeploy.hfmodel import load_adapter_info, load_base_info
+    from loradeploy.merge_stream import copy_side_files, stream_merge
+    rows: dict = {}
+    for d in ("m-stream", "m-peft"):
+        shutil.rmtree(out / d, ignore_errors=True)
+        (out / d).mkdir(parents=True)
+    with Stage("stream", rows):
+        info = load_base_info(base)
+        stream_merge(info, load_adapter_info(adapter), out / "m-stream", dtype=torch.float16)
+        copy_side_files(base, adapter, out / "m-stream", torch.float16)
+    with Stage("peft", rows):
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float16)
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        model.save_pretrained(str(out / "m-peft"), safe_serialization=True)
+        del model
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--params", type=float, default=350e6)
@@ -113,7 +138,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     a = ap.parse_args()
     con = Console()
-    from loradeploy.demo_models import build_bench_adapter, build_bench_llama
+    from bench_models import build_bench_adapter, build_bench_llama
     a.workdir.mkdir(parents=True, exist_ok=True)
     with con.status("building the bench model (once)"):
         base = build_bench_llama(a.workdir / "bench-base", target_params=int(a.params))
@@ -137,6 +162,15 @@ def main() -> None:
                   f"{o[s]['delta_mib'] / max(1.0, b[s]['delta_mib']):.2f}")
     t.add_row("total", f"{tb:.1f}", f"{to:.1f}", f"{tb / to:.2f}x", "", "", "", "", "")
     con.print(t)
+    m = merge_only(base, adapter, a.workdir / "merge-only")
+    mt = Table(title="merge step alone (same process): peft merge_and_unload + save_pretrained vs stream merge")
+    for c in ("strategy", "seconds", "+MiB"):
+        mt.add_column(c, justify="right")
+    for k in ("peft", "stream"):
+        mt.add_row(k, f"{m[k]['seconds']:.1f}", f"{m[k]['delta_mib']:.0f}")
+    mt.add_row("ratio peft/stream", f"{m['peft']['seconds'] / m['stream']['seconds']:.2f}x",
+               f"{m['peft']['delta_mib'] / max(1.0, m['stream']['delta_mib']):.1f}x")
+    con.print(mt)
     con.print("peak MiB = RSS of this process + its children during the stage; +MiB = peak minus the RSS "
               "when the stage started (what the stage itself added). Ours runs first.")
 

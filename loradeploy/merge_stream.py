@@ -6,15 +6,15 @@ to the 16-bit output dtype. peft's merge_and_unload is the oracle the tests comp
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
 
 from .hfmodel import TOKENIZER_FILES, AdapterInfo, BaseModelInfo
-from .tools.safetensors_io import write_streaming
+from .tools.safetensors_io import read_header, write_streaming
 
 TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 ST_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
@@ -26,6 +26,47 @@ def output_dtype(choice: str, base_dtype: str) -> torch.dtype:
     if choice == "bfloat16":
         return torch.bfloat16
     return torch.bfloat16 if base_dtype == "BF16" else torch.float16
+
+
+class _TensorFile:
+    """Reads one tensor at a time with pread: no mmap, so the process never maps the whole file
+    (an mmap'd shard counts fully in RSS once touched, and we touch all of it)."""
+
+    def __init__(self, path: Path, header: dict):
+        self.path = Path(path)
+        self.header = header
+        with open(path, "rb") as f:
+            self.data_start = 8 + int.from_bytes(f.read(8), "little")
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.header[name]
+        b, e = info["data_offsets"]
+        buf = bytearray(e - b)
+        view = memoryview(buf)
+        got = 0
+        while got < len(buf):
+            n = os.preadv(self.fd, [view[got:]], self.data_start + b + got)
+            if n <= 0:
+                raise OSError(f"{self.path}: short read at tensor {name}")
+            got += n
+        dtype = TORCH_DTYPES.get(info["dtype"]) or _INT_DTYPES[info["dtype"]]
+        if not buf:
+            return torch.empty(info["shape"], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> "_TensorFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_INT_DTYPES = {"I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+               "BOOL": torch.bool}
 
 
 def _to_bytes(t: torch.Tensor) -> bytes:
@@ -62,7 +103,7 @@ def stream_merge(base: BaseModelInfo, adapter: AdapterInfo, out_dir: Path, *, dt
     total = len(base.tensors)
     done = merged = replaced = 0
     weight_map: dict[str, str] = {}
-    with safe_open(str(adapter.weights), framework="pt") as ad:
+    with _TensorFile(adapter.weights, adapter.header) as ad:
         lora_for = {f"{m}.weight": p for m, p in adapter.pairs.items()}
         for fpath, names in sorted(by_file.items()):
             specs = []
@@ -74,17 +115,17 @@ def stream_merge(base: BaseModelInfo, adapter: AdapterInfo, out_dir: Path, *, dt
                 specs.append((n, st_dtype, info["shape"]))
                 weight_map[n] = fpath.name
 
-            with safe_open(str(fpath), framework="pt") as src:
+            with _TensorFile(fpath, read_header(fpath)) as src:
                 def produce(n: str) -> bytes:
                     nonlocal done, merged, replaced
-                    t = src.get_tensor(n)
+                    t = src.get(n)
                     if n in adapter.full_tensors:
-                        t = ad.get_tensor(adapter.full_tensors[n])
+                        t = ad.get(adapter.full_tensors[n])
                         replaced += 1
                     if n in lora_for:
                         pair = lora_for[n]
-                        a = ad.get_tensor(pair.a_key).to(torch.float32)
-                        b = ad.get_tensor(pair.b_key).to(torch.float32)
+                        a = ad.get(pair.a_key).to(torch.float32)
+                        b = ad.get(pair.b_key).to(torch.float32)
                         delta = b @ a
                         if pair.embedding or adapter.config.get("fan_in_fan_out"):
                             delta = delta.T
