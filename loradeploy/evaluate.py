@@ -484,18 +484,7 @@ def _tail(path: Path, n: int = 15) -> str:
 # Runs llama-cpp-python's server with llama.cpp's extra weight buffer types (AMX, repacking) off.
 # Some VMs advertise AMX but trap its instructions (SIGILL on the first completion); this keeps
 # such a machine usable at some speed cost, and is used only after a crash like that.
-_SAFE_LAUNCHER = """
-import runpy, sys
-import llama_cpp.llama_cpp as C
-_default = C.llama_model_default_params
-def _params():
-    p = _default()
-    p.use_extra_bufts = False
-    return p
-C.llama_model_default_params = _params
-sys.argv = ["llama_cpp.server"] + sys.argv[1:]
-runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
-"""
+
 SAFE_MODE_NOTE = ("llama.cpp died of an illegal instruction (a CPU feature this machine advertises but does not "
                   "allow, e.g. AMX); temporary servers run without llama.cpp's extra weight buffers")
 _SAFE_MODE = {"on": False}   # set once a server died of SIGILL in this process
@@ -524,7 +513,7 @@ def _spawn_server(cfg: Config, gguf: Path, alias: str, log_path: Path, safe: boo
     lc = cfg.deployment.llamacpp
     port = free_port(*lc.spare_port_range)
     threads = lc.threads or cpu_budget(cfg.performance.max_cpu_threads)
-    launch = ["-c", _SAFE_LAUNCHER] if safe else ["-m", "llama_cpp.server"]
+    launch = ["-m", "loradeploy.tools.llama_safe"] if safe else ["-m", "llama_cpp.server"]
     args = [sys.executable, *launch, "--model", str(gguf), "--host", "127.0.0.1",
             "--port", str(port), "--model_alias", alias, "--n_ctx", str(lc.n_ctx),
             "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_batch", str(lc.n_batch),
@@ -533,7 +522,7 @@ def _spawn_server(cfg: Config, gguf: Path, alias: str, log_path: Path, safe: boo
             "--interrupt_requests", "False", *lc.extra_args]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log_f:
-        log_f.write(f"$ {' '.join(a if a != _SAFE_LAUNCHER else '<safe launcher>' for a in args)}\n")
+        log_f.write(f"$ {' '.join(args)}\n")
         log_f.flush()
         # A long-lived child, so not tools.proc.run (which waits); it still gets its own session
         # so kill_group stops it with any children.

@@ -19,23 +19,13 @@ def _isolate_home(tmp_path, monkeypatch):
 
 
 def _no_extra_bufts() -> None:
-    """llama.cpp's extra weight buffers use AMX where the CPU advertises it; this workplace's VMs
-    advertise AMX and trap it (SIGILL). In-process llama_cpp.Llama in tests loads without them."""
+    """This workplace's VMs advertise AMX and trap it (SIGILL): in-process llama_cpp.Llama in tests
+    loads without llama.cpp's extra weight buffers."""
     try:
-        import llama_cpp.llama_cpp as C
+        from loradeploy.tools.llama_safe import disable_extra_bufts
+        disable_extra_bufts()
     except ImportError:
-        return
-    if getattr(C.llama_model_default_params, "_loradeploy_safe", False):
-        return
-    orig = C.llama_model_default_params
-
-    def params():
-        p = orig()
-        p.use_extra_bufts = False
-        return p
-
-    params._loradeploy_safe = True
-    C.llama_model_default_params = params
+        pass
 
 
 _no_extra_bufts()

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from .llama_safe import disable_extra_bufts
+
 INFO_PATH = "/loradeploy/info"    # backend: what it serves (version, sha256, gguf)
 PROXY_PATH = "/loradeploy/proxy"  # proxy: current backend port and requests in flight per backend
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
@@ -78,22 +80,6 @@ class SystemPromptMiddleware:
             return await receive()
 
         return await self.app(scope, replay, send)
-
-
-def disable_extra_bufts() -> None:
-    """Load weights without llama.cpp's extra buffer types (AMX / repacked layouts): needed where the
-    CPU advertises AMX but faults on it. llama-cpp-python exposes no switch, so its default
-    model params are wrapped before the model loads."""
-    import llama_cpp.llama_cpp as C
-
-    orig = C.llama_model_default_params
-
-    def params():
-        p = orig()
-        p.use_extra_bufts = False
-        return p
-
-    C.llama_model_default_params = params
 
 
 _LOG_CALLBACK = None  # kept referenced: llama.cpp holds only a C pointer to it

@@ -55,20 +55,7 @@ def _check(checks, name):
     return found[0]
 
 
-# llama-cpp-python's server with llama.cpp's extra weight buffers (AMX, repacking) off: some VMs
-# advertise AMX but trap its instructions, killing the server on its first completion (SIGILL).
-_LAUNCHER = """
-import runpy, sys
-import llama_cpp.llama_cpp as C
-_default = C.llama_model_default_params
-def _params():
-    p = _default()
-    p.use_extra_bufts = False
-    return p
-C.llama_model_default_params = _params
-sys.argv = ["llama_cpp.server"] + sys.argv[1:]
-runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
-"""
+
 
 
 class LlamaServer:
@@ -76,7 +63,7 @@ class LlamaServer:
         self.gguf, self.port = gguf, free_port()
         self.log = open(log, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _LAUNCHER, "--model", str(gguf), "--model_alias", MODEL,
+            [sys.executable, "-m", "loradeploy.tools.llama_safe", "--model", str(gguf), "--model_alias", MODEL,
              "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", "512", "--n_threads", "1",
              "--n_threads_batch", "1"],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
