@@ -82,7 +82,8 @@ class MergeStage:
         mem = base.largest_tensor_bytes * 4 + 256 * 1024 ** 2 if strategy == "stream" else int(params * 2 * 1.3)
         require_memory(mem, budget, f"the {strategy} merge")
         ctx.progress("converter preflight", 0, 0)
-        conv = converter.preflight(base_dir, log_path=ctx.log_path)
+        conv = converter.cached_preflight(base_dir, ctx.state_dir / "converter_preflight.json",
+                                          log_path=ctx.log_path)
         ctx.log.info("converter preflight: %s", conv)
         return base, adapter, strategy, conv
 

@@ -37,6 +37,37 @@ def supported_architectures() -> frozenset[str]:
     return frozenset(line.strip()[2:].strip() for line in out.splitlines() if line.strip().startswith("- "))
 
 
+def _preflight_key(model_dir: Path) -> str:
+    import hashlib
+    h = hashlib.sha256(converter_version().encode())
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                 "merges.txt"):
+        f = Path(model_dir) / name
+        if f.is_file():
+            h.update(name.encode())
+            h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def cached_preflight(model_dir: Path, cache_file: Path, *, log_path: Path | None = None) -> dict:
+    """preflight(), remembered per (converter version, base config + tokenizer files): several
+    models on one base (the usual case) pay for it once."""
+    from ..fsutil import atomic_write_text
+    key = _preflight_key(model_dir)
+    cache: dict = {}
+    if cache_file.is_file():
+        try:
+            cache = json.loads(cache_file.read_text())
+        except ValueError:
+            cache = {}
+    if key in cache:
+        return {**cache[key], "cached": True}
+    res = preflight(model_dir, log_path=log_path)
+    cache[key] = res
+    atomic_write_text(cache_file, json.dumps(cache, indent=1))
+    return res
+
+
 def preflight(model_dir: Path, *, log_path: Path | None = None, timeout: float = 600) -> dict:
     """Prove before any heavy work that the converter knows the architecture and the tokenizer.
 
