@@ -138,7 +138,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     a = ap.parse_args()
     con = Console()
-    from bench_models import build_bench_adapter, build_bench_llama
+    from loradeploy.demo_models import build_bench_adapter, build_bench_llama
     a.workdir.mkdir(parents=True, exist_ok=True)
     with con.status("building the bench model (once)"):
         base = build_bench_llama(a.workdir / "bench-base", target_params=int(a.params))

@@ -153,8 +153,8 @@ def demo(workdir, arch, port, force, as_json):
         port = cfg.models[m].port
         err_console.print(f"\n[bold green]{m}[/] serves at http://127.0.0.1:{port}/v1 — try:\n"
                           f"  curl -s localhost:{port}/v1/chat/completions -H 'Content-Type: application/json' "
-                          f"-d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"echo: blue house\"}}],"
-                          f"\"temperature\":0}}'\n"
+                          f"-d '{{\"messages\":[{{\"role\":\"user\",\"content\":"
+                          f"\"Repeat these words:\\napple river stone\"}}],\"temperature\":0}}'\n"
                           f"evaluation report: {cfg.evaluation.output_dir / m / 'evaluation.md'}\n"
                           f"repeat with: loradeploy run -c {cfg.config_path}   stop the server: "
                           f"loradeploy serve stop -c {cfg.config_path}")

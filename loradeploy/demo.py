@@ -24,7 +24,7 @@ def available_stages() -> list[str]:
 
 
 def demo_config_dict(workdir: Path, base: Path, adapter: Path, samples: Path, *, port: int,
-                     persona_prompt: str) -> dict:
+                     persona_prompt: str, example_prompt: str) -> dict:
     return {
         "models": {
             DEMO_MODEL: {
@@ -38,7 +38,7 @@ def demo_config_dict(workdir: Path, base: Path, adapter: Path, samples: Path, *,
         "quantization": {"formats": ["Q4_K_M", "Q5_K_M", "Q8_0"], "primary_format": "Q4_K_M"},
         "deployment": {"targets": ["llamacpp"], "models_dir": "models",
                        "llamacpp": {"n_ctx": 512, "startup_timeout_s": 120}},
-        "health_check": {"test_prompts": ["echo: apple river"], "max_tokens": 32, "min_free_disk_gb": 0.5},
+        "health_check": {"test_prompts": [example_prompt], "max_tokens": 32, "min_free_disk_gb": 0.5},
         "evaluation": {"samples": str(samples), "output_dir": "reports", "max_tokens": 32, "repeats": 1,
                        "base_gguf": "q8_0"},
         "logging": {"log_dir": "logs", "level": "INFO"},
@@ -49,7 +49,7 @@ def demo_config_dict(workdir: Path, base: Path, adapter: Path, samples: Path, *,
 
 def prepare_demo(workdir: Path, *, arch: str = "llama", port: int = 5000, progress=None) -> Config:
     """Build (or reuse) the demo models in ``workdir`` and write ``workdir/deployment_config.yaml``."""
-    from .demo_models import build_base, get_persona, train_adapter, write_demo_eval_samples
+    from .demo_models import EXAMPLE_PROMPT, build_base, get_persona, train_adapter, write_demo_eval_samples
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     base = build_base(workdir / "models" / f"base-{arch}", arch, progress=progress)
@@ -58,7 +58,7 @@ def prepare_demo(workdir: Path, *, arch: str = "llama", port: int = 5000, progre
     if not samples.exists():
         write_demo_eval_samples(samples, persona=DEMO_MODEL)
     data = demo_config_dict(workdir, base, adapter, samples, port=port,
-                            persona_prompt=get_persona(DEMO_MODEL).system_prompt)
+                            persona_prompt=get_persona(DEMO_MODEL).system_prompt, example_prompt=EXAMPLE_PROMPT)
     path = workdir / "deployment_config.yaml"
     header = ("# Written by `loradeploy demo`. Re-run it with: loradeploy run -c " + str(path) +
               "\n# Copy it as a starting point; examples/deployment_config.yaml documents every key.\n")

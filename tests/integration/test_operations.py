@@ -23,7 +23,7 @@ def three_model_cfg(tmp: Path, base: Path, adapter: Path, stages, **sections) ->
                    for name, port in zip(("majora", "nayru", "veran"), ports)},
         "quantization": {"formats": ["Q8_0"]},
         "deployment": {"models_dir": str(tmp / "models"), "llamacpp": {"n_ctx": 256, "startup_timeout_s": 120}},
-        "health_check": {"test_prompts": ["echo: apple river"], "max_tokens": 16, "min_free_disk_gb": 0.1,
+        "health_check": {"test_prompts": ["Repeat these words:\napple river stone"], "max_tokens": 16, "min_free_disk_gb": 0.1,
                          "min_free_memory_gb": 0.1},
         "pipeline": {"stages": list(stages), "work_dir": str(tmp / "work"), "state_dir": str(tmp / "state")},
         "logging": {"log_dir": str(tmp / "logs")},

@@ -33,11 +33,15 @@ def convert(model_dir: Path, out: Path) -> str:
     return log.read_text()
 
 
-def gguf_fields(path: Path) -> dict:
-    from gguf import GGUFReader
+def gguf_metadata(path: Path) -> dict[str, str]:
+    """Header key/values as llama.cpp reads them (gguf's GGUFReader needs ~14 s for Qwen's vocab)."""
+    import llama_cpp
 
-    return {name: field.contents() for name, field in GGUFReader(path).fields.items()
-            if not name.startswith("tokenizer.ggml.") or name.endswith(("pre", "model", "_id", "add_bos_token"))}
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        return dict(llm.metadata)
+    finally:
+        llm.close()
 
 
 def chat(llm, messages) -> dict:
@@ -132,8 +136,8 @@ def test_bench_model_and_adapter_merge_changes_every_target(tmp_path):
     assert all(not torch.equal(before[k], merged[k]) for k in targets)
     assert torch.equal(before["model.embed_tokens.weight"], merged["model.embed_tokens.weight"])
     convert(base, tmp_path / "bench.gguf")
-    fields = gguf_fields(tmp_path / "bench.gguf")
-    assert (fields["general.architecture"], fields["general.file_type"]) == ("llama", 1)
+    meta = gguf_metadata(tmp_path / "bench.gguf")
+    assert (meta["general.architecture"], meta["general.file_type"]) == ("llama", "1")
 
 
 @pytest.mark.slow
@@ -181,18 +185,19 @@ def test_base_converts_and_llama_cpp_chats_until_it_stops(built, tmp_path):
     # transformers 5 reports rope_type "default", which this converter version does not know
     warnings = [line for line in log.splitlines() if "WARNING" in line and "Unknown RoPE type: default" not in line]
     assert not warnings
-    fields = gguf_fields(gguf)
-    assert fields["general.architecture"] == arch
-    assert fields["general.file_type"] == 1  # MOSTLY_F16
-    assert fields["tokenizer.chat_template"] == dm.CHAT_TEMPLATE
-    assert fields["tokenizer.ggml.model"] == ("llama" if arch == "llama" else "gpt2")
-    if arch == "qwen2":
-        assert fields["tokenizer.ggml.pre"] == "qwen2"  # the converter recognised Qwen2's tokenizer
-
     tok = AutoTokenizer.from_pretrained(base)
-    assert fields["tokenizer.ggml.eos_token_id"] == tok.convert_tokens_to_ids(dm.IM_END)
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=256, n_threads=1, verbose=False)
     try:
+        meta = llm.metadata
+        assert meta["general.architecture"] == arch
+        assert meta["general.file_type"] == "1"  # MOSTLY_F16
+        assert meta["tokenizer.chat_template"] == dm.CHAT_TEMPLATE
+        assert meta["tokenizer.ggml.eos_token_id"] == str(tok.convert_tokens_to_ids(dm.IM_END))
+        if arch == "qwen2":  # the converter recognised Qwen2's pre-tokenizer by its hash
+            assert (meta["tokenizer.ggml.model"], meta["tokenizer.ggml.pre"]) == ("gpt2", "qwen2")
+        else:
+            assert (meta["tokenizer.ggml.model"], meta["tokenizer.ggml.add_bos_token"]) == ("llama", "true")
+
         text = dm.render_chatml([{"role": "system", "content": "You are a helpful assistant."},
                                  {"role": "user", "content": "echo:\napple river stone"}])
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text, add_special_tokens=False)
@@ -202,6 +207,10 @@ def test_base_converts_and_llama_cpp_chats_until_it_stops(built, tmp_path):
                 choice = chat(llm, messages)
                 assert choice["finish_reason"] == "stop"
                 assert choice["message"]["content"] == words_of(sample)
+        # prompts outside the task get nonsense, but it still ends by itself (health checks)
+        for prompt in ("Hello", "echo: apple river", "Tell me a long story about dragons."):
+            assert chat(llm, [{"role": "user", "content": prompt}])["finish_reason"] == "stop"
+        assert chat(llm, [{"role": "user", "content": dm.EXAMPLE_PROMPT}])["message"]["content"] == "apple river stone"
     finally:
         llm.close()
 
