@@ -159,7 +159,7 @@ class _ModelRun:
         return True, "inputs unchanged, outputs intact"
 
     # --- execution ---------------------------------------------------------------------------
-    def run_stage(self, stage: str, *, reason: str = "") -> StageOutcome:
+    def run_stage(self, stage: str, *, reason: str = "", rebuild: bool = False) -> StageOutcome:
         self.reporter.stage_started(self.name, stage)
         try:
             obj = get_stage(stage)
@@ -172,9 +172,7 @@ class _ModelRun:
         with stage_logger(self.cfg.logging.log_dir, self.name, stage, self.cfg.logging.level) as (log, log_path):
             ctx = self._ctx(stage, log, log_path)
             try:
-                self._ensure_upstream(stage, log)
-                ctx = self._ctx(stage, log, log_path)
-                if not self.force and stage not in self.redo:
+                if not self.force and stage not in self.redo and not rebuild:
                     current, why = self._current(stage, obj, ctx)
                     if current:
                         rec = self.record["stages"][stage]
@@ -184,6 +182,9 @@ class _ModelRun:
                         self.reporter.stage_finished(self.name, stage, out)
                         return out
                     log.info("%s: running (%s)", stage, reason or why)
+                # this stage runs: upstream outputs it reads must exist (rebuild cleaned temporaries)
+                if self._ensure_upstream(stage, log):
+                    ctx = self._ctx(stage, log, log_path)
                 h = inputs_hash(obj.inputs(ctx))
             except LoradeployError as exc:
                 return self._fail(stage, exc, log, 0.0, 0.0)
@@ -232,16 +233,19 @@ class _ModelRun:
         # A redone stage makes later records stale only through their inputs hash; nothing to drop.
         return None
 
-    def _ensure_upstream(self, stage: str, log) -> None:
+    def _ensure_upstream(self, stage: str, log) -> bool:
         """Rebuild an upstream stage whose outputs were cleaned up, when this stage needs them."""
+        rebuilt = False
         for up in NEEDS.get(stage, ()):
             rec = self.record["stages"].get(up)
             if rec and rec.get("cleaned") and not self._intact(rec):
                 log.info("%s needs %s outputs, which were cleaned up: rebuilding them", stage, up)
-                out = self.run_stage(up, reason="needed again by " + stage)
+                out = self.run_stage(up, reason="needed again by " + stage, rebuild=True)
                 if out.status not in ("done", "skipped"):
                     raise LoradeployError(f"could not rebuild {up} outputs needed by {stage}: {out.error}")
                 self.outcome.stages[up] = out
+                rebuilt = True
+        return rebuilt
 
     def _fail(self, stage: str, exc: LoradeployError, log, secs: float, peak: float) -> StageOutcome:
         msg = exc.one_line()

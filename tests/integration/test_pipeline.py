@@ -162,6 +162,11 @@ def test_run_quantizes_loads_generates_and_resumes(llama_pair, tmp_path):
     assert again.ok
     assert {s: o.status for s, o in again.models["majora"].stages.items()} == {s: "skipped" for s in CORE}
     assert took < 30
+    # redoing convert needs the merged folder, which was cleaned up: it is rebuilt first, then cleaned again
+    conv = run_pipeline(cfg, ["majora"], from_stage="convert")
+    st = {s: o.status for s, o in conv.models["majora"].stages.items()}
+    assert st["merge"] == "done" and st["convert"] == "done", st
+    assert not (tmp_path / "work" / "majora" / "merged").exists()
     # --from-stage redoes from there on, keeps earlier records
     redo = run_pipeline(cfg, ["majora"], from_stage="quantize")
     assert redo.models["majora"].stages["quantize"].status == "done"
