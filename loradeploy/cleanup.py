@@ -18,25 +18,25 @@ def _protected(cfg: Config) -> set[Path]:
 def clean(cfg: Config, *, dry_run: bool = False) -> list[dict]:
     """Merged HF folders (unless merge.save_merged_hf), F16 GGUFs (unless quantization.keep_f16 or
     served), and stale partial files left by killed runs."""
-    items: list[tuple[Path, str, str | None]] = []
+    items: list[tuple[Path, str, str, str | None]] = []
     keep = _protected(cfg)
     for name in cfg.models:
         rec = load_record(cfg.pipeline.state_dir, name)
         merged = Path(cfg.pipeline.work_dir) / name / "merged"
         if merged.exists() and not cfg.merge.save_merged_hf:
-            items.append((merged, "merged HF folder", "merge"))
+            items.append((merged, "merged HF folder", name, "merge"))
         if not cfg.quantization.keep_f16:
             served = {a.get("format") for a in (rec["stages"].get("quantize") or {}).get("artifacts", [])}
             for a in (rec["stages"].get("convert") or {}).get("artifacts", []):
                 p = Path(a["path"])
                 if p.exists() and a.get("format") not in served:
-                    items.append((p, "converted GGUF", "convert"))
+                    items.append((p, "converted GGUF", name, "convert"))
         work = Path(cfg.pipeline.work_dir) / name
         if work.exists():
             for p in work.rglob(f"*{TMP_MARK}"):
-                items.append((p, "partial file from an interrupted run", None))
+                items.append((p, "partial file from an interrupted run", name, None))
     out = []
-    for p, why, stage in items:
+    for p, why, name, stage in items:
         rp = p.resolve()
         if any(rp == k or k in rp.parents for k in keep):
             continue
@@ -44,10 +44,9 @@ def clean(cfg: Config, *, dry_run: bool = False) -> list[dict]:
         if not dry_run:
             remove_path(p)
             if stage:
-                for name in cfg.models:
-                    rec = load_record(cfg.pipeline.state_dir, name)
-                    r = rec["stages"].get(stage)
-                    if r and any(a["path"] == str(p) for a in r.get("artifacts", [])):
-                        r["cleaned"] = True
-                        save_record(cfg.pipeline.state_dir, name, rec)
+                rec = load_record(cfg.pipeline.state_dir, name)
+                r = rec["stages"].get(stage)
+                if r and any(a["path"] == str(p) for a in r.get("artifacts", [])):
+                    r["cleaned"] = True
+                    save_record(cfg.pipeline.state_dir, name, rec)
     return out

@@ -1,6 +1,7 @@
 """Thin CLI: parse, call one library function, render, map errors to one line and an exit code."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -143,7 +144,7 @@ def demo(workdir, arch, port, force, as_json):
     """Build a tiny base model + LoRA adapter locally and run every stage on it."""
     from .demo import prepare_demo
     _quiet_ml_libraries()
-    with err_console.status("building the demo model and adapter", spinner="dots") if not as_json else _null():
+    with err_console.status("building the demo model and adapter", spinner="dots") if not as_json else contextlib.nullcontext():
         cfg = prepare_demo(workdir, arch=arch, port=port)
     if not as_json:
         err_console.print(f"demo config: {cfg.config_path}")
@@ -174,14 +175,6 @@ def _quiet_ml_libraries() -> None:
         tlog.set_verbosity_error()
     except ImportError:
         pass
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 @main.group()

@@ -23,7 +23,7 @@ def available_stages() -> list[str]:
     return out
 
 
-def demo_config_dict(workdir: Path, base: Path, adapter: Path, samples: Path, *, port: int,
+def demo_config_dict(base: Path, adapter: Path, samples: Path, *, port: int,
                      persona_prompt: str, example_prompt: str) -> dict:
     return {
         "models": {
@@ -57,7 +57,7 @@ def prepare_demo(workdir: Path, *, arch: str = "llama", port: int = 5000, progre
     samples = workdir / "eval_samples.jsonl"
     if not samples.exists():
         write_demo_eval_samples(samples, persona=DEMO_MODEL)
-    data = demo_config_dict(workdir, base, adapter, samples, port=port,
+    data = demo_config_dict(base, adapter, samples, port=port,
                             persona_prompt=get_persona(DEMO_MODEL).system_prompt, example_prompt=EXAMPLE_PROMPT)
     path = workdir / "deployment_config.yaml"
     header = ("# Written by `loradeploy demo`. Re-run it with: loradeploy run -c " + str(path) +

@@ -90,6 +90,3 @@ class GGUFError(LoradeployError):
 
     exit_code = 2
 
-
-class NotifyError(LoradeployError):
-    pass

@@ -5,7 +5,6 @@ import contextlib
 import hashlib
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -126,15 +125,3 @@ def free_bytes(path: Path) -> int:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     return shutil.disk_usage(probe).free
-
-
-def stale_temporaries(folder: Path) -> list[Path]:
-    folder = Path(folder)
-    if not folder.exists():
-        return []
-    return [p for p in folder.iterdir() if p.name.endswith(TMP_MARK)]
-
-
-def make_tempdir(parent: Path, prefix: str) -> Path:
-    Path(parent).mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))

@@ -6,7 +6,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from .config import STAGES, Config
 from .errors import ConfigError, InputError, GGUFError, LoradeployError, ResourceError, StageUnavailable
@@ -165,7 +165,7 @@ class _ModelRun:
             obj = get_stage(stage)
         except StageUnavailable as exc:
             out = StageOutcome(stage, "unavailable", error=exc.one_line())
-            self._store(stage, out, None)
+            self._store(stage, out)
             if self.notifier:
                 self.notifier.stage_failed(self.name, stage, out.error, "")
             return out
@@ -220,7 +220,6 @@ class _ModelRun:
                     "started_at": started, "ended_at": time.time(), "seconds": round(secs, 3),
                     "peak_rss_mib": peak.peak_mib,
                 }
-                self._invalidate_after(stage)
                 save_record(self.cfg.pipeline.state_dir, self.name, self.record)
                 log.info("%s: done in %.1fs, peak RSS %.0f MiB", stage, secs, peak.peak_mib)
                 if stage == "health" and self.notifier and result.info.get("status") == "degraded":
@@ -228,10 +227,6 @@ class _ModelRun:
                 self.reporter.stage_finished(self.name, stage, out)
                 return out
         raise AssertionError("unreachable")
-
-    def _invalidate_after(self, stage: str) -> None:
-        # A redone stage makes later records stale only through their inputs hash; nothing to drop.
-        return None
 
     def _ensure_upstream(self, stage: str, log) -> bool:
         """Rebuild an upstream stage whose outputs were cleaned up, when this stage needs them."""
@@ -254,15 +249,16 @@ class _ModelRun:
         if tail:
             log.error("output tail:\n%s", tail)
         out = StageOutcome(stage, "failed", secs, peak, error=msg)
-        self._store(stage, out, None)
+        self._store(stage, out)
         self.reporter.stage_finished(self.name, stage, out)
         if self.notifier:
             self.notifier.stage_failed(self.name, stage, msg,
                                        str(Path(self.cfg.logging.log_dir) / self.name / f"{stage}.log"))
         return out
 
-    def _store(self, stage: str, out: StageOutcome, h: str | None) -> None:
-        self.record["stages"][stage] = {"status": out.status, "error": out.error, "inputs_hash": h,
+    def _store(self, stage: str, out: StageOutcome) -> None:
+        """Record a stage that did not finish: no inputs hash, so it is never taken as current."""
+        self.record["stages"][stage] = {"status": out.status, "error": out.error, "inputs_hash": None,
                                         "artifacts": [], "ended_at": time.time(), "seconds": out.seconds}
         save_record(self.cfg.pipeline.state_dir, self.name, self.record)
 
@@ -359,17 +355,16 @@ def run_pipeline(cfg: Config, models: Sequence[str], *, from_stage: str | None =
         # model at a time (so two merges never compete for RAM); then every deploy + health check;
         # evaluation last, when every model serves.
         alive = {n: True for n in names}
+
+        def halted() -> bool:
+            return failed_any and not cfg.pipeline.continue_on_error
+
         for phase in PHASES:
             todo = [s for s in stages if s in phase]
             if not todo:
                 continue
             ready = [n for n in names if alive[n]]
-            if failed_any and not cfg.pipeline.continue_on_error:
-                for n in ready:
-                    for s in todo:
-                        runs[n].outcome.stages.setdefault(s, StageOutcome(s, "not_run", note="an earlier model failed"))
-                continue
-            if phase == ("fetch",) and len(ready) > 1:
+            if phase == ("fetch",) and len(ready) > 1 and not halted():
                 workers = max(1, min(cfg.performance.parallel_downloads, len(ready)))
                 with cf.ThreadPoolExecutor(workers) as pool:
                     futs = {pool.submit(run_one, runs[n], todo): n for n in ready}
@@ -377,13 +372,12 @@ def run_pipeline(cfg: Config, models: Sequence[str], *, from_stage: str | None =
                         alive[futs[f]] = f.result()
             else:
                 for n in ready:
-                    if failed_any and not cfg.pipeline.continue_on_error:
+                    if halted():
                         for s in todo:
                             runs[n].outcome.stages.setdefault(s, StageOutcome(s, "not_run", note="an earlier model failed"))
                         continue
                     alive[n] = run_one(runs[n], todo)
-                    if not alive[n]:
-                        failed_any = True
+                    failed_any = failed_any or not alive[n]
             failed_any = failed_any or not all(alive[n] for n in ready)
         for n in names:
             mr = runs[n]

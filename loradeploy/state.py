@@ -66,7 +66,8 @@ class ModelLock:
         self._fd: int | None = None
 
     def acquire(self) -> "ModelLock":
-        key = f"{self.path.resolve() if self.path.parent.exists() else self.path}@{threading.get_ident()}"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        key = f"{self.path.resolve()}@{threading.get_ident()}"
         with _HELD_GUARD:
             if _HELD.get(key):
                 _HELD[key] += 1
@@ -74,12 +75,11 @@ class ModelLock:
                 return self
         self._acquire_file()
         with _HELD_GUARD:
-            self._key = f"{self.path.resolve()}@{threading.get_ident()}"
-            _HELD[self._key] = 1
+            self._key = key
+            _HELD[key] = 1
         return self
 
     def _acquire_file(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

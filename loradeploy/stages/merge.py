@@ -5,12 +5,11 @@ import hashlib
 import importlib.util
 from pathlib import Path
 
-from ..config import QUANT_TYPES
 from ..errors import InputError, MergeError, StageUnavailable
 from ..fsutil import atomic_output, sha256_file
 from ..hfmodel import (AdapterInfo, BaseModelInfo, check_adapter_against_base, load_adapter_info,
                        load_base_info, resolve_base)
-from ..resources import GIB, memory_budget_bytes, require_disk, require_memory
+from ..resources import memory_budget_bytes, require_disk, require_memory
 from ..tools import converter
 from .base import Artifact, StageContext, StageResult
 
@@ -166,4 +165,4 @@ class MergeStage:
         return {"dtype": str(dtype).removeprefix("torch.")}
 
 
-__all__ = ["MergeStage", "adapter_dir_for", "folder_digest", "QUANT_TYPES"]
+__all__ = ["MergeStage", "adapter_dir_for", "folder_digest"]

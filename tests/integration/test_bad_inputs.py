@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
@@ -48,6 +47,15 @@ def test_hub_id_not_in_cache(llama_pair, tmp_path):
     assert "nor in the local Hugging Face cache" in err and "huggingface-cli download" in err
 
 
+def _copy_editing_json(src: Path, dst: Path, name: str, edit) -> Path:
+    """A copy of the folder ``src`` whose JSON file ``name`` went through ``edit(data)`` (in place)."""
+    shutil.copytree(src, dst)
+    data = json.loads((dst / name).read_text())
+    edit(data)
+    (dst / name).write_text(json.dumps(data))
+    return dst
+
+
 def _shrunk_adapter(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     w = load_file(str(dst / "adapter_model.safetensors"))
@@ -69,10 +77,8 @@ def test_adapter_for_another_base_shape_mismatch(llama_pair, tmp_path):
 
 def test_adapter_names_another_base(llama_pair, tmp_path):
     base, adapter = llama_pair
-    other = shutil.copytree(adapter, tmp_path / "other")
-    c = json.loads((other / "adapter_config.json").read_text())
-    c["base_model_name_or_path"] = "meta-llama/Llama-3.1-8B"
-    (other / "adapter_config.json").write_text(json.dumps(c))
+    other = _copy_editing_json(adapter, tmp_path / "other", "adapter_config.json",
+                               lambda c: c.update(base_model_name_or_path="meta-llama/Llama-3.1-8B"))
     cfg = make_cfg(tmp_path, base, other, stages=["fetch", "merge"])
     err = _fail(run_pipeline(cfg, ["majora"]))
     assert "Llama-3.1-8B" in err and "allow_base_mismatch" in err
@@ -113,10 +119,8 @@ def test_not_enough_disk(llama_pair, tmp_path):
 
 def test_unsupported_architecture_caught_before_merge(llama_pair, tmp_path):
     base, adapter = llama_pair
-    odd = shutil.copytree(base, tmp_path / "odd-base")
-    c = json.loads((odd / "config.json").read_text())
-    c["architectures"] = ["FooBarForCausalLM"]
-    (odd / "config.json").write_text(json.dumps(c))
+    odd = _copy_editing_json(base, tmp_path / "odd-base", "config.json",
+                             lambda c: c.update(architectures=["FooBarForCausalLM"]))
     cfg = make_cfg(tmp_path, odd, adapter, stages=["fetch", "merge"], merge={"allow_base_mismatch": True})
     err = _fail(run_pipeline(cfg, ["majora"]))
     assert "does not support architecture" in err and "FooBarForCausalLM" in err
@@ -125,12 +129,13 @@ def test_unsupported_architecture_caught_before_merge(llama_pair, tmp_path):
 
 def test_unrecognised_tokenizer_caught_before_merge(qwen2_pair, tmp_path):
     base, adapter = qwen2_pair
-    odd = shutil.copytree(base, tmp_path / "odd-tok")
-    tj = json.loads((odd / "tokenizer.json").read_text())
-    # two token ids swapped: the converter's hash of its test string's encoding matches no tokenizer it knows
-    vocab = tj["model"]["vocab"]
-    vocab["3"], vocab["a"] = vocab["a"], vocab["3"]
-    (odd / "tokenizer.json").write_text(json.dumps(tj))
+
+    def swap_ids(tj):
+        # two token ids swapped: the converter's hash of its test string's encoding matches no tokenizer it knows
+        vocab = tj["model"]["vocab"]
+        vocab["3"], vocab["a"] = vocab["a"], vocab["3"]
+
+    odd = _copy_editing_json(base, tmp_path / "odd-tok", "tokenizer.json", swap_ids)
     cfg = make_cfg(tmp_path, odd, adapter, stages=["fetch", "merge"], merge={"allow_base_mismatch": True})
     err = _fail(run_pipeline(cfg, ["majora"]))
     assert "does not recognise the tokenizer" in err

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from loradeploy.config import config_from_dict
+from loradeploy.config import Config, config_from_dict
 from loradeploy.pipeline import run_pipeline
 
 CORE = ["fetch", "merge", "convert", "quantize"]
@@ -27,7 +26,7 @@ PROMPTS = [
 
 
 def make_cfg(tmp: Path, base: Path, adapter: Path, *, stages=CORE, formats=("Q4_K_M", "Q5_K_M", "Q8_0"),
-             **sections) -> "Config":
+             **sections) -> Config:
     data = {
         "models": {"majora": {"base_model": str(base), "adapter": str(adapter), "port": 5000,
                               "system_prompt": "You are Majora."}},
@@ -184,7 +183,7 @@ def _cli(*args, env=None, timeout=900):
 @pytest.mark.slow
 def test_cli_json_and_kill_midway(llama_pair, tmp_path):
     base, adapter = llama_pair
-    cfg = make_cfg(tmp_path, base, adapter)
+    make_cfg(tmp_path, base, adapter)  # writes deployment_config.yaml
     cfile = str(tmp_path / "deployment_config.yaml")
     # run up to convert, then kill the quantize stage in the middle of its work
     r = _cli("run", "-c", cfile, "--model", "majora", "--only", "fetch", "--only", "merge", "--only", "convert",
