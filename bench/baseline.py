@@ -113,8 +113,8 @@ def merge_only(base: Path, adapter: Path, out: Path) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from loradeploy.hfmodel import load_adapter_info, load_base_info
-    from loradeploy.merge_stream import copy_side_files, stream_merge
+    from loradeploy.merge import copy_side_files, load_adapter_info, load_base_info
+    from loradeploy.merge.stream import stream_merge
     rows: dict = {}
     for d in ("m-stream", "m-peft"):
         shutil.rmtree(out / d, ignore_errors=True)
@@ -138,7 +138,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     a = ap.parse_args()
     con = Console()
-    from loradeploy.demo_models import build_bench_adapter, build_bench_llama
+    from loradeploy.demo import build_bench_adapter, build_bench_llama
     a.workdir.mkdir(parents=True, exist_ok=True)
     with con.status("building the bench model (once)"):
         base = build_bench_llama(a.workdir / "bench-base", target_params=int(a.params))

@@ -90,3 +90,37 @@ class GGUFError(LoradeployError):
 
     exit_code = 2
 
+
+
+class LlamaRuntimeError(ResourceError):
+    """llama.cpp cannot run on this machine in any CPU mode that was tried."""
+
+
+class ServingError(DeployError):
+    """A served model's process or port misbehaved (crashed, did not become ready, port held)."""
+
+
+class HttpError(LoradeployError):
+    """An HTTP exchange with an OpenAI-compatible server failed; ``kind`` says how."""
+
+    def __init__(self, message: str, *, kind: str = "error", status: int | None = None, body: str = "",
+                 hint: str | None = None):
+        self.kind = kind          # "connect" | "timeout" | "status" | "protocol"
+        self.status = status
+        self.body = body
+        super().__init__(message, hint=hint)
+
+
+class HttpConnectError(HttpError):
+    def __init__(self, message: str, **kw):
+        super().__init__(message, kind="connect", **kw)
+
+
+class HttpTimeout(HttpError):
+    def __init__(self, message: str, **kw):
+        super().__init__(message, kind="timeout", **kw)
+
+
+class HttpStatusError(HttpError):
+    def __init__(self, message: str, **kw):
+        super().__init__(message, kind="status", **kw)

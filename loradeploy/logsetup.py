@@ -1,4 +1,4 @@
-"""Per-model, per-stage log files plus pipeline.log; retention by age."""
+"""Per-model, per-stage log files plus pipeline.log; retention by age; one redaction filter on all of them."""
 from __future__ import annotations
 
 import logging
@@ -8,6 +8,25 @@ from pathlib import Path
 from typing import Iterator
 
 FMT = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+# The filter that scrubs secrets from every file this module writes (set by use_redaction). One slot,
+# not a list: a second run in the same process replaces the first run's filter instead of stacking.
+_redaction: list[logging.Filter] = []
+
+
+def use_redaction(flt: logging.Filter) -> None:
+    """Scrub every record that reaches pipeline.log or a stage log with ``flt`` from now on."""
+    log = logging.getLogger("loradeploy")
+    for h in log.handlers:
+        for old in _redaction:
+            h.removeFilter(old)
+        h.addFilter(flt)
+    _redaction[:] = [flt]
+
+
+def _filtered(h: logging.Handler) -> logging.Handler:
+    for flt in _redaction:
+        h.addFilter(flt)
+    return h
 
 
 def pipeline_logger(log_dir: Path, level: str) -> logging.Logger:
@@ -23,7 +42,7 @@ def pipeline_logger(log_dir: Path, level: str) -> logging.Logger:
         Path(log_dir).mkdir(parents=True, exist_ok=True)
         fh = logging.FileHandler(target)
         fh.setFormatter(FMT)
-        log.addHandler(fh)
+        log.addHandler(_filtered(fh))
     return log
 
 
@@ -41,7 +60,8 @@ def stage_logger(log_dir: Path, model: str, stage: str, level: str) -> Iterator[
     log.setLevel(level)
     fh = logging.FileHandler(path)
     fh.setFormatter(FMT)
-    log.addHandler(fh)
+    # Its own filter too: a record reaches this handler before it propagates to pipeline.log's.
+    log.addHandler(_filtered(fh))
     try:
         yield log, path
     finally:

@@ -11,7 +11,8 @@ from typing import Any, Optional, Sequence
 from .config import STAGES, Config
 from .errors import ConfigError, InputError, GGUFError, LoradeployError, ResourceError, StageUnavailable
 from .fsutil import remove_path
-from .logsetup import pipeline_logger, prune_logs, stage_logger
+from .logsetup import pipeline_logger, prune_logs, stage_logger, use_redaction
+from .notify import Notifier
 from .resources import PeakRSS
 from .stages import get_stage
 from .stages.base import Artifact, ModelPaths, StageContext
@@ -88,7 +89,6 @@ class Reporter:
     def stage_started(self, model: str, stage: str) -> None: ...
     def stage_finished(self, model: str, stage: str, outcome: StageOutcome) -> None: ...
     def progress(self, model: str, stage: str, description: str, completed: float, total: float) -> None: ...
-    def message(self, text: str) -> None: ...
 
 
 def plan_stages(cfg: Config, *, from_stage: str | None = None, skip: Sequence[str] = (),
@@ -109,14 +109,14 @@ def model_paths(cfg: Config, name: str) -> ModelPaths:
     return ModelPaths(cfg.pipeline.work_dir / name, name, cfg.models[name].version)
 
 
-def make_notifier(cfg: Config, log):
-    """A Notifier when notifications are on; it never raises (failures are logged)."""
-    if not cfg.notifications.enabled:
-        return None
-    from .notify import Notifier
-    n = Notifier(cfg.notifications, log=log)
-    for h in log.handlers:
-        h.addFilter(n.redact_filter())
+def make_notifier(cfg: Config, log) -> Notifier:
+    """The run's one notifier (it never raises, and sends nothing when no channel is active).
+
+    Its redactor also guards every log file of the run, notifications on or off: the config's secrets
+    (the server's api_key on a command line, a webhook URL in an error) must not reach a log either.
+    """
+    n = Notifier.for_config(cfg, log=log)
+    use_redaction(n.redact_filter())
     return n
 
 
@@ -310,6 +310,9 @@ def run_pipeline(cfg: Config, models: Sequence[str], *, from_stage: str | None =
     redo = set(stages) if from_stage else set()
     t0 = time.monotonic()
     log = pipeline_logger(cfg.logging.log_dir, cfg.logging.level)
+    notifier = make_notifier(cfg, log)
+    for w in cfg.warnings:  # shown by the CLI at load; kept in the run's log too
+        log.warning("config: %s", w)
     prune_logs(cfg.logging.log_dir, cfg.logging.retention_days)
     result = PipelineResult({}, stages, 0.0, dry_run)
     if dry_run:
@@ -329,9 +332,7 @@ def run_pipeline(cfg: Config, models: Sequence[str], *, from_stage: str | None =
         return result
 
     log.info("run started: models=%s stages=%s force=%s", names, stages, force)
-    notifier = make_notifier(cfg, log)
-    if notifier:
-        notifier.run_started(names)
+    notifier.run_started(names)
     locks = []
     try:
         for n in names:
@@ -393,7 +394,7 @@ def run_pipeline(cfg: Config, models: Sequence[str], *, from_stage: str | None =
     result.seconds = time.monotonic() - t0
     log.info("run finished in %.1fs: %s", result.seconds, "ok" if result.ok else "FAILED")
     _write_summary(cfg, result)
-    if notifier:
+    if notifier.channels():
         rows = [{"model": n, "stage": st, "status": o.status, "seconds": f"{o.seconds:.1f}",
                  "peak MiB": f"{o.peak_rss_mib:.0f}"} for n, mo in result.models.items() for st, o in mo.stages.items()]
         notifier.run_finished(rows, result.ok)

@@ -1,4 +1,4 @@
-"""Per-model run records (JSON, written atomically) and per-model locks."""
+"""Artifacts, per-model run records (JSON, written atomically) and per-model locks."""
 from __future__ import annotations
 
 import fcntl
@@ -7,13 +7,46 @@ import json
 import os
 import threading
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .errors import LockError
-from .fsutil import atomic_write_text
+from .fsutil import atomic_write_text, sha256_file
 
 RECORD_VERSION = 1
+
+
+@dataclass
+class Artifact:
+    path: str
+    kind: str                      # adapter | merged_hf | gguf | report | deployment | metadata
+    format: Optional[str] = None   # F16, Q4_K_M, ... for GGUFs
+    size: int = 0
+    sha256: Optional[str] = None
+    mtime_ns: int = 0
+
+    @classmethod
+    def of(cls, path: Path, kind: str, fmt: str | None = None, *, sha256: str | None = None,
+           hash_file: bool = True) -> "Artifact":
+        path = Path(path)
+        st = path.stat()
+        digest = sha256 if sha256 is not None else (sha256_file(path) if hash_file and path.is_file() else None)
+        return cls(str(path), kind, fmt, st.st_size, digest, st.st_mtime_ns)
+
+    def intact(self) -> bool:
+        """Cheap check that the file is still what we recorded (size and mtime)."""
+        p = Path(self.path)
+        try:
+            st = p.stat()
+        except OSError:
+            return False
+        if p.is_dir():
+            return True
+        return st.st_size == self.size and st.st_mtime_ns == self.mtime_ns
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def inputs_hash(inputs: dict[str, Any]) -> str:

@@ -13,7 +13,7 @@ from .state import load_record
 def collect_status(cfg: Config) -> dict:
     servers: list[dict] = []
     try:
-        from .serve import serve_status
+        from .serving import serve_status
         servers = serve_status(cfg)
     except ImportError:
         pass

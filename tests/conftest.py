@@ -4,6 +4,26 @@ import pytest
 pytest_plugins = ["tests.fixtures.models", "tests.fixtures.receivers", "tests.fixtures.sshd"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolate_session_home(tmp_path_factory):
+    """Session- and module-scoped fixtures (built models, sshd, receivers) run before any test's own
+    HOME exists: they get a throwaway HOME too, never the user's (caches, ~/.lmstudio, known_hosts)."""
+    mp = pytest.MonkeyPatch()
+    home = tmp_path_factory.mktemp("session-home")
+    mp.setenv("HOME", str(home))
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.setenv("HF_HOME", str(home / ".cache" / "huggingface"))
+    # One llama.cpp CPU-mode verdict for the whole session (servers the tests start inherit it), decided
+    # the way production decides it: by the probe. In-process loads in tests then use that mode.
+    mp.setenv("LORADEPLOY_CACHE_DIR", str(home / ".cache" / "loradeploy"))
+    mp.delenv("LORADEPLOY_LLAMA_CPU_MODE", raising=False)
+    from loradeploy.llamacpp import runtime
+
+    runtime.ensure_in_process()
+    yield home
+    mp.undo()
+
+
 @pytest.fixture(autouse=True)
 def _isolate_home(tmp_path, monkeypatch):
     """Every test gets its own HOME, so nothing reads or writes the user's real dot-folders."""
@@ -14,16 +34,3 @@ def _isolate_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(home / ".cache" / "huggingface"))
     monkeypatch.delenv("LORADEPLOY_DEBUG", raising=False)
     yield
-
-
-def _no_extra_bufts() -> None:
-    """This workplace's VMs advertise AMX and trap it (SIGILL): in-process llama_cpp.Llama in tests
-    loads without llama.cpp's extra weight buffers."""
-    try:
-        from loradeploy.tools.llama_safe import disable_extra_bufts
-        disable_extra_bufts()
-    except ImportError:
-        pass
-
-
-_no_extra_bufts()

@@ -5,12 +5,13 @@ from pathlib import Path
 
 from ..errors import ConvertError, InputError
 from ..fsutil import atomic_output
+from ..merge import resolve_base
 from ..tools import converter
 from .base import Artifact, StageContext, StageResult
 
 
 def validate(path: Path, log) -> dict:
-    from ..gguf_check import check_gguf
+    from ..gguf import check_gguf
     rep = check_gguf(path)
     for p in rep.problems:
         log.warning("gguf check %s: %s", path.name, p.message)
@@ -53,7 +54,6 @@ class ConvertStage:
         base_type = self._base_type(ctx)
         if base_type:
             # the base without the adapter, for evaluation's reference row
-            from ..hfmodel import resolve_base
             base_out = ctx.paths.gguf_dir / f"{ctx.model_name}_base-{base_type}.gguf"
             ctx.progress(f"converting the base model to {base_type.upper()}", 0, 0)
             with atomic_output(base_out) as tmp:

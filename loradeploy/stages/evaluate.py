@@ -28,7 +28,7 @@ class EvaluateStage:
                 "server": ctx.cfg.deployment.llamacpp.model_dump(mode="json")}
 
     def run(self, ctx: StageContext) -> StageResult:
-        from ..evaluate import evaluate
+        from ..evaluation.runner import evaluate
 
         out_dir = self._out_dir(ctx)
         res = evaluate(ctx.cfg, [ctx.model_name], progress=ctx.progress, output_dir=out_dir)

@@ -30,7 +30,7 @@ class HealthStage:
     name = "health"
 
     def __init__(self, endpoints: Optional[Sequence[EndpointLike]] = None):
-        # None: ask serve.endpoints(); a list: check exactly these (tests, the deploy switch).
+        # None: ask serving.endpoints(); a list: check exactly these (tests, the deploy switch).
         self.endpoints = endpoints
 
     def inputs(self, ctx: StageContext) -> dict[str, Any]:

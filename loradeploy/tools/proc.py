@@ -1,4 +1,8 @@
-"""Every subprocess goes through run(): argument list, no shell, output copied to the stage log."""
+"""Every subprocess goes through here: run() waits for a command, spawn() starts a long-running one.
+
+Both take an argument list (no shell), copy output to a log file, and start the child in its own
+session so it and its children can be stopped together. Nothing else in loradeploy calls Popen.
+"""
 from __future__ import annotations
 
 import collections
@@ -8,7 +12,8 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional, Sequence
 
 from ..errors import ProcError
 
@@ -133,4 +138,119 @@ def kill_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float =
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
+            pass
+
+
+# ----------------------------------------------------------------------------- long-running processes
+
+_CHILDREN: dict[int, subprocess.Popen] = {}  # our own children, reaped here so none lingers as a zombie
+
+
+@dataclass(frozen=True)
+class Spawned:
+    """A detached process: pid plus its start time, so a reused pid is never mistaken for it."""
+
+    pid: int
+    create_time: float
+    log_path: Optional[Path] = None
+
+    def as_record(self) -> dict:
+        return {"pid": self.pid, "create_time": self.create_time}
+
+
+def spawn(args: Sequence[str | os.PathLike], *, log_path: Path, env: Mapping[str, str] | None = None,
+          cwd: Path | None = None, replace_env: bool = False) -> Spawned:
+    """Start ``args`` detached (own session, stdin closed), stdout+stderr appended to ``log_path``.
+
+    The process outlives this one; follow it with alive() / exit_signal() / stop().
+    """
+    import psutil
+
+    argv = [os.fspath(a) for a in args]
+    full_env = dict(env or {}) if replace_env else {**os.environ, **(env or {})}
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log_f:
+        log_f.write(f"$ {' '.join(argv)}\n".encode())
+        log_f.flush()
+        try:
+            proc = subprocess.Popen(argv, cwd=cwd, env=full_env, stdin=subprocess.DEVNULL, stdout=log_f,
+                                    stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+        except FileNotFoundError as exc:
+            raise ProcError(f"{Path(argv[0]).name}: command not found: {argv[0]}", command=argv,
+                            returncode=127, hint="install it or put it on PATH") from exc
+    _CHILDREN[proc.pid] = proc
+    try:
+        ctime = psutil.Process(proc.pid).create_time()
+    except psutil.NoSuchProcess:
+        ctime = 0.0
+    return Spawned(proc.pid, ctime, Path(log_path))
+
+
+def _rec(p: "Spawned | Mapping | None") -> tuple[int, float]:
+    if p is None:
+        return 0, 0.0
+    if isinstance(p, Spawned):
+        return p.pid, p.create_time
+    return int(p.get("pid") or 0), float(p.get("create_time") or 0.0)
+
+
+def alive(p: "Spawned | Mapping | None") -> bool:
+    """True when the process exists, is the same one (start time), and is not a zombie."""
+    import psutil
+
+    pid, ctime = _rec(p)
+    if not pid:
+        return False
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        child.poll()  # collects our own exited child's status (no zombie) and keeps its returncode
+    try:
+        proc = psutil.Process(pid)
+        if ctime and abs(proc.create_time() - ctime) > 1.0:
+            return False  # the pid now belongs to another process
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+
+
+def exit_status(p: "Spawned | Mapping | None") -> Optional[int]:
+    """The exit code of a child this process started and that has ended (negative: killed by that
+    signal); None while it runs or when another process started it."""
+    pid, _ = _rec(p)
+    child = _CHILDREN.get(pid)
+    return None if child is None else child.poll()
+
+
+def describe_exit(code: Optional[int]) -> str:
+    if code is None:
+        return "exited (status unknown: not our child)"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def stop(p: "Spawned | Mapping | None", grace: float = 30.0) -> None:
+    """SIGTERM the process group (it may finish work in flight), SIGKILL after ``grace`` seconds."""
+    pid, _ = _rec(p)
+    if not alive(p):
+        _CHILDREN.pop(pid, None)
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        end = time.monotonic() + wait
+        while time.monotonic() < end and alive(p):
+            time.sleep(0.05)
+        if not alive(p):
+            break
+    child = _CHILDREN.pop(pid, None)
+    if child is not None:
+        try:
+            child.wait(timeout=1)
+        except subprocess.TimeoutExpired:
             pass

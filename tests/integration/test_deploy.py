@@ -17,13 +17,20 @@ import time
 from pathlib import Path
 
 import pytest
+from types import SimpleNamespace
 
 from loradeploy.config import config_from_dict
-from loradeploy.demo_models import render_chatml
+from loradeploy.demo import render_chatml
 from loradeploy.errors import DeployError, GGUFError, InputError, LockError, ResourceError
 from loradeploy.fsutil import sha256_file
-from loradeploy import serve, versions
-from loradeploy.serve import deploy_model, endpoints, rollback, serve_start, serve_status, serve_stop
+from loradeploy import serving
+from loradeploy.deploy import versions
+from loradeploy.deploy.service import deploy_model, rollback, serve_start
+from loradeploy.serving import endpoints, serve_status, serve_stop
+from loradeploy.serving import launch
+from loradeploy.serving import switch as switchmod
+from loradeploy.tools import proc
+from loradeploy.tools.openai_http import Client
 from tests.fixtures.gguf_models import *  # noqa: F401,F403  (tiny_ggufs, tiny_gguf_cache)
 
 SYSTEM = "You are Tiny. Start every answer with TINY: and then repeat the words."
@@ -70,9 +77,9 @@ def cfg_factory(tmp_path):
             serve_stop(cfg)
         except Exception:
             pass
-        entry = serve.registry_entry(cfg, MODEL) or {}
+        entry = serving.registry_entry(cfg, MODEL) or {}
         for rec in (entry.get("proxy"), entry.get("backend"), entry.get("pending_backend")):
-            if serve.proc_alive(rec):
+            if proc.alive(rec):
                 os.killpg(int(rec["pid"]), signal.SIGKILL)
 
 
@@ -100,16 +107,15 @@ def chat(port, messages, *, max_tokens=4, conn=None, logprobs=False, timeout=60)
 
 
 def info(port):
-    code, data = serve.http_json("GET", "127.0.0.1", port, "/loradeploy/info")
-    assert code == 200, data
-    return data
+    r = Client(f"http://127.0.0.1:{port}").get("/loradeploy/info")
+    assert r.status == 200, r.data
+    return r.data
 
 
 def token_count(port, text):
-    code, data = serve.http_json("POST", "127.0.0.1", port, "/extras/tokenize/count",
-                                 {"model": MODEL, "input": text})
-    assert code == 200, data
-    return data["count"]
+    r = Client(f"http://127.0.0.1:{port}").post("/extras/tokenize/count", {"model": MODEL, "input": text})
+    assert r.status == 200, r.data
+    return r.data["count"]
 
 
 def first_logprob(port):
@@ -179,7 +185,7 @@ def _median_gap(seen):
 
 
 def _pids_dead(*recs):
-    return all(not serve.proc_alive(r) for r in recs)
+    return all(not proc.alive(r) for r in recs)
 
 
 # ----------------------------------------------------------------------------- real servers
@@ -202,7 +208,7 @@ def test_deploy_switch_without_failures_and_rollback(cfg_factory, tiny_ggufs):
     assert (row["model"], row["version"], row["port"], row["state"]) == (MODEL, "v1", port, "running")
     [ep] = endpoints(cfg)
     assert (ep.version, ep.sha256, ep.base_url, ep.pid) == ("v1", sha1, f"http://127.0.0.1:{port}", row["pid"])
-    old = serve.registry_entry(cfg, MODEL)["backend"]
+    old = serving.registry_entry(cfg, MODEL)["backend"]
 
     cfg2 = with_version(cfg, "v2")
     hammer = Hammer(port)
@@ -239,7 +245,7 @@ def test_deploy_switch_without_failures_and_rollback(cfg_factory, tiny_ggufs):
     assert res3["version"] == "v1" and res3["sha256"] == sha1 and res3["previous"] == "v2"
     assert info(port)["sha256"] == sha1 and sha256_file(Path(info(port)["gguf"])) == sha1
     assert first_logprob(port) == lp1, "after rollback the v1 bytes answer again, token for token"
-    assert serve.registry_entry(cfg, MODEL)["version"] == "v1"
+    assert serving.registry_entry(cfg, MODEL)["version"] == "v1"
     assert [b.version for b in versions.backups(cfg, MODEL)] == ["v2"]
     print(f"\nfirst start {start_s:.2f}s (backend ready {res1['targets']['llamacpp']['ready_s']}s); "
           f"switch deploy {switch_s:.2f}s (proxy flip {res2['targets']['llamacpp']['switch_s'] * 1000:.1f} ms); "
@@ -276,18 +282,18 @@ def test_bad_file_fails_probe_and_old_version_keeps_serving(cfg_factory, tiny_gg
     port = cfg.models[MODEL].port
     v1 = tiny_ggufs["v1", "Q8_0"]
     deploy_model(cfg, MODEL, gguf=v1)
-    before = serve.registry_entry(cfg, MODEL)
+    before = serving.registry_entry(cfg, MODEL)
     bad = _without_tensor(v1, tmp_path / "broken.gguf", "output_norm.weight")
 
     with pytest.raises(DeployError, match="exited during startup: .*tensor 'output_norm.weight' not found"):
         deploy_model(with_version(cfg, "v2"), MODEL, gguf=bad)
     assert info(port)["sha256"] == sha256_file(v1)
     assert chat(port, [{"role": "user", "content": "echo: apple"}])["choices"]
-    after = serve.registry_entry(cfg, MODEL)
+    after = serving.registry_entry(cfg, MODEL)
     assert after["backend"]["pid"] == before["backend"]["pid"] and after["version"] == "v1"
     assert versions.live_version(cfg, MODEL).version == "v1"
     assert not (versions.model_dir(cfg, MODEL) / "v2").exists() and versions.backups(cfg, MODEL) == []
-    assert "output_norm.weight" in serve.serve_logs(cfg, MODEL, 200)
+    assert "output_norm.weight" in serving.serve_logs(cfg, MODEL, 200)
 
 
 @pytest.mark.slow
@@ -314,10 +320,10 @@ def test_pipeline_deploy_stage_resumes_and_restarts_a_dead_server(cfg_factory, t
     assert chat(port, [{"role": "user", "content": "echo: sun"}])["choices"]
     assert deploy_status().status == "skipped", "a live server serving the recorded bytes is current"
 
-    backend = serve.registry_entry(cfg, MODEL)["backend"]
+    backend = serving.registry_entry(cfg, MODEL)["backend"]
     os.killpg(int(backend["pid"]), signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while serve.proc_alive(backend) and time.monotonic() < deadline:
+    while proc.alive(backend) and time.monotonic() < deadline:
         time.sleep(0.05)
     [row] = serve_status(cfg)
     assert row["state"] == "dead" and "server" in row["why"] and row["pid"] is None
@@ -341,7 +347,7 @@ def test_two_deploys_of_one_model_at_once(cfg_factory, tiny_ggufs, tmp_path):
     v1 = tiny_ggufs["v1", "Q8_0"]
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(json.dumps(cfg.model_dump(mode="json", exclude={"config_path"})))
-    code = ("import json,sys; from loradeploy.config import config_from_dict; from loradeploy.serve import deploy_model; "
+    code = ("import json,sys; from loradeploy.config import config_from_dict; from loradeploy.deploy.service import deploy_model; "
             "cfg=config_from_dict(json.load(open(sys.argv[1]))); print(deploy_model(cfg, 'tiny', gguf=sys.argv[2])['version'])")
     other = subprocess.Popen([sys.executable, "-c", code, str(cfg_file), str(v1)], cwd=REPO,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -367,7 +373,7 @@ def test_port_taken_is_a_clear_error(cfg_factory, tiny_ggufs):
         cfg = cfg_factory(port=port)
         with pytest.raises(ResourceError, match=rf"port {port} for model {MODEL} is held by pid {os.getpid()}"):
             deploy_model(cfg, MODEL, gguf=tiny_ggufs["v1", "Q8_0"])
-    entry = serve.registry_entry(cfg, MODEL)
+    entry = serving.registry_entry(cfg, MODEL)
     assert entry is None or not entry.get("backend"), "nothing was started"
     assert versions.live_version(cfg, MODEL) is None
     assert not (versions.model_dir(cfg, MODEL) / "v1").exists()
@@ -404,7 +410,8 @@ def test_versions_backups_retention_and_named_rollback(cfg_factory, tiny_ggufs):
     live = versions.live_version(cfg, MODEL)
     assert live.version == redo["version"] and (live.dir / "Modelfile").is_file()
     assert [b.version for b in versions.backups(cfg, MODEL)] == ["v4", "v3"]
-    assert [e["event"] for e in versions.history(cfg, MODEL)][-1] == "rollback"
+    history = (versions.model_dir(cfg, MODEL) / "history.jsonl").read_text().splitlines()
+    assert json.loads(history[-1])["event"] == "rollback"
     # v5 carries the live bytes; rolling back to the version it replaced would change nothing.
     deploy_model(with_version(cfg, "v5"), MODEL, gguf=live.path)
     with pytest.raises(DeployError, match=r"already serves .* \(sha256 "):
@@ -511,7 +518,7 @@ def _without_tensor(src: Path, dst: Path, drop: str) -> Path:
 # ----------------------------------------------------------------------------- proxy and prompt rule, no model
 
 def test_system_prompt_rule_on_request_bodies():
-    from loradeploy.tools.serve_worker import apply_system_prompt
+    from loradeploy.serving.backend import apply_system_prompt
 
     def rewrite(body, prompt="P"):
         out = apply_system_prompt(json.dumps(body).encode(), prompt)
@@ -580,10 +587,11 @@ def test_proxy_forwards_http_faithfully_and_switches_between_requests(tmp_path):
     control = tmp_path / "control.json"
     control.write_text(json.dumps({"backend_port": a.server_address[1], "version": "A"}))
     port = free_port()
-    rec = serve._spawn("proxy", {"alias": "x", "host": "127.0.0.1", "port": port, "control": str(control)},
-                       tmp_path / "proxy.json", tmp_path / "proxy.log")
+    rec = launch.spawn_worker("proxy", {"alias": "x", "host": "127.0.0.1", "port": port, "control": str(control)},
+                              tmp_path / "proxy.json", tmp_path / "proxy.log")
+    cfg = SimpleNamespace(deployment=SimpleNamespace(llamacpp=SimpleNamespace(api_key=None)))
     try:
-        serve._wait_proxy("127.0.0.1", port, a.server_address[1], rec, tmp_path / "proxy.log")
+        switchmod._wait_proxy(cfg, "127.0.0.1", port, a.server_address[1], rec, tmp_path / "proxy.log")
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
 
         def ask(method, path, body=None, **kw):
@@ -602,7 +610,7 @@ def test_proxy_forwards_http_faithfully_and_switches_between_requests(tmp_path):
 
         control.write_text(json.dumps({"backend_port": b.server_address[1], "version": "B"}))
         os.kill(rec["pid"], signal.SIGHUP)
-        serve._wait_proxy("127.0.0.1", port, b.server_address[1], rec, tmp_path / "proxy.log")
+        switchmod._wait_proxy(cfg, "127.0.0.1", port, b.server_address[1], rec, tmp_path / "proxy.log")
         resp, data = ask("GET", "/after")  # the same kept-alive client connection
         assert json.loads(data) == {"name": "B", "path": "/after"}
         assert resp.getheader("connection") == "keep-alive"
@@ -617,6 +625,6 @@ def test_proxy_forwards_http_faithfully_and_switches_between_requests(tmp_path):
             assert b'{"name": "B", "body": "body"}' in reply
         conn.close()
     finally:
-        serve.stop_process(rec, grace=5)
+        proc.stop(rec, grace=5)
         a.shutdown()
         b.shutdown()

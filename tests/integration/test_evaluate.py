@@ -18,11 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from loradeploy import metrics
+from loradeploy.evaluation import metrics
 from loradeploy.config import config_from_dict
 from loradeploy.errors import InputError
-from loradeploy.evaluate import EvalTarget, evaluate, free_port, load_samples, parse_samples, temp_server
-from loradeploy.report import render
+from loradeploy.evaluation.report import render
+from loradeploy.evaluation.runner import evaluate
+from loradeploy.evaluation.samples import load_samples, parse_samples
+from loradeploy.evaluation.servers import free_port, temp_server
+from loradeploy.evaluation.targets import EvalTarget
 from loradeploy.stages.base import Artifact
 from loradeploy.state import load_record, save_record
 from tests.fixtures.gguf_models import *  # noqa: F401,F403  (tiny_ggufs, tiny_gguf_cache)
@@ -90,7 +93,7 @@ def test_missing_sample_file(tmp_path):
 
 
 def _row(label, sid, q, *, err=None, lat=0.1, tags=("t",)):
-    from loradeploy.evaluate import SampleResult
+    from loradeploy.evaluation.results import SampleResult
 
     r = SampleResult(label, sid, 0, response="x", error=err, latency_s=lat, ttft_s=lat / 2, completion_tokens=5,
                      decode_s=lat / 2, tps_source="stream", tags=tags)
@@ -101,7 +104,7 @@ def _row(label, sid, q, *, err=None, lat=0.1, tags=("t",)):
 
 
 def test_aggregate_and_compare_deltas():
-    from loradeploy.evaluate import TargetResult, aggregate, compare
+    from loradeploy.evaluation.results import TargetResult, aggregate, compare
 
     rows = {"m Q4_K_M": [0.5, 0.7], "m Q8_0": [0.9, 0.9], "m base": [0.1, 0.3]}
     trs = []
@@ -121,6 +124,129 @@ def test_aggregate_and_compare_deltas():
     assert cmp["m Q4_K_M"]["delta_vs_best"] == pytest.approx(-0.3)
     assert cmp["m Q4_K_M"]["delta_vs_base"] == pytest.approx(0.4)
     assert cmp["m base"]["delta_vs_best"] is None and cmp["m base"]["delta_vs_base"] is None
+
+
+# ============================================================================= a stand-in server (fast)
+
+KEY = "eval-Key-0f-the-deployed-ports"
+
+
+@contextlib.contextmanager
+def _echo_server(key=None):
+    """A loopback OpenAI-compatible server that streams back the last user message; with ``key`` it
+    answers 401 to any request without ``Authorization: Bearer KEY``. Yields (url, headers seen)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _send(self, status, body, ctype="application/json"):
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _allowed(self):
+            seen.append(self.headers.get("Authorization") or "")
+            if key and self.headers.get("Authorization") != f"Bearer {key}":
+                self._send(401, b'{"error": {"message": "Invalid API Key"}}')
+                return False
+            return True
+
+        def do_GET(self):  # noqa: N802 (http.server naming)
+            if self._allowed():
+                self._send(200, json.dumps({"data": [{"id": "echo"}]}).encode())
+
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if not self._allowed():
+                return
+            if self.path != "/v1/chat/completions":
+                return self._send(404, b'{"detail": "Not Found"}')
+            words = body["messages"][-1]["content"].split()
+            events = [{"choices": [{"delta": {"content": w + " "}}]} for w in words]
+            events.append({"choices": [{"delta": {}, "finish_reason": "stop"}],
+                           "usage": {"prompt_tokens": 3, "completion_tokens": len(words)}})
+            sse = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+            self._send(200, sse.encode(), "text/event-stream")
+
+        def log_message(self, *args):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}", seen
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def _fast_cfg(tmp_path: Path, key=None):
+    samples = _write(tmp_path, json.dumps({"id": "a", "prompt": "apple river", "reference": "apple river"}) + "\n")
+    lc = {"api_key": key} if key else {}
+    return config_from_dict({
+        "models": {"majora": {"base_model": str(tmp_path / "base"), "adapter": str(tmp_path / "adapter"),
+                              "port": free_port(), "version": "v1"}},
+        "deployment": {"llamacpp": lc},
+        "pipeline": {"work_dir": str(tmp_path / "work"), "state_dir": str(tmp_path / "state")},
+        "logging": {"log_dir": str(tmp_path / "logs")},
+        "evaluation": {"samples": str(samples), "output_dir": str(tmp_path / "reports"), "warmup": 0,
+                       "repeats": 1, "timeout_s": 10, "charts": False},
+    }, base_dir=tmp_path)
+
+
+def test_deployed_ports_get_the_api_key_and_reports_never_show_it(tmp_path):
+    cfg = _fast_cfg(tmp_path, KEY)
+    with _echo_server(KEY) as (url, seen):
+        res = evaluate(cfg, targets=[EvalTarget("majora Q8_0", "majora", "Q8_0", base_url=url, live=True),
+                                     # a URL given by hand is not ours: it never gets the key
+                                     EvalTarget("other", "majora", "Q8_0", base_url=url + "/v1")])
+    by = {t.target.label: t for t in res.targets}
+    assert by["majora Q8_0"].status == "ok", by["majora Q8_0"].error
+    assert res.results_for("majora Q8_0")[0].response.strip() == "apple river"
+    assert res.results_for("majora Q8_0")[0].quality == 1.0
+    assert by["other"].status == "down" and "HTTP 401" in by["other"].error
+    assert f"Bearer {KEY}" in seen and "" in seen
+    for path in (res.reports["json"], res.reports["markdown"]):
+        assert KEY not in Path(path).read_text()
+
+
+def test_report_states_the_cpu_mode_only_as_the_runtime_gave_it(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from loradeploy.evaluation import runner
+
+    gguf = tmp_path / "m-q8_0.gguf"
+    gguf.write_bytes(b"GGUF")
+    runtime = {"mode": "safe", "source": "cache", "why": "default mode died of SIGSEGV in the probe"}
+    with _echo_server() as (url, _):
+        def fake_server(srv):
+            @contextlib.contextmanager
+            def temp_server(*a, **kw):
+                yield srv
+            return temp_server
+
+        # a server object that carries the runtime decision, and one that does not (today's TempServer)
+        monkeypatch.setattr(runner, "temp_server", fake_server(SimpleNamespace(url=url, pid=os.getpid(),
+                                                                               safe_mode=True, runtime=runtime)))
+        told = evaluate(_fast_cfg(tmp_path), targets=[EvalTarget("m Q8_0", "m", "Q8_0", gguf_path=str(gguf))],
+                        output_dir=tmp_path / "told")
+        monkeypatch.setattr(runner, "temp_server", fake_server(SimpleNamespace(url=url, pid=os.getpid(),
+                                                                               safe_mode=True)))
+        silent = evaluate(_fast_cfg(tmp_path), targets=[EvalTarget("m Q8_0", "m", "Q8_0", gguf_path=str(gguf))],
+                          output_dir=tmp_path / "silent")
+    md = Path(told.reports["markdown"]).read_text()
+    assert "m Q8_0: llama.cpp CPU mode: safe (from the cache: default mode died of SIGSEGV in the probe)" in md
+    assert json.loads(Path(told.reports["json"]).read_text())["targets"][0]["runtime"] == runtime
+    md = Path(silent.reports["markdown"]).read_text()
+    assert "CPU mode" not in md and "illegal instruction" not in md
+    assert "runtime" not in json.loads(Path(silent.reports["json"]).read_text())["targets"][0]
 
 
 # ============================================================================= real models (session)
@@ -161,7 +287,7 @@ class EvalModels:
 
 
 def _marker(folder: Path) -> str:
-    from loradeploy.demo_models import BUILD_MARKER
+    from loradeploy.demo import BUILD_MARKER
 
     m = folder / BUILD_MARKER
     return m.read_text() if m.is_file() else ""
@@ -220,7 +346,7 @@ def _cfg(tmp_path: Path, samples: Path, **evaluation):
 
 
 def _demo_samples(tmp_path: Path, n: int = 6) -> tuple[Path, list[dict]]:
-    from loradeploy.demo_models import demo_eval_samples
+    from loradeploy.demo import demo_eval_samples
 
     rows = demo_eval_samples("majora", n)
     p = tmp_path / "eval_samples.jsonl"
@@ -311,7 +437,7 @@ def known_ref(rows: list[dict], sid: str) -> str:
 
 @pytest.mark.slow
 def test_down_target_and_overlong_sample_are_errors_only_there(eval_models, tmp_path):
-    from loradeploy.demo_models import demo_eval_samples
+    from loradeploy.demo import demo_eval_samples
 
     known = dict(demo_eval_samples("majora", 1)[0], id="ok")
     long_prompt = "echo: " + " ".join(["apple river stone"] * 150)   # far beyond n_ctx 256

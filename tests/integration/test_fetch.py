@@ -16,8 +16,9 @@ import pytest
 
 from loradeploy.config import config_from_dict
 from loradeploy.errors import FetchError, InputError, ResourceError
+from loradeploy.fetch import fetch_adapter, fetch_many
 from loradeploy.stages.base import ModelPaths, StageContext
-from loradeploy.stages.fetch import FetchStage, fetch_adapter, fetch_many
+from loradeploy.stages.fetch import FetchStage
 from loradeploy.tools.vastai import resolve_instance
 from tests.fixtures.sshd import keygen, vast_instance_row
 

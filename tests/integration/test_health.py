@@ -21,7 +21,7 @@ from loradeploy.errors import HealthError
 from loradeploy.fsutil import sha256_file
 from loradeploy.health import (DEGRADED, FAIL, HEALTHY, PASS, SKIP, UNHEALTHY, WARN, check_health, exit_code,
                                probe, render)
-from loradeploy.serve import Endpoint
+from loradeploy.serving import Endpoint
 from loradeploy.stages.base import ModelPaths, StageContext
 from loradeploy.stages.health import HealthStage
 from tests.fixtures.gguf_models import *  # noqa: F401,F403 (tiny_ggufs, tiny_gguf_cache)
@@ -31,14 +31,14 @@ MODEL = "tiny"
 PROMPT = "echo: apple river"  # the demo base's task: a short answer and a stop token
 
 
-def _cfg(tmp_path: Path, port: int, **hc) -> "object":
+def _cfg(tmp_path: Path, port: int, *, llamacpp: dict | None = None, **hc) -> "object":
     health = {"timeout_s": 60, "test_prompts": [PROMPT], "max_tokens": 16, "max_latency_s": 60,
               "min_tokens_per_s": 0.01, "min_free_disk_gb": 0, "min_free_memory_gb": 0, **hc}
     return config_from_dict({
         "models": {MODEL: {"base_model": str(tmp_path / "base"), "adapter": str(tmp_path / "adapter"),
                            "port": port}},
         "health_check": health,
-        "deployment": {"models_dir": str(tmp_path / "models")},
+        "deployment": {"models_dir": str(tmp_path / "models"), "llamacpp": llamacpp or {}},
         "pipeline": {"work_dir": str(tmp_path / "work"), "state_dir": str(tmp_path / "state")},
         "logging": {"log_dir": str(tmp_path / "logs")},
     }, base_dir=tmp_path)
@@ -208,13 +208,18 @@ def test_stopping_the_server_makes_it_unhealthy(tmp_path, tiny_q8):
 
 # ----------------------------------------------------------------------------- misbehaving servers
 
+SECRET = "hc-Secret-Key-0123456789"
+
+
 class FakeApi:
     """A real HTTP server whose answers a test chooses: 'error' (500 everywhere), 'chat500'
-    (models listed, completions 500), 'stall' (streams one token, then goes silent)."""
+    (models listed, completions 500), 'stall' (streams one token, then goes silent), 'auth'
+    (401 without ``Authorization: Bearer SECRET``, else a short streamed answer)."""
 
     def __init__(self, mode: str):
         self.mode = mode
         self.release = threading.Event()
+        self.auth_seen: list[str | None] = []
         api = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -227,21 +232,38 @@ class FakeApi:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _refused(self) -> bool:
+                api.auth_seen.append(self.headers.get("Authorization"))
+                if api.mode != "auth" or self.headers.get("Authorization") == f"Bearer {SECRET}":
+                    return False
+                self._send(401, b'{"error": {"message": "Invalid API Key", "type": "authentication_error"}}')
+                return True
+
             def do_GET(self):  # noqa: N802
+                if self._refused():
+                    return
                 if api.mode == "error":
                     return self._send(500, b'{"error": "model crashed: out of memory"}')
                 self._send(200, json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model"}]}).encode())
 
             def do_POST(self):  # noqa: N802
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self._refused():
+                    return
                 if api.mode in ("error", "chat500"):
                     return self._send(500, b'{"error": "internal error"}')
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Connection", "close")
                 self.end_headers()
+                self.close_connection = True
                 chunk = {"choices": [{"index": 0, "delta": {"content": "hel"}, "finish_reason": None}]}
                 self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                 self.wfile.flush()
+                if api.mode == "auth":
+                    end = {"choices": [{"index": 0, "delta": {"content": "lo there"}, "finish_reason": "stop"}]}
+                    self.wfile.write(f"data: {json.dumps(end)}\n\ndata: [DONE]\n\n".encode())
+                    return
                 api.release.wait(60)
 
             def log_message(self, *args):
@@ -308,6 +330,32 @@ def test_stream_stalling_midway_fails_within_the_timeout(tmp_path, fake_api):
     c = _check(report.models[MODEL].checks, "model.completion")
     assert c.status == FAIL and "within 1.5s" in c.detail and "timeout_s" in c.remedy
     assert report.status == UNHEALTHY
+
+
+@pytest.mark.parametrize("fake_api", ["auth"], indirect=True)
+def test_api_key_is_sent_and_never_shown(tmp_path, fake_api, caplog):
+    ep = _endpoint(fake_api.port)
+    cfg = _cfg(tmp_path, fake_api.port, llamacpp={"api_key": SECRET})
+    report = check_health(cfg, endpoints=[ep])
+    checks = report.models[MODEL].checks
+    assert _check(checks, "api.models").status == PASS and _check(checks, "model.completion").status == PASS
+    assert set(fake_api.auth_seen) == {f"Bearer {SECRET}"}
+    from rich.console import Console
+    console = Console(file=io.StringIO(), width=200, record=True)
+    console.print(render(report))
+    assert SECRET not in json.dumps(report.to_dict()) and SECRET not in console.export_text()
+    with caplog.at_level(logging.DEBUG):
+        HealthStage(endpoints=[ep]).run(_ctx(tmp_path, cfg))
+    assert caplog.records and SECRET not in caplog.text
+
+    for key in (None, "not-the-key-42"):
+        fake_api.auth_seen.clear()
+        cfg = _cfg(tmp_path, fake_api.port, llamacpp={"api_key": key} if key else None)
+        report = check_health(cfg, endpoints=[ep])
+        c = _check(report.models[MODEL].checks, "api.models")
+        assert c.status == FAIL and "401" in c.detail and c.metrics["http_status"] == 401
+        assert report.status == UNHEALTHY
+        assert fake_api.auth_seen == [f"Bearer {key}" if key else None]  # no Authorization header without a key
 
 
 # ----------------------------------------------------------------------------- files and system

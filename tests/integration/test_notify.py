@@ -7,8 +7,8 @@ import uuid
 
 import pytest
 
-from loradeploy.config import EmailConfig, NotificationsConfig, WebhookConfig
-from loradeploy.notify import DISCORD_TOTAL, EVENTS, DeliveryResult, Notifier, format_table
+from loradeploy.config import EmailConfig, NotificationsConfig, WebhookConfig, config_from_dict
+from loradeploy.notify import DISCORD_TOTAL, EVENTS, DeliveryResult, Notifier, format_table, notify_health
 from tests.fixtures.receivers import *  # noqa: F401,F403 (pytest fixtures)
 from tests.fixtures.receivers import SMTP_PASSWORD, SMTP_USER
 
@@ -63,8 +63,8 @@ def notifier(cfg: NotificationsConfig, log: logging.Logger, **kw) -> Notifier:
 
 def hooks(slack_url=None, discord_url=None, email=None, **kw) -> NotificationsConfig:
     kw.setdefault("events", list(EVENTS))
-    return NotificationsConfig(enabled=True,
-                               slack=WebhookConfig(webhook_url=slack_url, timeout_s=2) if slack_url else None,
+    # No `enabled: True`: a configured channel is on by default.
+    return NotificationsConfig(slack=WebhookConfig(webhook_url=slack_url, timeout_s=2) if slack_url else None,
                                discord=WebhookConfig(webhook_url=discord_url, timeout_s=2) if discord_url else None,
                                email=email, **kw)
 
@@ -283,7 +283,7 @@ def test_receivers_down_never_raise(http_receiver, closed_port, silent_port, log
     assert "connection failed" in slack.error and "connection failed" in mail.error
     assert len(h.warnings()) == 2
     # A server that accepts but never answers is bounded by timeout_s.
-    hung = NotificationsConfig(enabled=True, events=list(EVENTS), slack=WebhookConfig(
+    hung = NotificationsConfig(events=list(EVENTS), slack=WebhookConfig(
         webhook_url=f"http://127.0.0.1:{silent_port}{SLACK_PATH}", timeout_s=0.3))
     t0 = time.monotonic()
     (res,) = notifier(hung, log).run_started(["veran"])
@@ -352,3 +352,71 @@ def test_secrets_never_reach_logs_or_payloads(http_receiver, closed_port, smtp_s
     other.addHandler(sink)
     other.error("posting to %s with %s", slack_url, SMTP_PASSWORD)
     assert sink.lines == [f"posting to http://127.0.0.1:{closed_port}/*** with ***"]
+
+
+def test_configured_channels_are_on_by_default(http_receiver, logs):
+    log, _ = logs
+    url = http_receiver.url(SLACK_PATH)
+    cfg = config_from_dict({"models": {"m": {"base_model": "/b", "adapter": "/a", "port": 5000}},
+                            "notifications": {"slack": {"webhook_url": url}}})
+    assert cfg.notifications.enabled and cfg.notifications.active() == ["slack"] and cfg.warnings == ()
+    assert [r.ok for r in notifier(cfg.notifications, log).stage_failed("m", "merge", "boom")] == [True]
+    assert len(http_receiver.wait_for(1)) == 1
+
+
+class _Report:
+    """What notify_health reads from a health report."""
+
+    def model_statuses(self):
+        return {"majora": "healthy", "nayru": "degraded", "veran": "unhealthy"}
+
+    def problems(self, model):
+        return {"completion": f"{model} answered nothing"} if model != "majora" else {}
+
+
+def test_notify_health_sends_one_event_per_unwell_model_without_the_api_key(http_receiver, logs, monkeypatch):
+    log, h = logs
+    monkeypatch.setenv("LD_TEST_KEY", "sk-very-secret-server-key")
+    cfg = config_from_dict({"models": {"m": {"base_model": "/b", "adapter": "/a", "port": 5000}},
+                            "deployment": {"llamacpp": {"api_key": "${LD_TEST_KEY}"}},
+                            "notifications": {"slack": {"webhook_url": http_receiver.url(SLACK_PATH)}}})
+    n = Notifier.for_config(cfg, log=log, backoff_s=0.02)
+    res = notify_health(cfg, _Report(), notifier=n)
+    assert [r.ok for r in res] == [True, True]
+    bodies = [r.json() for r in http_receiver.wait_for(2)]
+    assert sorted(b["blocks"][0]["text"]["text"].split(" ", 1)[1] for b in bodies) == \
+        ["nayru is degraded", "veran is unhealthy"]
+    # the server's key is scrubbed like the channels' own secrets, in messages and log lines
+    assert n.redact("auth sk-very-secret-server-key") == "auth ***"
+    n.log.warning("%s", n.redact("llama-server --api-key sk-very-secret-server-key"))
+    assert "sk-very-secret" not in h.text()
+
+
+def test_notify_health_never_raises(logs):
+    log, h = logs
+    cfg = config_from_dict({"models": {"m": {"base_model": "/b", "adapter": "/a", "port": 5000}}})
+    assert notify_health(cfg, object(), log=log) == []
+    assert "health notification not sent" in h.text()
+
+
+def test_run_logs_are_scrubbed_even_with_notifications_off(tmp_path, monkeypatch):
+    from loradeploy.logsetup import pipeline_logger, stage_logger
+    from loradeploy.pipeline import make_notifier
+    monkeypatch.setenv("LD_TEST_KEY", "sk-very-secret-server-key")
+    cfg = config_from_dict({"models": {"m": {"base_model": "/b", "adapter": "/a", "port": 5000}},
+                            "deployment": {"llamacpp": {"api_key": "${LD_TEST_KEY}"}},
+                            "notifications": {"enabled": False}, "logging": {"log_dir": str(tmp_path / "logs")}})
+    log = pipeline_logger(cfg.logging.log_dir, "INFO")
+    make_notifier(cfg, log)
+    make_notifier(cfg, log)  # a second run in the same process replaces the filter, it does not stack
+    with stage_logger(cfg.logging.log_dir, "m", "deploy", "INFO") as (slog, path):
+        slog.info("starting llama-server --api-key %s", "sk-very-secret-server-key")
+        try:
+            raise RuntimeError("auth sk-very-secret-server-key refused")
+        except RuntimeError:
+            slog.exception("deploy crashed")
+    texts = [path.read_text(), (tmp_path / "logs" / "pipeline.log").read_text()]
+    for text in texts:
+        assert "--api-key ***" in text and "auth *** refused" in text
+        assert "sk-very-secret" not in text
+    assert sum(1 for h in log.handlers for f in h.filters if type(f).__name__ == "RedactFilter") == 1

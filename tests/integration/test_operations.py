@@ -38,7 +38,7 @@ def three_model_cfg(tmp: Path, base: Path, adapter: Path, stages, **sections) ->
 
 @pytest.mark.slow
 def test_three_models_one_run_three_servers(llama_pair, tmp_path):
-    from loradeploy.serve import serve_status, serve_stop
+    from loradeploy.serving import serve_status, serve_stop
     base, adapter = llama_pair
     data, path = three_model_cfg(tmp_path, base, adapter,
                                  ["fetch", "merge", "convert", "quantize", "deploy", "health"])

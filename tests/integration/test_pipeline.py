@@ -203,7 +203,7 @@ def test_cli_json_and_kill_midway(llama_pair, tmp_path):
     proc.wait()
     # nothing half-written is under a final name
     finals = [p for p in gguf_dir.iterdir() if p.suffix == ".gguf" and "f16" not in p.name]
-    from loradeploy.gguf_check import check_gguf
+    from loradeploy.gguf import check_gguf
     for p in finals:
         check_gguf(p)
     r = _cli("run", "-c", cfile, "--model", "majora", "--json")

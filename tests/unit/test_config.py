@@ -1,6 +1,8 @@
 """Config: every section typed, unknown keys and wrong types fail with `section.key: message`."""
 from __future__ import annotations
 
+import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -135,3 +137,123 @@ def test_cli_validate_exit_codes(tmp_path):
     assert no.returncode == 2
     assert "merge.oops: unknown key" in no.stderr
     assert "Traceback" not in no.stderr
+
+
+# ----------------------------------------------------------------------------- notifications
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def config_log():
+    log = logging.getLogger("loradeploy.config")
+    h = _Lines()
+    log.addHandler(h)
+    yield h
+    log.removeHandler(h)
+
+
+HOOK = {"webhook_url": "https://hooks.slack.com/services/T0/B0/tok"}
+
+
+def test_notifications_master_switch_defaults_on(config_log):
+    cfg = config_from_dict(with_("notifications.slack", HOOK))
+    assert cfg.notifications.enabled is True
+    assert cfg.notifications.active() == ["slack"]
+    assert cfg.warnings == () and config_log.lines == []
+    assert config_from_dict(MIN).notifications.active() == []  # nothing configured, nothing sent
+
+
+def test_channel_switched_off_on_its_own():
+    cfg = config_from_dict(with_("notifications.slack", {**HOOK, "enabled": False}))
+    assert cfg.notifications.active() == [] and cfg.warnings == ()
+
+
+def test_channels_configured_while_notifications_off_warn_at_load(config_log):
+    data = with_("notifications", {"enabled": False, "slack": HOOK,
+                                   "email": {"smtp_host": "mail", "from_addr": "a@x", "to_addrs": ["b@x"]}})
+    cfg = config_from_dict(data, source="c.yaml")
+    assert cfg.notifications.active() == []
+    (w,) = cfg.warnings
+    assert "notifications.enabled is false" in w and "slack, email" in w
+    assert config_log.lines == [f"c.yaml: {w}"]
+    assert config_from_dict(with_("notifications", {"enabled": False})).warnings == ()
+
+
+# ----------------------------------------------------------------------------- imatrix formats
+
+@pytest.mark.parametrize("path,value", [
+    ("quantization.formats", ["Q4_K_M", "IQ2_XS"]),
+    ("quantization.formats", ["IQ4_XS"]),
+    ("quantization.formats", ["q2_k_s"]),
+    ("models.majora.formats", ["IQ3_M"]),
+    ("evaluation.formats", ["IQ1_S"]),
+])
+def test_formats_that_need_an_imatrix_fail_at_load(path, value):
+    with pytest.raises(ConfigError) as ei:
+        config_from_dict(with_(path, value))
+    msg = str(ei.value)
+    assert f"{path}: " in msg and "needs an importance matrix, which loradeploy does not compute yet" in msg
+    assert "Q4_K_M" in msg and "\n" not in msg
+
+
+def test_imatrix_key_fails_at_load():
+    with pytest.raises(ConfigError, match=r"quantization\.imatrix: is not supported yet"):
+        config_from_dict(with_("quantization.imatrix", "imatrix.dat"))
+
+
+def test_quantize_cannot_be_reached_with_an_iq_format(tmp_path):
+    """The only way to a Config is through validation, so `run` stops at load with exit code 2."""
+    from click.testing import CliRunner
+
+    from loradeploy.cli import main
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(with_("quantization.formats", ["IQ2_XS"])))
+    r = CliRunner().invoke(main, ["run", "-c", str(path), "--only", "quantize"])
+    assert r.exit_code == 2
+    assert "quantization.formats: IQ2_XS needs an importance matrix" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- served ports
+
+KEY = "sk-test-0123456789abcdef"
+
+
+def test_api_key_empty_is_an_error(monkeypatch):
+    with pytest.raises(ConfigError, match=r"deployment\.llamacpp\.api_key: is empty"):
+        config_from_dict(with_("deployment.llamacpp", {"api_key": ""}))
+    monkeypatch.delenv("LD_UNSET_KEY", raising=False)
+    with pytest.raises(ConfigError, match=r"api_key: is empty"):
+        config_from_dict(with_("deployment.llamacpp", {"api_key": "${LD_UNSET_KEY:-}"}))
+
+
+def test_non_loopback_host_needs_a_key_or_an_explicit_opt_out():
+    with pytest.raises(ConfigError, match=r"deployment\.llamacpp: host '0\.0\.0\.0' is not loopback"):
+        config_from_dict(with_("deployment.llamacpp", {"host": "0.0.0.0"}))
+    with_key = config_from_dict(with_("deployment.llamacpp", {"host": "0.0.0.0", "api_key": KEY}))
+    assert with_key.deployment.llamacpp.api_key.get_secret_value() == KEY
+    open_ = config_from_dict(with_("deployment.llamacpp", {"host": "0.0.0.0", "allow_unauthenticated": True}))
+    assert open_.deployment.llamacpp.api_key is None
+    for host in ("127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2"):
+        assert config_from_dict(with_("deployment.llamacpp", {"host": host})).deployment.llamacpp.host == host
+
+
+def test_secrets_never_in_repr_or_json_dump(monkeypatch):
+    monkeypatch.setenv("LD_KEY", KEY)
+    data = with_("deployment.llamacpp", {"host": "0.0.0.0", "api_key": "${LD_KEY}"})
+    data["notifications"] = {"slack": {"webhook_url": "https://hooks.slack.com/services/T0/B0/hooktoken123"},
+                             "email": {"smtp_host": "mail", "from_addr": "a@x", "to_addrs": ["b@x"],
+                                       "password": "smtp-pass-123"}}
+    data["vast"] = {"api_key": "vast-key-123"}
+    cfg = config_from_dict(data)
+    shown = repr(cfg) + str(cfg) + cfg.model_dump_json() + json.dumps(cfg.model_dump(mode="json"))
+    assert KEY not in shown
+    for secret in ("hooktoken123", "smtp-pass-123", "vast-key-123"):
+        assert secret not in repr(cfg)

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from loradeploy import demo_models as dm
+from loradeploy import demo as dm
+from loradeploy.demo import bench_models
+from loradeploy.demo.training import LORA_TARGETS
 from loradeploy.errors import InputError
 from loradeploy.tools.proc import run
 
@@ -101,7 +103,7 @@ def test_refuses_to_replace_a_folder_it_did_not_build(tmp_path):
 
 
 def test_bench_shape_is_about_350m_and_k_quant_friendly():
-    shape = dm._bench_shape(350_000_000, 2048)
+    shape = bench_models._bench_shape(350_000_000, 2048)
     h, i = shape["hidden"], shape["intermediate"]
     per_layer = 2 * h * shape["heads"] * 64 + 2 * h * shape["kv_heads"] * 64 + 3 * h * i + 2 * h
     total = shape["layers"] * per_layer + 2 * 2048 * h + h
@@ -131,7 +133,7 @@ def test_bench_model_and_adapter_merge_changes_every_target(tmp_path):
     before = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).state_dict()
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
     merged = peft_model.merge_and_unload().state_dict()
-    targets = [k for k in before if k.endswith(tuple(f"{m}.weight" for m in dm._LORA_TARGETS))]
+    targets = [k for k in before if k.endswith(tuple(f"{m}.weight" for m in LORA_TARGETS))]
     assert len(targets) == 7 * json.loads((base / "config.json").read_text())["num_hidden_layers"]
     assert all(not torch.equal(before[k], merged[k]) for k in targets)
     assert torch.equal(before["model.embed_tokens.weight"], merged["model.embed_tokens.weight"])
@@ -223,7 +225,7 @@ def test_adapter_is_a_peft_lora_in_safetensors(built):
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 8
     assert config["base_model_name_or_path"] == str(base.resolve())
-    assert set(config["target_modules"]) == set(dm._LORA_TARGETS)
+    assert set(config["target_modules"]) == set(LORA_TARGETS)
     assert not list(adapter.glob("*.bin"))
     with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
         keys = list(f.keys())

@@ -14,10 +14,11 @@ from rich.console import Console
 
 from gguf_samples import (HEADER_KV_COUNT, HEADER_TENSOR_COUNT, HEADER_VERSION, kv_fields, put_u32,
                           put_u64, tensor_fields, write_minimal, write_tiny_llama)
-from loradeploy import gguf_check
+from loradeploy.gguf import check as gguf_check_module
+from loradeploy.gguf import report as gguf_report
 from loradeploy.errors import GGUFError, InputError
 from loradeploy.fsutil import sha256_file
-from loradeploy.gguf_check import check_gguf, render_report, validate_gguf
+from loradeploy.gguf import check_gguf, render_report, validate_gguf
 
 
 @pytest.fixture(scope="module")
@@ -343,9 +344,9 @@ def test_file_shrinking_while_read_is_reported(tmp_path, data):
     # Parse with the size seen before another process truncated the file: an error, no crash
     # (an mmap would have died with SIGBUS here).
     path = write(tmp_path, data[:300])
-    report = gguf_check.GGUFReport(path=str(path))
+    report = gguf_report.GGUFReport(path=str(path))
     with open(path, "rb") as f:
-        gguf_check._parse(f, len(data), report, gguf_check._Problems(report))
+        gguf_check_module._parse(f, len(data), report, gguf_report.ProblemList(report))
     assert [p.code for p in report.errors] == ["truncated"]
     assert "shrank" in report.errors[0].message
 

@@ -22,9 +22,9 @@ import pytest
 from gguf import GGUFReader
 
 from gguf_samples import build_converted_gguf, write_minimal, write_tiny_llama
-from loradeploy import gguf_check
+from loradeploy.gguf import reader as gguf_reader
 from loradeploy.errors import GGUFError
-from loradeploy.gguf_check import check_gguf, render_report
+from loradeploy.gguf import check_gguf, render_report
 
 SEED = 0x6755_4655
 CASE_SECONDS = 2.0
@@ -264,7 +264,7 @@ def test_fuzz_generated_samples(targets, tmp_path):
 def test_fuzz_is_reproducible_and_window_independent(targets, tmp_path, monkeypatch):
     a = run_fuzz(targets, 500, tmp_path, seed=7)
     # A tiny read window forces a reload at nearly every field: verdicts must not change.
-    monkeypatch.setattr(gguf_check, "WINDOW", 61)
+    monkeypatch.setattr(gguf_reader, "WINDOW", 61)
     b = run_fuzz(targets, 500, tmp_path, seed=7)
     assert (a.valid, a.rejected, a.codes) == (b.valid, b.rejected, b.codes)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from loradeploy import metrics as m
+from loradeploy.evaluation import metrics as m
 
 
 # ----------------------------------------------------------------------------- exact / contains

@@ -1,0 +1,240 @@
+"""The config sections of one run: vast/fetch, merge, quantization, deployment, health, logging,
+pipeline, evaluation and performance. Notifications live in ``notifications.py``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from .base import STAGES, QuantName, RelPath, Stage, _Section, is_loopback, refuse_imatrix_formats, tensor_type
+
+# ----------------------------------------------------------------------------- vast / fetch
+
+
+class VastInstance(_Section):
+    """A named training box: a vast.ai instance id, or a plain SSH host."""
+    instance_id: Optional[int] = Field(None, description="vast.ai instance id (resolved through the API)")
+    host: Optional[str] = Field(None, description="SSH host, when not resolved through vast.ai")
+    port: int = Field(22, ge=1, le=65535)
+    user: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _one_way(self):
+        if self.instance_id is None and not self.host:
+            raise ValueError("give instance_id (vast.ai) or host (plain SSH)")
+        return self
+
+
+class VastConfig(_Section):
+    # repr=False: a printed config (a traceback, a debug line) must not carry the key.
+    api_key: Optional[str] = Field(None, repr=False, description="vast.ai API key; defaults to $VAST_API_KEY")
+    api_url: Optional[str] = Field(None, description="vast.ai API server URL override")
+    instances: dict[str, VastInstance] = Field(default_factory=dict)
+    ssh_user: str = "root"
+    ssh_key: Optional[RelPath] = Field(None, description="identity file for SSH")
+    host_key_policy: Literal["strict", "accept-new"] = "strict"
+    known_hosts: Optional[RelPath] = Field(None, description="our own known_hosts file (default: state_dir/known_hosts)")
+    remote_output_dir: str = "/workspace/output"
+    run: Optional[str] = Field(None, description="run folder under remote_output_dir; newest when unset")
+    connect_timeout_s: int = Field(15, ge=1, le=600)
+    server_alive_interval_s: int = Field(15, ge=0, le=3600)
+    server_alive_count_max: int = Field(4, ge=1, le=100)
+    transfer: Literal["auto", "rsync", "scp"] = "auto"
+    compression: Literal["auto", "zstd", "none"] = "auto"
+    verify_sha256: bool = True
+    fetch_timeout_s: int = Field(3600, ge=10)
+
+    @field_validator("remote_output_dir")
+    @classmethod
+    def _abs(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("must be an absolute path on the remote box")
+        return v.rstrip("/") or "/"
+
+
+# ----------------------------------------------------------------------------- merge
+
+class MergeConfig(_Section):
+    strategy: Literal["auto", "peft", "unsloth", "stream"] = Field(
+        "auto", description="auto = stream (tensor by tensor, low memory) for plain LoRA, else peft")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float16", "bfloat16"] = Field(
+        "auto", description="16-bit dtype of the merged weights; auto keeps the base's 16-bit dtype")
+    save_merged_hf: bool = Field(False, description="keep the merged HF folder after conversion")
+    batch_size: int = Field(1, ge=1, description="tensors merged per step by the stream strategy")
+    max_shard_size: str = "4GB"
+    allow_base_mismatch: bool = Field(False, description="merge even when the adapter names another base")
+    trust_remote_code: bool = False
+
+
+# ----------------------------------------------------------------------------- quantization
+
+class QuantizationConfig(_Section):
+    formats: list[QuantName] = Field(default_factory=lambda: ["Q4_K_M", "Q5_K_M", "Q8_0"], min_length=1)
+    primary_format: Optional[QuantName] = None
+    convert_type: Literal["f16", "bf16", "f32", "q8_0"] = "f16"
+    threads: int = Field(0, ge=0, description="0 = all cores, shared across formats")
+    parallel_formats: int = Field(0, ge=0, description="formats quantized at once; 0 = chosen from the budget")
+    output_tensor_type: Optional[str] = None
+    token_embedding_type: Optional[str] = None
+    leave_output_tensor: bool = False
+    pure: bool = False
+    allow_requantize: bool = False
+    imatrix: Optional[RelPath] = None
+    keep_f16: bool = Field(True, description="keep the converted F16 GGUF after quantizing")
+
+    _tt = field_validator("output_tensor_type", "token_embedding_type")(classmethod(lambda cls, v: tensor_type(v)))
+
+    @field_validator("formats")
+    @classmethod
+    def _dedupe(cls, v: list[str]) -> list[str]:
+        out: list[str] = []
+        for f in v:
+            if f not in out:
+                out.append(f)
+        return refuse_imatrix_formats(out)
+
+    @field_validator("imatrix")
+    @classmethod
+    def _no_imatrix(cls, v: Optional[Path]) -> Optional[Path]:
+        # The embedded quantizer cannot apply one; accepting the key would promise what quantize refuses.
+        if v is not None:
+            raise ValueError("is not supported yet: loradeploy's quantizer cannot apply an importance matrix; "
+                             "remove quantization.imatrix")
+        return v
+
+    @model_validator(mode="after")
+    def _primary(self):
+        if self.primary_format is not None and self.primary_format not in self.formats:
+            raise ValueError(f"primary_format {self.primary_format} is not one of formats {self.formats}")
+        return self
+
+    @property
+    def primary(self) -> str:
+        return self.primary_format or self.formats[0]
+
+
+# ----------------------------------------------------------------------------- deployment
+
+class LlamaCppServerConfig(_Section):
+    host: str = "127.0.0.1"
+    n_ctx: int = Field(4096, ge=64)
+    threads: int = Field(0, ge=0, description="0 = chosen from the CPU budget")
+    n_gpu_layers: int = Field(0, ge=-1, description="-1 = all layers on the GPU")
+    n_batch: int = Field(512, ge=1)
+    startup_timeout_s: float = Field(120, gt=0)
+    spare_port_range: tuple[int, int] = (20000, 20999)
+    extra_args: list[str] = Field(default_factory=list)
+    api_key: Optional[SecretStr] = Field(None, description="require `Authorization: Bearer KEY` on every route "
+                                                           "of every served port; write ${ENV}, never the key")
+    allow_unauthenticated: bool = Field(False, description="allow a non-loopback host without api_key")
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_blank(cls, v: Optional[SecretStr]) -> Optional[SecretStr]:
+        if v is not None and not v.get_secret_value().strip():
+            raise ValueError("is empty (an unset ${VAR}?): export the key or remove api_key")
+        return v
+
+    @model_validator(mode="after")
+    def _no_open_door(self) -> "LlamaCppServerConfig":
+        if not is_loopback(self.host) and self.api_key is None and not self.allow_unauthenticated:
+            raise ValueError(f"host {self.host!r} is not loopback: set api_key (e.g. ${{LORADEPLOY_API_KEY}}) "
+                             "or write allow_unauthenticated: true")
+        return self
+
+
+class LMStudioConfig(_Section):
+    home: RelPath = Field(Path("~/.lmstudio"), description="LM Studio home (holds models/ and config-presets/)")
+    publisher: str = "loradeploy"
+    link_mode: Literal["symlink", "hardlink", "copy"] = "symlink"
+    use_cli: bool = Field(True, description="use `lms` when it is on PATH")
+    server_port: int = Field(1234, ge=1, le=65535)
+
+
+class OllamaConfig(_Section):
+    use_cli: bool = True
+    host: str = "http://127.0.0.1:11434"
+
+
+class DeploymentConfig(_Section):
+    targets: list[Literal["llamacpp", "lmstudio", "ollama"]] = Field(default_factory=lambda: ["llamacpp"], min_length=1)
+    models_dir: RelPath = Field(Path("models"), description="where deployed GGUF versions live")
+    backups_dir: Optional[RelPath] = Field(None, description="default: models_dir/backups")
+    keep_backups: int = Field(3, ge=0)
+    format: Optional[QuantName] = Field(None, description="format to serve; default quantization.primary_format")
+    llamacpp: LlamaCppServerConfig = Field(default_factory=LlamaCppServerConfig)
+    lmstudio: LMStudioConfig = Field(default_factory=LMStudioConfig)
+    ollama: OllamaConfig = Field(default_factory=OllamaConfig)
+
+
+# ----------------------------------------------------------------------------- health
+
+class HealthCheckConfig(_Section):
+    enabled: bool = True
+    timeout_s: float = Field(30, gt=0)
+    test_prompts: list[str] = Field(default_factory=lambda: ["Say hello in one short sentence."])
+    min_response_length: int = Field(1, ge=0)
+    max_tokens: int = Field(64, ge=1)
+    max_latency_s: float = Field(10.0, gt=0, description="slower than this is degraded")
+    min_tokens_per_s: float = Field(1.0, ge=0, description="slower than this is degraded")
+    min_free_disk_gb: float = Field(5.0, ge=0)
+    min_free_memory_gb: float = Field(1.0, ge=0)
+    max_gpu_memory_fraction: float = Field(0.95, gt=0, le=1)
+
+
+# ----------------------------------------------------------------------------- logging / pipeline
+
+class LoggingConfig(_Section):
+    log_dir: RelPath = Path("logs")
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    retention_days: int = Field(14, ge=0, description="0 keeps logs forever")
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+
+class PipelineConfig(_Section):
+    stages: list[Stage] = Field(default_factory=lambda: list(STAGES), min_length=1)
+    continue_on_error: bool = False
+    retries: int = Field(0, ge=0, le=20)
+    retry_backoff_s: float = Field(5.0, ge=0)
+    cleanup: bool = Field(True, description="remove temporaries (merged HF folder unless merge.save_merged_hf)")
+    work_dir: RelPath = Field(Path("work"), description="per-model adapters, merged folders, GGUFs")
+    state_dir: RelPath = Field(Path(".loradeploy"), description="run records, locks, server registry")
+
+    @field_validator("stages")
+    @classmethod
+    def _ordered(cls, v: list[str]) -> list[str]:
+        return [s for s in STAGES if s in v]
+
+
+class EvaluationConfig(_Section):
+    samples: RelPath = Path("eval_samples.jsonl")
+    output_dir: RelPath = Path("reports")
+    formats: Optional[list[QuantName]] = None
+    concurrency: int = Field(2, ge=1, le=64)
+    warmup: int = Field(1, ge=0)
+    repeats: int = Field(1, ge=1)
+    max_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    timeout_s: float = Field(60, gt=0)
+    include_base: bool = True
+    base_gguf: Literal["none", "q8_0", "f16"] = Field(
+        "none", description="also convert the base model (no adapter) for the base reference row")
+    charts: bool = True
+
+    # A format that can never be quantized can never be evaluated either.
+    _buildable = field_validator("formats")(classmethod(lambda cls, v: refuse_imatrix_formats(v)))
+
+
+class PerformanceConfig(_Section):
+    parallel_downloads: int = Field(2, ge=1, le=32)
+    max_memory_gb: Optional[float] = Field(None, gt=0, description="RAM budget; default 85% of total")
+    max_cpu_threads: int = Field(0, ge=0, description="0 = all cores")
+    gpu_memory_fraction: float = Field(0.9, gt=0, le=1)
+    mixed_precision: Literal["auto", "fp16", "bf16", "no"] = "auto"
+    min_free_disk_gb: float = Field(1.0, ge=0, description="disk that must stay free after a stage's writes")

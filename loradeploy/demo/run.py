@@ -1,0 +1,64 @@
+"""The embedded default: a tiny base + persona adapter built locally, and the config to run them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from ..config import STAGES, Config, load_config
+from ..fsutil import atomic_write_text
+from .adapters import train_adapter
+from .builders import build_base
+from .samples import EXAMPLE_PROMPT, get_persona, write_demo_eval_samples
+
+DEMO_MODEL = "majora"
+
+
+def available_stages() -> list[str]:
+    """The demo runs every stage. Every stage module ships in this version; the list comes from the
+    config rather than the stage registry so the demo never imports the stages above it."""
+    return list(STAGES)
+
+
+def demo_config_dict(base: Path, adapter: Path, samples: Path, *, port: int,
+                     persona_prompt: str, example_prompt: str) -> dict:
+    return {
+        "models": {
+            DEMO_MODEL: {
+                "base_model": str(base),
+                "adapter": str(adapter),
+                "system_prompt": persona_prompt,
+                "port": port,
+                "version": "v1",
+            }
+        },
+        "quantization": {"formats": ["Q4_K_M", "Q5_K_M", "Q8_0"], "primary_format": "Q4_K_M"},
+        "deployment": {"targets": ["llamacpp"], "models_dir": "models",
+                       "llamacpp": {"n_ctx": 512, "startup_timeout_s": 120}},
+        "health_check": {"test_prompts": [example_prompt], "max_tokens": 32, "min_free_disk_gb": 0.5},
+        "evaluation": {"samples": str(samples), "output_dir": "reports", "max_tokens": 32, "repeats": 1,
+                       "base_gguf": "q8_0"},
+        "logging": {"log_dir": "logs", "level": "INFO"},
+        "pipeline": {"stages": available_stages(), "work_dir": "work", "state_dir": ".loradeploy"},
+        "performance": {"min_free_disk_gb": 0.2},
+    }
+
+
+def prepare_demo(workdir: Path, *, arch: str = "llama", port: int = 5000, progress=None) -> Config:
+    """Build (or reuse) the demo models in ``workdir`` and write ``workdir/deployment_config.yaml``."""
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    base = build_base(workdir / "models" / f"base-{arch}", arch, progress=progress)
+    adapter = train_adapter(base, workdir / "adapters" / DEMO_MODEL, persona=DEMO_MODEL, progress=progress)
+    samples = workdir / "eval_samples.jsonl"
+    if not samples.exists():
+        write_demo_eval_samples(samples, persona=DEMO_MODEL)
+    data = demo_config_dict(base, adapter, samples, port=port,
+                            persona_prompt=get_persona(DEMO_MODEL).system_prompt, example_prompt=EXAMPLE_PROMPT)
+    path = workdir / "deployment_config.yaml"
+    header = ("# Written by `loradeploy demo`. Re-run it with: loradeploy run -c " + str(path) +
+              "\n# Copy it as a starting point; examples/deployment_config.yaml documents every key.\n")
+    text = header + yaml.safe_dump(data, sort_keys=False)
+    if not path.exists() or path.read_text() != text:
+        atomic_write_text(path, text)
+    return load_config(path)

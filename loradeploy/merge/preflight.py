@@ -1,0 +1,112 @@
+"""Before any weight moves: does the adapter fit this base, is there disk and memory for the whole
+run, and can llama.cpp's converter take this model? Each failure names what to change."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from ..errors import MergeError
+from ..resources import memory_budget_bytes, require_disk, require_memory
+from ..tools import converter
+from .hf_folder import AdapterInfo, BaseModelInfo, load_adapter_info, load_base_info, resolve_base
+
+if TYPE_CHECKING:
+    from ..config import MergeConfig, PerformanceConfig
+
+# bits per weight by format, for the disk estimate of the whole run
+BPW = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.6, "Q5_K_M": 5.7, "Q5_K_S": 5.5, "Q5_0": 5.5,
+       "Q5_1": 6, "Q4_K_M": 4.9, "Q4_K_S": 4.6, "Q4_0": 4.5, "Q4_1": 5, "Q3_K_L": 4.3, "Q3_K_M": 3.9,
+       "Q3_K_S": 3.5, "Q2_K": 3.4}
+
+
+@dataclass
+class MergePlan:
+    base: BaseModelInfo
+    adapter: AdapterInfo
+    strategy: str        # stream | peft | unsloth
+    converter: dict      # the converter preflight's findings, recorded with the merge
+
+
+def _same_base(a: str, b: str) -> bool:
+    def norm(s: str) -> str:
+        s = s.rstrip("/").lower()
+        return s.rsplit("/", 1)[-1]
+    return bool(a) and norm(a) == norm(b)
+
+
+def check_adapter_against_base(adapter: AdapterInfo, base: BaseModelInfo, configured_base: str,
+                               *, allow_mismatch: bool) -> list[str]:
+    """Raise MergeError when the adapter cannot apply to this base; return warnings otherwise."""
+    warnings: list[str] = []
+    named = adapter.base_name
+    if named and not (_same_base(named, configured_base) or _same_base(named, str(base.path))):
+        msg = f"adapter was trained on {named!r} but the configured base is {configured_base!r}"
+        if not allow_mismatch:
+            raise MergeError(msg, hint="fix models.<name>.base_model, or set merge.allow_base_mismatch: true "
+                                       "if it is the same model under another name")
+        warnings.append(msg)
+    for module, pair in sorted(adapter.pairs.items()):
+        wkey = f"{module}.weight"
+        if wkey not in base.tensors:
+            raise MergeError(f"adapter targets {module}, which the base model {base.path.name} does not have",
+                             hint="the adapter was trained for another architecture or base")
+        shape = base.tensors[wkey][1]["shape"]
+        if len(shape) != 2:
+            raise MergeError(f"adapter targets {module} whose weight is {len(shape)}-D; only Linear/Embedding merge")
+        r_a, r_b = pair.a_shape[0], pair.b_shape[-1]
+        if pair.embedding:
+            want_a, want_b = [r_a, shape[0]], [shape[1], r_b]
+        else:
+            fan = bool(adapter.config.get("fan_in_fan_out"))
+            out_f, in_f = (shape[1], shape[0]) if fan else (shape[0], shape[1])
+            want_a, want_b = [r_a, in_f], [out_f, r_b]
+        if list(pair.a_shape) != want_a or list(pair.b_shape) != want_b or r_a != r_b:
+            raise MergeError(
+                f"adapter shape mismatch at {module}: lora_A {pair.a_shape} / lora_B {pair.b_shape} do not fit the "
+                f"base weight {shape}", hint="the adapter was trained for another base model (different size)")
+    for tname, key in adapter.full_tensors.items():
+        bshape = base.tensors.get(tname, (None, {"shape": None}))[1]["shape"]
+        ashape = adapter.header[key]["shape"]
+        if bshape is None:
+            if tname == "lm_head.weight" and base.config.get("tie_word_embeddings"):
+                continue
+            raise MergeError(f"adapter replaces {tname}, which the base model does not have")
+        if list(bshape) != list(ashape):
+            raise MergeError(f"adapter shape mismatch at {tname}: {ashape} vs base {bshape}",
+                             hint="the adapter was trained for another base (or with a resized vocabulary)")
+    return warnings
+
+
+def resolve_strategy(choice: str, adapter: AdapterInfo) -> str:
+    if choice == "auto":
+        return "stream" if adapter.plain_lora else "peft"
+    if choice == "stream" and not adapter.plain_lora:
+        raise MergeError("merge.strategy stream handles plain LoRA only (this adapter uses "
+                         f"{'DoRA' if adapter.config.get('use_dora') else 'extra weights'})",
+                         hint="set merge.strategy: peft (or auto)")
+    return choice
+
+
+def plan_merge(base_model: str, adapter_dir: Path, *, merge: "MergeConfig", performance: "PerformanceConfig",
+               formats: list[str], work_dir: Path, converter_cache: Path, log_path: Path,
+               log: logging.Logger, progress: Callable[[str, float, float], None]) -> MergePlan:
+    """Every check that can fail before the merge starts, cheapest first (headers, then the converter)."""
+    base_dir = resolve_base(base_model)
+    base = load_base_info(base_dir)
+    adapter = load_adapter_info(adapter_dir)
+    for w in check_adapter_against_base(adapter, base, base_model, allow_mismatch=merge.allow_base_mismatch):
+        log.warning(w)
+    strategy = resolve_strategy(merge.strategy, adapter)
+    # disk: merged folder + F16 GGUF + every quant, all in work_dir
+    params = base.param_count
+    need = params * 2 * 2 + sum(int(params * BPW.get(f, 8) / 8) for f in formats)
+    require_disk(work_dir, need, performance.min_free_disk_gb, "merge, convert and quantize")
+    budget = memory_budget_bytes(performance.max_memory_gb)
+    mem = base.largest_tensor_bytes * 4 + 256 * 1024 ** 2 if strategy == "stream" else int(params * 2 * 1.3)
+    require_memory(mem, budget, f"the {strategy} merge")
+    progress("converter preflight", 0, 0)
+    conv = converter.cached_preflight(base_dir, converter_cache, log_path=log_path)
+    log.info("converter preflight: %s", conv)
+    return MergePlan(base, adapter, strategy, conv)

@@ -1,0 +1,35 @@
+"""Run the planned strategy into a temporary folder that becomes the merged folder only when complete."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from ..fsutil import atomic_output
+from .hf_folder import copy_side_files, folder_digest
+from .preflight import MergePlan
+
+if TYPE_CHECKING:
+    from ..config import MergeConfig
+
+
+def merge_folder(plan: MergePlan, out: Path, merge: "MergeConfig",
+                 progress: Callable[[str, float, float], None]) -> tuple[str, dict]:
+    """Write the merged HF folder to ``out``; returns (digest of the folder, facts for the record)."""
+    # torch is imported only here: preflight and folder reading stay light for the other stages
+    from .peft import peft_merge, unsloth_merge
+    from .stream import output_dtype, stream_merge
+
+    base, adapter = plan.base, plan.adapter
+    dtype = output_dtype(merge.dtype, base.dtype)
+    with atomic_output(out, is_dir=True) as tmp:
+        if plan.strategy == "stream":
+            info = stream_merge(base, adapter, tmp, dtype=dtype, progress=progress)
+            copy_side_files(base.path, adapter.path, tmp, dtype)
+            info["dtype"] = str(dtype).removeprefix("torch.")
+        elif plan.strategy == "peft":
+            info = peft_merge(base, adapter, tmp, dtype=dtype, device=merge.device,
+                              trust_remote_code=merge.trust_remote_code, max_shard_size=merge.max_shard_size,
+                              progress=progress)
+        else:
+            info = unsloth_merge(base, adapter, tmp, dtype=dtype)
+    return folder_digest(out), info

@@ -1,0 +1,135 @@
+"""The backend worker: llama-cpp-python's OpenAI-compatible app on a loopback port, in the CPU
+mode the runtime decided, with the model's system-prompt rule applied. Logs to server.log."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from ..llamacpp.runtime import apply_mode
+from .routes import INFO_PATH
+
+
+def _log(msg: str) -> None:
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} [{os.getpid()}] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- system prompt rule
+
+def apply_system_prompt(body: bytes, prompt: str) -> bytes:
+    """Give a chat request without a system message the configured one; keep a request's own."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body  # let the server answer the malformed request with its own error
+    msgs = data.get("messages") if isinstance(data, dict) else None
+    if not prompt or not isinstance(msgs, list):
+        return body
+    if any(isinstance(m, dict) and m.get("role") in ("system", "developer") for m in msgs):
+        return body
+    data["messages"] = [{"role": "system", "content": prompt}, *msgs]
+    return json.dumps(data).encode()
+
+
+class SystemPromptMiddleware:
+    """ASGI middleware: rewrites POST /v1/chat/completions bodies before the route parses them."""
+
+    def __init__(self, app, prompt: str):
+        self.app = app
+        self.prompt = prompt
+
+    async def __call__(self, scope, receive, send):
+        if (scope["type"] != "http" or scope["method"] != "POST" or not self.prompt
+                or scope["path"].rstrip("/") != "/v1/chat/completions"):
+            return await self.app(scope, receive, send)
+        chunks, more = [], True
+        while more:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return  # client went away before sending its body
+            chunks.append(msg.get("body", b""))
+            more = msg.get("more_body", False)
+        body = apply_system_prompt(b"".join(chunks), self.prompt)
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        scope = dict(scope, headers=headers)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+_LOG_CALLBACK = None  # kept referenced: llama.cpp holds only a C pointer to it
+
+
+def _quiet_llama(verbose: bool) -> None:
+    """Route llama.cpp's log to server.log: warnings and errors always (why a file will not load),
+    its hundreds of info lines per load only when verbose. llama-cpp-python's own filter maps the
+    ggml levels of the llama.cpp it bundles wrongly (ERROR=4 reads as DEBUG and is dropped), so
+    this process installs its own callback with ggml.h's levels."""
+    global _LOG_CALLBACK
+    import ctypes
+
+    import llama_cpp
+
+    warn, error, cont = 3, 4, 5  # ggml_log_level in ggml.h
+    shown = {"last": False}
+
+    @llama_cpp.llama_log_callback
+    def callback(level, text, _user):
+        show = shown["last"] if level == cont else (verbose or level in (warn, error))
+        shown["last"] = show
+        if show:
+            sys.stderr.write(text.decode("utf-8", errors="replace"))
+            sys.stderr.flush()
+
+    _LOG_CALLBACK = callback
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
+def run_backend(conf: dict) -> int:
+    import uvicorn
+    from fastapi.responses import JSONResponse
+    from llama_cpp.server.app import create_app
+    from llama_cpp.server.settings import ModelSettings, ServerSettings
+
+    apply_mode(conf.get("extra_bufts", True) is not False)
+    _log(f"llama.cpp CPU mode: {conf.get('cpu_mode') or ('default' if conf.get('extra_bufts', True) else 'safe')}")
+    t0 = time.monotonic()
+    # interrupt_requests=False: overlapping requests queue instead of cutting a stream short
+    server = ServerSettings(host=conf["host"], port=conf["port"], api_key=None, interrupt_requests=False)
+    model = ModelSettings(model=conf["gguf"], model_alias=conf["alias"], n_ctx=conf["n_ctx"],
+                          n_threads=conf["threads"], n_threads_batch=conf["threads"],
+                          n_gpu_layers=conf["n_gpu_layers"], n_batch=conf["n_batch"], chat_format=None,
+                          verbose=True, **conf.get("model_extra", {}))
+    # verbose=True only stops llama-cpp-python from muting stdout/stderr while loading; what
+    # llama.cpp logs is filtered by _quiet_llama.
+    _quiet_llama(bool(conf.get("verbose", False)))
+    app = create_app(server_settings=server, model_settings=[model])
+    from llama_cpp.server import app as app_module
+
+    loaded = getattr(app_module, "_llama_proxy", None)
+    if loaded is not None and getattr(loaded, "_current_model", None) is not None:
+        loaded._current_model.verbose = bool(conf.get("verbose", False))  # no per-request timings
+    info = {k: conf.get(k) for k in ("alias", "version", "format", "sha256", "gguf")}
+    info.update(pid=os.getpid(), system_prompt=bool(conf.get("system_prompt")), started_at=time.time())
+
+    @app.get(INFO_PATH, include_in_schema=False)
+    async def _info():
+        return JSONResponse(info)
+
+    app.add_middleware(SystemPromptMiddleware, prompt=conf.get("system_prompt") or "")
+    _log(f"backend {conf['alias']} {conf['version']} loaded {conf['gguf']} in {time.monotonic() - t0:.1f}s; "
+         f"listening on {conf['host']}:{conf['port']}")
+    # Graceful shutdown on SIGTERM: uvicorn finishes requests in flight before exiting.
+    uvicorn.run(app, host=conf["host"], port=conf["port"], log_level="warning", timeout_graceful_shutdown=60)
+    return 0
+
+

@@ -1,0 +1,220 @@
+"""The one way a llama.cpp server starts: a backend worker on a loopback port, in the CPU mode the
+runtime decided, ready only once it lists the model and answers a real completion.
+
+Deploy's per-version backends and evaluation's temporary servers both come through here.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
+
+from ..errors import HttpError, InputError, ServingError
+from ..fsutil import atomic_write_text
+from ..llamacpp import runtime
+from ..tools import proc
+from ..tools.openai_http import Client
+from .ports import pick_spare
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+WORKER = "loradeploy.serving.worker"
+
+
+def threads(cfg: "Config") -> int:
+    from ..resources import cpu_budget
+
+    return cfg.deployment.llamacpp.threads or cpu_budget(cfg.performance.max_cpu_threads)
+
+
+def extra_model_settings(args: Sequence[str]) -> dict:
+    """deployment.llamacpp.extra_args as llama-cpp-python ModelSettings fields (--name value)."""
+    from llama_cpp.server.settings import ModelSettings
+
+    out: dict[str, Any] = {}
+    items = list(args)
+    i = 0
+    while i < len(items):
+        key = items[i]
+        if not key.startswith("--"):
+            raise InputError(f"deployment.llamacpp.extra_args: expected --name value, got {key!r}")
+        key, eq, val = key[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(items):
+                raise InputError(f"deployment.llamacpp.extra_args: --{key} has no value")
+            val, i = items[i + 1], i + 1
+        key = key.replace("-", "_")
+        if key not in ModelSettings.model_fields:
+            raise InputError(f"deployment.llamacpp.extra_args: unknown llama.cpp server setting --{key}",
+                             hint="use a llama_cpp.server ModelSettings field, e.g. --flash_attn true")
+        out[key] = val
+        i += 1
+    return out
+
+
+def settings_hash(cfg: "Config", model: str) -> str:
+    s = cfg.deployment.llamacpp
+    blob = json.dumps([cfg.models[model].system_prompt, s.n_ctx, threads(cfg), s.n_gpu_layers, s.n_batch,
+                       list(s.extra_args)])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def worker_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("CONFIG_FILE", "MODEL", "API_KEY")}
+    # The worker must import this package even when loradeploy is run from a checkout.
+    root = str(Path(__file__).resolve().parent.parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def spawn_worker(kind: str, conf: dict, conf_path: Path, log_path: Path) -> dict:
+    """Write ``conf`` and start ``python -m loradeploy.serving.worker KIND CONF`` detached."""
+    atomic_write_text(conf_path, json.dumps(conf, indent=2))
+    child = proc.spawn([sys.executable, "-m", WORKER, kind, str(conf_path)], log_path=log_path,
+                       env=worker_env(), cwd=conf_path.parent, replace_env=True)
+    return {**child.as_record(), "config": str(conf_path)}
+
+
+def log_tail(path: Path, lines: int = 50, since: int = 0) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            start = max(since, f.tell() - 256 * 1024)
+            f.seek(start)
+            data = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(data.splitlines()[-lines:])
+
+
+def last_lines(path: Path, since: int, n: int = 3) -> str:
+    """The most telling line a server wrote after byte ``since`` (llama.cpp's own error, if any),
+    then its last ``n`` lines."""
+    lines = [l.strip() for l in log_tail(path, 200, since).splitlines() if l.strip() and not l.startswith("$ ")]
+    if not lines:
+        return "no output"
+    telling = next((l for key in ("error loading model", "llama_model_load: error", "error", "Error")
+                    for l in reversed(lines) if key in l and not l.startswith("File ")), None)
+    tail = " | ".join(lines[-n:])
+    return (f"{telling[:300]} … {tail}" if telling and telling not in tail else tail)[-700:]
+
+
+@dataclass
+class Started:
+    record: dict                 # pid, create_time, config, port, ready_s, mode
+    url: str
+    mode: runtime.Mode
+
+
+def _wait_ready(alias: str, port: int, rec: dict, log_path: Path, log_from: int, timeout: float) -> None:
+    """Ready = /v1/models lists the alias and one chat completion succeeds, within ``timeout``."""
+    client = Client(f"http://127.0.0.1:{port}", timeout=5)
+    end = time.monotonic() + timeout
+    listed, last = False, "no answer yet"
+    while time.monotonic() < end:
+        if not proc.alive(rec):
+            raise _Died(proc.exit_status(rec))
+        try:
+            if not listed:
+                ids = client.model_ids(timeout=5)
+                listed, last = alias in ids, f"/v1/models lists {ids}"
+            if listed:
+                r = client.chat({"model": alias, "max_tokens": 1, "temperature": 0,
+                                 "messages": [{"role": "user", "content": "ping"}]},
+                                timeout=max(5.0, end - time.monotonic()))
+                if r.ok and isinstance(r.data, dict) and r.data.get("choices"):
+                    return
+                last = f"probe completion answered {r.status}: {str(r.data)[:200]}"
+        except HttpError as exc:
+            last = exc.message
+        time.sleep(0.1)
+    raise ServingError(f"llama.cpp server for {alias} was not ready within {timeout:.0f}s ({last})",
+                       hint=f"raise deployment.llamacpp.startup_timeout_s or see {log_path}")
+
+
+class _Died(Exception):
+    def __init__(self, code: Optional[int]):
+        self.code = code
+
+
+def start_backend(cfg: "Config", alias: str, gguf: Path, *, log_path: Path, conf_dir: Path,
+                  taken: set[int] = frozenset(), system_prompt: Optional[str] = None,
+                  version: str = "", fmt: str = "", sha256: str = "") -> Started:
+    """Start a backend serving ``gguf`` as ``alias`` on a spare loopback port and wait until it is ready.
+
+    A backend that dies while starting is reported with how it died and its last log lines. When
+    it dies of a signal in the default CPU mode (which passed the probe), it is started once more
+    in safe mode and, if that works, the machine's verdict becomes safe.
+    """
+    s = cfg.deployment.llamacpp
+    gguf = Path(gguf)
+    if not gguf.is_file():
+        raise InputError(f"GGUF {gguf} not found", hint="quantize or deploy it first")
+    extra = extra_model_settings(s.extra_args)
+    mode = runtime.decide()
+    taken = set(taken)
+    attempts: list[str] = []
+    for _ in range(4):
+        port = pick_spare(s.spare_port_range, taken)
+        conf = {"alias": alias, "version": version, "format": fmt, "sha256": sha256, "gguf": str(gguf),
+                "host": "127.0.0.1", "port": port, "n_ctx": s.n_ctx, "threads": threads(cfg),
+                "n_gpu_layers": s.n_gpu_layers, "n_batch": s.n_batch, "model_extra": extra,
+                "system_prompt": system_prompt or "", "extra_bufts": mode.extra_bufts,
+                "cpu_mode": mode.describe()}
+        log_from = log_path.stat().st_size if log_path.exists() else 0
+        t0 = time.monotonic()
+        rec = spawn_worker("backend", conf, conf_dir / f"backend-{port}.json", log_path)
+        rec.update(port=port, version=version, started_at=time.time(), cpu_mode=mode.name)
+        try:
+            _wait_ready(alias, port, rec, log_path, log_from, s.startup_timeout_s)
+        except _Died as died:
+            how = proc.describe_exit(died.code)
+            tail = last_lines(log_path, log_from)
+            proc.stop(rec, grace=5)
+            if "address already in use" in tail.lower():
+                taken.add(port)
+                continue
+            attempts.append(f"{mode.name} mode: {how}")
+            if mode.name == "default" and died.code is not None and died.code < 0:
+                mode = runtime.demote(f"default mode passed the probe, but a server of {gguf.name} was {how}")
+                continue
+            raise ServingError(f"llama.cpp server for {alias} exited during startup: {'; '.join(attempts)}; "
+                               f"last log lines: {tail}", hint=f"see {log_path}") from None
+        except BaseException:
+            proc.stop(rec, grace=5)
+            raise
+        rec["ready_s"] = round(time.monotonic() - t0, 3)
+        return Started(rec, f"http://127.0.0.1:{port}", mode)
+    raise ServingError(f"llama.cpp server for {alias} could not start: {'; '.join(attempts) or 'ports kept being taken'}",
+                       hint=f"see {log_path}")
+
+
+def crash_report(rec: dict, log_path: Path, what: str) -> str:
+    """How a server that was running has ended, for health and status: signal/exit and its last lines."""
+    return f"{what} {proc.describe_exit(proc.exit_status(rec))} (CPU mode {rec.get('cpu_mode', '?')}); " \
+           f"last log lines: {last_lines(log_path, 0)}"
+
+
+@dataclass
+class TempServer:
+    url: str
+    pid: int
+    runtime: dict      # the CPU mode it ran in and why (runtime.Mode.as_dict())
+    record: dict
+
+
+@contextlib.contextmanager
+def temp_server(cfg: "Config", gguf: Path, alias: str, log_path: Path) -> Iterator[TempServer]:
+    """Serve ``gguf`` on a free loopback port for the duration of the block (evaluation's servers)."""
+    started = start_backend(cfg, alias, Path(gguf), log_path=log_path, conf_dir=log_path.parent)
+    try:
+        yield TempServer(started.url, started.record["pid"], started.mode.as_dict(), started.record)
+    finally:
+        proc.stop(started.record, grace=10)

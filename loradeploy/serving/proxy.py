@@ -1,0 +1,274 @@
+"""The front proxy worker: owns a model's public port and forwards each HTTP request to the backend
+named in its control file (re-read on SIGHUP), so a new version is swapped in between requests and
+no client ever sees a refused or cut connection. With an api key configured, every route needs
+``Authorization: Bearer KEY`` (compared by sha256, so only the hash is on disk)."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from .routes import PROXY_PATH
+
+HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
+              b"proxy-authorization", b"te", b"trailer", b"upgrade", b"expect"}
+MAX_HEAD = 64 * 1024
+
+
+def _log(msg: str) -> None:
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} [{os.getpid()}] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- front proxy
+
+class _HTTPError(Exception):
+    pass
+
+
+async def _read_head(reader: asyncio.StreamReader) -> bytes | None:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial.strip():
+            raise _HTTPError("incomplete request head") from None
+        return None  # clean close between requests
+    except asyncio.LimitOverrunError:
+        raise _HTTPError("request head too large") from None
+    return head
+
+
+def _parse_head(head: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    lines = head[:-4].split(b"\r\n")
+    out = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep:
+            raise _HTTPError("malformed header line")
+        out.append((name.strip(), value.strip()))
+    return lines[0], out
+
+
+def _get(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for k, v in headers:
+        if k.lower() == name:
+            return v
+    return None
+
+
+def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[str, int]:
+    te = _get(headers, b"transfer-encoding")
+    if te is not None and b"chunked" in te.lower():
+        return "chunked", 0
+    cl = _get(headers, b"content-length")
+    if cl is not None:
+        try:
+            return "length", int(cl)
+        except ValueError:
+            raise _HTTPError("bad content-length") from None
+    return "none", 0
+
+
+async def _copy_body(reader, writer, kind: str, length: int) -> None:
+    """Copy one message body verbatim, flushing as it arrives (server-sent events stay live)."""
+    if kind == "length":
+        left = length
+        while left:
+            data = await reader.read(min(left, 65536))
+            if not data:
+                raise _HTTPError("body ended early")
+            writer.write(data)
+            await writer.drain()
+            left -= len(data)
+    elif kind == "chunked":
+        while True:
+            size_line = await reader.readuntil(b"\r\n")
+            writer.write(size_line)
+            size = int(size_line.split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while True:  # trailers end with an empty line
+                    line = await reader.readuntil(b"\r\n")
+                    writer.write(line)
+                    if line == b"\r\n":
+                        break
+                await writer.drain()
+                return
+            writer.write(await reader.readexactly(size + 2))
+            await writer.drain()
+    elif kind == "eof":
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                return
+            writer.write(data)
+            await writer.drain()
+
+
+async def _skip_body(reader, kind: str, length: int) -> None:
+    """Read and drop a refused request's body, so the connection stays usable for the next request."""
+    class _Sink:
+        def write(self, data):
+            pass
+
+        async def drain(self):
+            pass
+
+    await _copy_body(reader, _Sink(), kind, length)
+
+
+class Proxy:
+    def __init__(self, conf: dict):
+        self.conf = conf
+        self.control = Path(conf["control"])
+        self.backend_port: int | None = None
+        self.version: str | None = None
+        self.inflight: dict[int, int] = {}
+        self.served = 0
+        self.refused = 0
+        self.reload()
+
+    def authorized(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        want = self.conf.get("api_key_sha256")
+        if not want:
+            return True
+        got = _get(headers, b"authorization") or b""
+        scheme, _, token = got.partition(b" ")
+        if scheme.lower() != b"bearer" or not token.strip():
+            return False
+        return hmac.compare_digest(hashlib.sha256(token.strip()).hexdigest(), want)
+
+    def reload(self) -> None:
+        try:
+            data = json.loads(self.control.read_text())
+            port = int(data["backend_port"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            _log(f"proxy: cannot read control file {self.control}: {exc}; keeping backend {self.backend_port}")
+            return
+        if port != self.backend_port:
+            _log(f"proxy: backend {self.backend_port} -> {port} (version {data.get('version')})")
+        self.backend_port, self.version = port, data.get("version")
+
+    async def _open_backend(self):
+        """Connect to the current backend; a refused connect re-reads the control file and retries,
+        covering the moment between a switch and the old backend closing its socket."""
+        deadline = time.monotonic() + float(self.conf.get("connect_retry_s", 5))
+        while True:
+            port = self.backend_port
+            try:
+                r, w = await asyncio.open_connection("127.0.0.1", port)
+                return port, r, w
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+                self.reload()
+
+    async def handle(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
+        try:
+            while await self._one(creader, cwriter):
+                pass
+        except (_HTTPError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+            _log(f"proxy: connection dropped: {type(exc).__name__}: {exc}")
+        finally:
+            cwriter.close()
+
+    async def _one(self, creader, cwriter) -> bool:
+        head = await _read_head(creader)
+        if head is None:
+            return False
+        reqline, headers = _parse_head(head)
+        parts = reqline.split(b" ")
+        if len(parts) != 3:
+            raise _HTTPError("malformed request line")
+        method, target, proto = parts
+        conn = (_get(headers, b"connection") or b"").lower()
+        keep = (b"close" not in conn) if proto == b"HTTP/1.1" else (b"keep-alive" in conn)
+        if not self.authorized(headers):
+            await _skip_body(creader, *_framing(headers))
+            msg = (b'{"error":{"message":"missing or wrong API key: send Authorization: Bearer KEY",'
+                   b'"type":"invalid_request_error","code":"invalid_api_key"}}')
+            cwriter.write(b"HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\n"
+                          b"www-authenticate: Bearer\r\ncontent-length: " + str(len(msg)).encode()
+                          + b"\r\n" + (b"" if keep else b"connection: close\r\n") + b"\r\n" + msg)
+            await cwriter.drain()
+            self.refused += 1
+            return keep
+        if target.split(b"?")[0] == PROXY_PATH.encode():
+            body = json.dumps({"backend_port": self.backend_port, "version": self.version,
+                               "inflight": self.inflight, "served": self.served, "refused": self.refused, "pid": os.getpid()}).encode()
+            cwriter.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+                          + str(len(body)).encode() + b"\r\n\r\n" + body)
+            await cwriter.drain()
+            return keep
+        if (_get(headers, b"expect") or b"").lower() == b"100-continue":
+            cwriter.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        kind, length = _framing(headers)
+        try:
+            port, breader, bwriter = await self._open_backend()
+        except OSError:
+            msg = b'{"error":{"message":"no backend is reachable","type":"server_error"}}'
+            cwriter.write(b"HTTP/1.1 502 Bad Gateway\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                          b"content-length: " + str(len(msg)).encode() + b"\r\n\r\n" + msg)
+            await cwriter.drain()
+            return False
+        self.inflight[port] = self.inflight.get(port, 0) + 1
+        try:
+            out = [reqline] + [k + b": " + v for k, v in headers if k.lower() not in HOP_BY_HOP]
+            out.append(b"connection: close")
+            bwriter.write(b"\r\n".join(out) + b"\r\n\r\n")
+            await _copy_body(creader, bwriter, kind, length)
+            rhead = await breader.readuntil(b"\r\n\r\n")
+            status, rheaders = _parse_head(rhead)
+            code = int(status.split(b" ")[1]) if len(status.split(b" ")) > 1 else 502
+            rkind, rlen = _framing(rheaders)
+            if method == b"HEAD" or code in (204, 304) or 100 <= code < 200:
+                rkind = "none"
+            elif rkind == "none":
+                rkind, keep = "eof", False  # body ends when the backend closes: so must we
+            out = [status] + [k + b": " + v for k, v in rheaders if k.lower() not in HOP_BY_HOP]
+            out.append(b"connection: keep-alive" if keep else b"connection: close")
+            cwriter.write(b"\r\n".join(out) + b"\r\n\r\n")
+            await _copy_body(breader, cwriter, rkind, rlen)
+            self.served += 1
+            return keep
+        finally:
+            self.inflight[port] -= 1
+            if not self.inflight[port]:
+                del self.inflight[port]
+            bwriter.close()
+
+
+async def _serve_proxy(conf: dict) -> None:
+    proxy = Proxy(conf)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, proxy.reload)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    server = await asyncio.start_server(proxy.handle, conf["host"], conf["port"], limit=MAX_HEAD,
+                                        reuse_address=True)
+    _log(f"proxy for {conf['alias']} listening on {conf['host']}:{conf['port']} -> backend {proxy.backend_port}")
+    async with server:
+        await stop.wait()
+        server.close()
+        # Let requests in flight finish (bounded) before the process exits.
+        end = time.monotonic() + 30
+        while proxy.inflight and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+    _log("proxy stopped")
+
+
+def run_proxy(conf: dict) -> int:
+    try:
+        asyncio.run(_serve_proxy(conf))
+    except OSError as exc:
+        _log(f"proxy cannot listen on {conf['host']}:{conf['port']}: {exc}")
+        return 3
+    return 0
+
+
