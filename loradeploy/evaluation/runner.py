@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence
 
 from ..config import Config
 from ..errors import EvalError, InputError
+from ..serving import registry_entry
 from ..serving.ports import pid_listening_on
 from . import metrics
 from .chat import Api
@@ -150,6 +151,8 @@ class _TargetRun:
         tr = TargetResult(self.t, n_samples=len(self.samples))
         gpu: Optional[int] = None
         if self.t.base_url:
+            if self.t.live:  # the mode the deployed server was started in, as recorded when it started
+                self.runtime = (registry_entry(self.cfg, self.t.model) or {}).get("cpu_mode")
             rows, err = self._serve(self.t.base_url, self.t.pid)
             gpu = gpu_memory_bytes(self.pid) if self.pid else None
         else:

@@ -21,6 +21,7 @@ from ..llamacpp import runtime
 from ..tools import proc
 from ..tools.openai_http import Client
 from .ports import pick_spare
+from .registry import exit_path, recorded_exit
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -77,6 +78,7 @@ def worker_env() -> dict[str, str]:
 def spawn_worker(kind: str, conf: dict, conf_path: Path, log_path: Path) -> dict:
     """Write ``conf`` and start ``python -m loradeploy.serving.worker KIND CONF`` detached."""
     atomic_write_text(conf_path, json.dumps(conf, indent=2))
+    exit_path(conf_path).unlink(missing_ok=True)  # a verdict left by an earlier server on this port
     child = proc.spawn([sys.executable, "-m", WORKER, kind, str(conf_path)], log_path=log_path,
                        env=worker_env(), cwd=conf_path.parent, replace_env=True)
     return {**child.as_record(), "config": str(conf_path)}
@@ -120,7 +122,7 @@ def _wait_ready(alias: str, port: int, rec: dict, log_path: Path, log_from: int,
     listed, last = False, "no answer yet"
     while time.monotonic() < end:
         if not proc.alive(rec):
-            raise _Died(proc.exit_status(rec))
+            raise _Died(proc.exit_status(rec), recorded_exit(rec))
         try:
             if not listed:
                 ids = client.model_ids(timeout=5)
@@ -140,8 +142,10 @@ def _wait_ready(alias: str, port: int, rec: dict, log_path: Path, log_from: int,
 
 
 class _Died(Exception):
-    def __init__(self, code: Optional[int]):
-        self.code = code
+    def __init__(self, code: Optional[int], how: Optional[str]):
+        self.code, self.how = code, how or proc.describe_exit(code)
+        # the supervisor's own exit status mirrors a signal death of the server as 128+N
+        self.by_signal = (how or "").startswith("killed by") or (code is not None and (code < 0 or code > 128))
 
 
 def start_backend(cfg: "Config", alias: str, gguf: Path, *, log_path: Path, conf_dir: Path,
@@ -175,14 +179,14 @@ def start_backend(cfg: "Config", alias: str, gguf: Path, *, log_path: Path, conf
         try:
             _wait_ready(alias, port, rec, log_path, log_from, s.startup_timeout_s)
         except _Died as died:
-            how = proc.describe_exit(died.code)
+            how = died.how
             tail = last_lines(log_path, log_from)
             proc.stop(rec, grace=5)
             if "address already in use" in tail.lower():
                 taken.add(port)
                 continue
             attempts.append(f"{mode.name} mode: {how}")
-            if mode.name == "default" and died.code is not None and died.code < 0:
+            if mode.name == "default" and died.by_signal:
                 mode = runtime.demote(f"default mode passed the probe, but a server of {gguf.name} was {how}")
                 continue
             raise ServingError(f"llama.cpp server for {alias} exited during startup: {'; '.join(attempts)}; "
@@ -194,12 +198,6 @@ def start_backend(cfg: "Config", alias: str, gguf: Path, *, log_path: Path, conf
         return Started(rec, f"http://127.0.0.1:{port}", mode)
     raise ServingError(f"llama.cpp server for {alias} could not start: {'; '.join(attempts) or 'ports kept being taken'}",
                        hint=f"see {log_path}")
-
-
-def crash_report(rec: dict, log_path: Path, what: str) -> str:
-    """How a server that was running has ended, for health and status: signal/exit and its last lines."""
-    return f"{what} {proc.describe_exit(proc.exit_status(rec))} (CPU mode {rec.get('cpu_mode', '?')}); " \
-           f"last log lines: {last_lines(log_path, 0)}"
 
 
 @dataclass

@@ -110,3 +110,19 @@ def endpoints(cfg: "Config", models: Optional[Sequence[str]] = None) -> list[End
         pid = int(backend.get("pid") or 0) if e.get("state") != "stopped" else 0
         out.append(Endpoint(name, e["version"], e["format"], e["url"], int(e["port"]), pid, e["gguf"], e["sha256"]))
     return out
+
+
+def exit_path(conf_path: Path | str) -> Path:
+    """Where a backend's supervisor writes how the server ended (next to the backend's config)."""
+    conf_path = Path(conf_path)
+    return conf_path.with_name(conf_path.stem + ".exit.json")
+
+
+def recorded_exit(rec: dict | None) -> Optional[str]:
+    """"killed by SIGSEGV" / "exited with code 1" for a backend that ended, if its supervisor said so."""
+    if not rec or not rec.get("config"):
+        return None
+    try:
+        return json.loads(exit_path(rec["config"]).read_text()).get("how")
+    except (OSError, ValueError, AttributeError):
+        return None

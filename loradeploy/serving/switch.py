@@ -22,7 +22,7 @@ from ..tools.openai_http import Client
 from .launch import settings_hash, spawn_worker, start_backend, last_lines
 from .ports import client_host, port_holder
 from .routes import INFO_PATH, PROXY_PATH
-from .registry import read_registry, registry_entry, run_dir, server_log_path, update_entry
+from .registry import recorded_exit, read_registry, registry_entry, run_dir, server_log_path, update_entry
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -184,9 +184,11 @@ def model_state(cfg: "Config", model: str, entry: dict | None = None) -> tuple[s
         gone = [n for n, ok in (("proxy", proxy_ok), ("server", backend_ok)) if not ok]
         why = f"{' and '.join(gone)} process gone"
         if not backend_ok and entry.get("backend"):
-            code = proc.exit_status(entry["backend"])
-            if code is not None:
-                why += f" ({proc.describe_exit(code)})"
+            how = recorded_exit(entry["backend"])
+            if how is None and proc.exit_status(entry["backend"]) is not None:
+                how = proc.describe_exit(proc.exit_status(entry["backend"]))
+            if how:
+                why += f" (server {how} in CPU mode {entry['backend'].get('cpu_mode', '?')})"
             why += f"; last log lines: {last_lines(Path(entry.get('log') or server_log_path(cfg, model)), 0)}"
         return "dead", why
     sha = serving_sha(cfg, entry)

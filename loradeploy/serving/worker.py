@@ -7,16 +7,34 @@ import sys
 from pathlib import Path
 
 
+def _supervise_backend(conf_path: Path) -> int:
+    """The backend runs as this process's child, so that how it ends — a signal included, which
+    no other process could learn — is written next to its config for status and health to report."""
+    import time
+
+    from ..fsutil import atomic_write_text
+    from ..tools.proc import describe_exit, supervise
+    from .registry import exit_path
+
+    code = supervise([sys.executable, "-m", "loradeploy.serving.worker", "backend-child", str(conf_path)])
+    atomic_write_text(exit_path(conf_path), json.dumps({"code": code, "how": describe_exit(code), "at": time.time()}))
+    print(f"backend {describe_exit(code)}", file=sys.stderr, flush=True)
+    return code if code >= 0 else 128 - code
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) != 2 or argv[0] not in ("backend", "proxy"):
+    if len(argv) != 2 or argv[0] not in ("backend", "backend-child", "proxy"):
         print("usage: python -m loradeploy.serving.worker backend|proxy CONFIG.json", file=sys.stderr)
         return 2
-    conf = json.loads(Path(argv[1]).read_text())
-    if argv[0] == "backend":
+    conf_path = Path(argv[1])
+    conf = json.loads(conf_path.read_text())
+    if argv[0] == "backend-child":
         from .backend import run_backend
 
         return run_backend(conf)
+    if argv[0] == "backend":
+        return _supervise_backend(conf_path)
     from .proxy import run_proxy
 
     return run_proxy(conf)

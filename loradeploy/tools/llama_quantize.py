@@ -17,6 +17,9 @@ def quantize(src: str, dst: str, ftype: int, *, nthread: int, output_tensor_type
              allow_requantize: bool = False) -> int:
     import llama_cpp
 
+    from ..llamacpp.runtime import ensure_in_process
+
+    ensure_in_process()  # like every llama.cpp user here: the CPU mode is decided before first use
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = nthread
     params.ftype = ftype

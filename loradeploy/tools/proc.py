@@ -254,3 +254,25 @@ def stop(p: "Spawned | Mapping | None", grace: float = 30.0) -> None:
             child.wait(timeout=1)
         except subprocess.TimeoutExpired:
             pass
+
+
+def supervise(args: Sequence[str | os.PathLike], *, env: Mapping[str, str] | None = None) -> int:
+    """Run ``args`` as a child sharing this process's stdout/stderr, pass SIGTERM/SIGINT/SIGHUP on to
+    it, and return its exit status (negative: the signal that killed it). For a worker that must
+    report how the real server ended, which only a parent can know."""
+    argv = [os.fspath(a) for a in args]
+    child = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+
+    def forward(signum, _frame):
+        try:
+            child.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    while True:
+        try:
+            return child.wait()
+        except InterruptedError:
+            continue

@@ -628,3 +628,81 @@ def test_proxy_forwards_http_faithfully_and_switches_between_requests(tmp_path):
         proc.stop(rec, grace=5)
         a.shutdown()
         b.shutdown()
+
+
+@pytest.mark.slow
+def test_api_key_guards_every_route_of_the_port_streaming_included(cfg_factory, tiny_ggufs, tmp_path):
+    from pydantic import SecretStr
+
+    from loradeploy.errors import HttpStatusError
+
+    key = "k3y-only-in-the-environment"
+    base = cfg_factory()
+    lc = base.deployment.llamacpp.model_copy(update={"api_key": SecretStr(key)})
+    cfg = base.model_copy(update={"deployment": base.deployment.model_copy(update={"llamacpp": lc})})
+    deploy_model(cfg, MODEL, gguf=tiny_ggufs["v1", "Q8_0"])
+    url = f"http://127.0.0.1:{cfg.models[MODEL].port}"
+    for path in ("/v1/models", "/loradeploy/info", "/loradeploy/proxy", "/health"):
+        assert Client(url).get(path).status == 401, path
+        assert Client(url, api_key="wrong").get(path).status == 401, path
+        assert Client(url, api_key=key).get(path, headers={}).status != 401, path
+    body = {"model": MODEL, "max_tokens": 3, "temperature": 0, "messages": [{"role": "user", "content": "a b"}]}
+    refused = Client(url, api_key="wrong").chat(body)
+    assert refused.status == 401 and refused.data["error"]["code"] == "invalid_api_key"
+    assert Client(url, api_key=key).chat(body).status == 200
+    with pytest.raises(HttpStatusError) as err:
+        Client(url).stream_chat(body)
+    assert err.value.status == 401
+    with Client(url, api_key=key).stream_chat(body) as stream:
+        events = list(stream)
+        assert stream.done and any(ch.get("delta") for e in events for ch in e.get("choices", []))
+    # our own status checks go through the guarded port with the key
+    [row] = [r for r in serve_status(cfg) if r["model"] == MODEL]
+    assert row["state"] == "running", row
+    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and key.encode() in p.read_bytes()]
+    assert not leaked, f"the api key reached {leaked}"
+
+
+@pytest.mark.slow
+def test_a_server_that_crashes_later_is_reported_with_its_signal_and_log(cfg_factory, tiny_ggufs):
+    import psutil
+
+    cfg = cfg_factory()
+    deploy_model(cfg, MODEL, gguf=tiny_ggufs["v1", "Q8_0"])
+    backend = serving.registry_entry(cfg, MODEL)["backend"]
+    [server] = psutil.Process(backend["pid"]).children()  # the supervisor's one child: the llama.cpp server
+    os.kill(server.pid, signal.SIGSEGV)
+    deadline = time.monotonic() + 30
+    while proc.alive(backend) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    [row] = [r for r in serve_status(cfg) if r["model"] == MODEL]
+    assert row["state"] == "dead"
+    assert "server killed by SIGSEGV in CPU mode" in row["why"] and "last log lines:" in row["why"], row["why"]
+
+
+@pytest.mark.slow
+def test_default_mode_that_kills_a_real_server_is_demoted_to_safe(cfg_factory, tiny_ggufs, tmp_path, monkeypatch):
+    """A verdict of "default" (as a probe on a machine whose default mode works would give): on a CPU
+    where the default mode really kills llama.cpp the launcher retries in safe mode and remembers;
+    where it works, the server simply runs in default mode."""
+    from loradeploy.llamacpp import runtime
+
+    cache = tmp_path / "cpu-cache"
+    monkeypatch.setenv(runtime.CACHE_ENV, str(cache))
+    fp = runtime.fingerprint()
+    cache.mkdir()
+    (cache / f"llamacpp-cpu-mode-{runtime._key(fp)}.json").write_text(json.dumps(
+        {"mode": "default", "why": "default mode generated 4 tokens", "decided_at": time.time(), "attempts": [],
+         "fingerprint": fp}))
+    cfg = cfg_factory()
+    info = deploy_model(cfg, MODEL, gguf=tiny_ggufs["v1", "Q8_0"])
+    assert chat(cfg.models[MODEL].port, [{"role": "user", "content": "a b"}])["choices"]
+    mode = serving.registry_entry(cfg, MODEL)["cpu_mode"]
+    log = serving.serve_logs(cfg, MODEL, 400)
+    if mode["mode"] == "safe":
+        assert "passed the probe, but a server of" in mode["why"] and "killed by SIG" in mode["why"]
+        runtime._DECIDED.clear()
+        assert runtime.decide().name == "safe", "the demotion is remembered for this machine"
+    else:
+        assert "killed by" not in log
+    assert info["targets"]["llamacpp"]["cpu_mode"].startswith(mode["mode"])

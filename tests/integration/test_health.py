@@ -6,12 +6,7 @@ import io
 import json
 import logging
 import shutil
-import socket
-import subprocess
-import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -26,6 +21,7 @@ from loradeploy.stages.base import ModelPaths, StageContext
 from loradeploy.stages.health import HealthStage
 from tests.fixtures.gguf_models import *  # noqa: F401,F403 (tiny_ggufs, tiny_gguf_cache)
 from tests.fixtures.receivers import closed_port, free_port, silent_port  # noqa: F401
+from tests.unit.test_openai_http import LoopbackApi
 
 MODEL = "tiny"
 PROMPT = "echo: apple river"  # the demo base's task: a short answer and a stop token
@@ -59,35 +55,26 @@ def _check(checks, name):
 
 
 class LlamaServer:
+    """A real llama.cpp server started the way loradeploy starts one (serving.launch, runtime CPU mode)."""
+
     def __init__(self, gguf: Path, log: Path):
-        self.gguf, self.port = gguf, free_port()
-        self.log = open(log, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "loradeploy.tools.llama_safe", "--model", str(gguf), "--model_alias", MODEL,
-             "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", "512", "--n_threads", "1",
-             "--n_threads_batch", "1"],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        end = time.monotonic() + 120
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama_cpp.server exited with {self.proc.returncode}; see {log}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"llama_cpp.server did not listen within 120s; see {log}")
+        from loradeploy.config import config_from_dict
+        from loradeploy.serving.launch import start_backend
+
+        root = log.parent
+        cfg = config_from_dict({
+            "models": {MODEL: {"base_model": str(root / "base"), "adapter": str(root / "adapter"), "port": free_port()}},
+            "deployment": {"llamacpp": {"n_ctx": 512, "threads": 1, "startup_timeout_s": 120}},
+            "pipeline": {"state_dir": str(root / "state"), "work_dir": str(root / "work")},
+            "logging": {"log_dir": str(root / "logs")}})
+        self.gguf = gguf
+        self.started = start_backend(cfg, MODEL, gguf, log_path=log, conf_dir=root)
+        self.port, self.pid = self.started.record["port"], self.started.record["pid"]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.log.close()
+        from loradeploy.tools import proc
+
+        proc.stop(self.started.record, grace=20)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +93,7 @@ def llama_server(tiny_q8, tmp_path_factory):
 
 @pytest.fixture
 def live(llama_server):
-    return _endpoint(llama_server.port, llama_server.gguf, llama_server.proc.pid)
+    return _endpoint(llama_server.port, llama_server.gguf, llama_server.pid)
 
 
 # ----------------------------------------------------------------------------- a real llama.cpp server
@@ -185,7 +172,7 @@ def test_stage_reports_metrics_and_is_never_current(tmp_path, live):
 
 def test_stopping_the_server_makes_it_unhealthy(tmp_path, tiny_q8):
     server = LlamaServer(tiny_q8, tmp_path / "server.log")
-    ep = _endpoint(server.port, tiny_q8, server.proc.pid)
+    ep = _endpoint(server.port, tiny_q8, server.pid)
     cfg = _cfg(tmp_path, server.port)
     try:
         assert check_health(cfg, endpoints=[ep], include_model_test=False).status == HEALTHY
@@ -211,73 +198,45 @@ def test_stopping_the_server_makes_it_unhealthy(tmp_path, tiny_q8):
 SECRET = "hc-Secret-Key-0123456789"
 
 
-class FakeApi:
+class FakeApi(LoopbackApi):
     """A real HTTP server whose answers a test chooses: 'error' (500 everywhere), 'chat500'
     (models listed, completions 500), 'stall' (streams one token, then goes silent), 'auth'
     (401 without ``Authorization: Bearer SECRET``, else a short streamed answer)."""
 
     def __init__(self, mode: str):
         self.mode = mode
-        self.release = threading.Event()
         self.auth_seen: list[str | None] = []
-        api = self
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+    def _refused(self, h) -> bool:
+        self.auth_seen.append(h.headers.get("Authorization"))
+        if self.mode != "auth" or h.headers.get("Authorization") == f"Bearer {SECRET}":
+            return False
+        self.send(h, 401, b'{"error": {"message": "Invalid API Key", "type": "authentication_error"}}')
+        return True
 
-            def _send(self, code: int, body: bytes, ctype: str = "application/json") -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+    def get(self, h) -> None:
+        if self._refused(h):
+            return
+        if self.mode == "error":
+            return self.send(h, 500, b'{"error": "model crashed: out of memory"}')
+        self.send(h, 200, json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model"}]}).encode())
 
-            def _refused(self) -> bool:
-                api.auth_seen.append(self.headers.get("Authorization"))
-                if api.mode != "auth" or self.headers.get("Authorization") == f"Bearer {SECRET}":
-                    return False
-                self._send(401, b'{"error": {"message": "Invalid API Key", "type": "authentication_error"}}')
-                return True
-
-            def do_GET(self):  # noqa: N802
-                if self._refused():
-                    return
-                if api.mode == "error":
-                    return self._send(500, b'{"error": "model crashed: out of memory"}')
-                self._send(200, json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model"}]}).encode())
-
-            def do_POST(self):  # noqa: N802
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if self._refused():
-                    return
-                if api.mode in ("error", "chat500"):
-                    return self._send(500, b'{"error": "internal error"}')
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.close_connection = True
-                chunk = {"choices": [{"index": 0, "delta": {"content": "hel"}, "finish_reason": None}]}
-                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-                self.wfile.flush()
-                if api.mode == "auth":
-                    end = {"choices": [{"index": 0, "delta": {"content": "lo there"}, "finish_reason": "stop"}]}
-                    self.wfile.write(f"data: {json.dumps(end)}\n\ndata: [DONE]\n\n".encode())
-                    return
-                api.release.wait(60)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def close(self) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
+    def post(self, h) -> None:
+        self.read_json(h)
+        if self._refused(h):
+            return
+        if self.mode in ("error", "chat500"):
+            return self.send(h, 500, b'{"error": "internal error"}')
+        self.sse_start(h)
+        chunk = {"choices": [{"index": 0, "delta": {"content": "hel"}, "finish_reason": None}]}
+        h.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        h.wfile.flush()
+        if self.mode == "auth":
+            end = {"choices": [{"index": 0, "delta": {"content": "lo there"}, "finish_reason": "stop"}]}
+            h.wfile.write(f"data: {json.dumps(end)}\n\ndata: [DONE]\n\n".encode())
+            return
+        self.release.wait(60)
 
 
 @pytest.fixture

@@ -19,75 +19,109 @@ def _chunk(text: str | None = None, finish: str | None = None) -> dict:
     return {"choices": [{"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}]}
 
 
-class Server:
-    """Routes: GET /v1/models (JSON), GET /missing (404 in OpenAI's error shape), GET /text (not JSON),
-    GET /hang (headers never come), POST /v1/chat/completions (SSE; ``self.stall`` stops it after
-    the first chunk, ``self.unstreamed`` answers one JSON body instead)."""
+class LoopbackApi:
+    """A real HTTP/1.1 server on 127.0.0.1 in a thread; a subclass answers in ``get(h)`` / ``post(h)``
+    with the request handler ``h`` (``send(h, ...)`` for a whole answer, ``sse_start(h)`` for a stream).
+    ``release`` frees handlers a test left waiting, so ``close()`` never hangs. Also used by
+    tests/integration/test_health.py."""
 
     def __init__(self) -> None:
-        self.headers: list[dict[str, str]] = []
-        self.bodies: list[dict] = []
-        self.stall = False
-        self.unstreamed = False
         self.release = threading.Event()
-        srv = self
+        owner = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def _send(self, code: int, body: bytes, ctype: str = "application/json") -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
             def do_GET(self):  # noqa: N802 (http.server naming)
-                srv.headers.append(dict(self.headers))
-                if self.path == "/v1/models":
-                    return self._send(200, json.dumps({"object": "list", "data": [{"id": "a"}, {"id": "b"}]}).encode())
-                if self.path == "/text":
-                    return self._send(200, b"hello, not json", "text/plain")
-                if self.path == "/hang":
-                    srv.release.wait(30)
-                    return None
-                self._send(404, json.dumps({"error": {"message": "no such route", "code": 404}}).encode())
+                owner.get(self)
 
             def do_POST(self):  # noqa: N802
-                srv.headers.append(dict(self.headers))
-                srv.bodies.append(json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0))))
-                if srv.unstreamed:
-                    answer = {"choices": [{"message": {"content": "whole"}, "finish_reason": "stop"}]}
-                    return self._send(200, json.dumps(answer).encode())
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.close_connection = True
-                w = self.wfile
-                w.write(b": a comment line, ignored\n\n")
-                w.write(f"data: {json.dumps(_chunk('hel'))}\n\n".encode())
-                w.flush()
-                if srv.stall:
-                    srv.release.wait(30)
-                    return
-                w.write(b"event: ping\n\n")
-                w.write(f"data:{json.dumps(_chunk('lo', 'stop'))}\n\n".encode())
-                w.write(b"data: [DONE]\n\n")
-                w.write(f"data: {json.dumps(_chunk('after done'))}\n\n".encode())
+                owner.post(self)
 
             def log_message(self, *args):
                 pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
         threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+    def get(self, h: BaseHTTPRequestHandler) -> None:
+        self.send(h, 404, b"{}")
+
+    def post(self, h: BaseHTTPRequestHandler) -> None:
+        self.send(h, 404, b"{}")
+
+    @staticmethod
+    def send(h: BaseHTTPRequestHandler, code: int, body: bytes, ctype: str = "application/json") -> None:
+        h.send_response(code)
+        h.send_header("Content-Type", ctype)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+    @staticmethod
+    def sse_start(h: BaseHTTPRequestHandler) -> None:
+        # No Content-Length: the stream ends when the server closes the connection.
+        h.send_response(200)
+        h.send_header("Content-Type", "text/event-stream")
+        h.send_header("Connection", "close")
+        h.end_headers()
+        h.close_connection = True
+
+    @staticmethod
+    def read_json(h: BaseHTTPRequestHandler) -> dict:
+        raw = h.rfile.read(int(h.headers.get("Content-Length") or 0))
+        return json.loads(raw) if raw else {}
 
     def close(self) -> None:
         self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class Server(LoopbackApi):
+    """Routes: GET /v1/models (JSON), GET /missing (404 in OpenAI's error shape), GET /text (not JSON),
+    GET /hang (headers never come), POST /v1/chat/completions (SSE; ``stall`` stops it after the
+    first chunk, ``unstreamed`` answers one JSON body instead)."""
+
+    def __init__(self) -> None:
+        self.headers: list[dict[str, str]] = []
+        self.bodies: list[dict] = []
+        self.stall = False
+        self.unstreamed = False
+        super().__init__()
+
+    def get(self, h) -> None:
+        self.headers.append(dict(h.headers))
+        if h.path == "/v1/models":
+            return self.send(h, 200, json.dumps({"object": "list", "data": [{"id": "a"}, {"id": "b"}]}).encode())
+        if h.path == "/text":
+            return self.send(h, 200, b"hello, not json", "text/plain")
+        if h.path == "/hang":
+            self.release.wait(30)
+            return None
+        self.send(h, 404, json.dumps({"error": {"message": "no such route", "code": 404}}).encode())
+
+    def post(self, h) -> None:
+        self.headers.append(dict(h.headers))
+        self.bodies.append(self.read_json(h))
+        if self.unstreamed:
+            answer = {"choices": [{"message": {"content": "whole"}, "finish_reason": "stop"}]}
+            return self.send(h, 200, json.dumps(answer).encode())
+        self.sse_start(h)
+        w = h.wfile
+        w.write(b": a comment line, ignored\n\n")
+        w.write(f"data: {json.dumps(_chunk('hel'))}\n\n".encode())
+        w.flush()
+        if self.stall:
+            self.release.wait(30)
+            return
+        w.write(b"event: ping\n\n")
+        w.write(f"data:{json.dumps(_chunk('lo', 'stop'))}\n\n".encode())
+        w.write(b"data: [DONE]\n\n")
+        w.write(f"data: {json.dumps(_chunk('after done'))}\n\n".encode())
 
 
 @pytest.fixture
