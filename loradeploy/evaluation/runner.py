@@ -23,7 +23,7 @@ from ..serving import registry_entry
 from ..serving.ports import pid_listening_on
 from . import metrics
 from .chat import Api
-from .memory import gpu_memory_bytes, proc_tree_rss
+from ..tools.procmem import gpu_memory_bytes, proc_tree_rss
 from .report import render, write_reports  # noqa: F401  (render: the CLI's table, beside the entry)
 from .results import EvalResult, SampleResult, TargetResult, aggregate, compare, round_opt
 from .samples import Sample, load_samples, with_system_prompt

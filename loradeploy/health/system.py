@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Sequence
 from ..fsutil import free_bytes
 from .results import FAIL, GIB, MIB, PASS, SKIP, WARN, Check, EndpointLike, restart_hint
 
+from ..tools.procmem import proc_tree_rss
+
 if TYPE_CHECKING:
     from ..config import Config
 
@@ -25,7 +27,7 @@ def process_check(endpoint: EndpointLike) -> Check:
         p = psutil.Process(endpoint.pid)
         if p.status() == psutil.STATUS_ZOMBIE:
             raise psutil.NoSuchProcess(endpoint.pid)
-        rss = p.memory_info().rss
+        rss = proc_tree_rss(endpoint.pid) or p.memory_info().rss  # the supervisor and the server it runs
     except psutil.NoSuchProcess:
         return Check("system.process", FAIL, f"server process {endpoint.pid} is not running",
                      restart_hint(endpoint))

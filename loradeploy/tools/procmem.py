@@ -1,5 +1,5 @@
-"""Memory of a server under evaluation: its process tree's RSS, and its GPU memory through NVML
-(which process listens on a port is serving.ports' business)."""
+"""Memory of a server process tree: RSS of the process and its children (a supervisor and the server
+it runs), and GPU memory through NVML."""
 from __future__ import annotations
 
 import contextlib
