@@ -8,14 +8,16 @@ STAMP := $(VENV)/.loradeploy-installed
 DEMO_DIR ?= loradeploy-demo
 PYTEST_ARGS ?=
 
-.PHONY: setup sysdeps demo test test-fast bench clean-venv
+.PHONY: setup sysdeps llama-tools demo test test-fast bench clean-venv
 
-setup: sysdeps $(STAMP)
+setup: sysdeps $(STAMP) llama-tools
 
-# rsync, ssh and sshd are real components in the fetch stage and its tests.
+# rsync, ssh and sshd are real components in the fetch stage and its tests; cmake and g++ build llama.cpp.
 sysdeps:
 	@missing=""; \
 	command -v rsync >/dev/null || missing="$$missing rsync"; \
+	command -v cmake >/dev/null || missing="$$missing cmake"; \
+	command -v g++ >/dev/null || missing="$$missing g++"; \
 	command -v ssh >/dev/null || missing="$$missing openssh-client"; \
 	test -x /usr/sbin/sshd || missing="$$missing openssh-server"; \
 	if [ -n "$$missing" ]; then \
@@ -32,6 +34,12 @@ $(STAMP): pyproject.toml
 	# llama-cpp-python compiles llama.cpp the first time (about 4 minutes on 2 cores); pip caches the wheel
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+# llama.cpp's own tools (llama-server, llama-quantize, llama-imatrix, llama-perplexity) from the llama.cpp
+# source in the pinned llama-cpp-python's sdist: built once per version (about 25 minutes on 2 cores) into
+# ~/.cache/loradeploy/llama.cpp/, a few seconds when already built
+llama-tools: $(STAMP)
+	$(PY) -m loradeploy.llamacpp.build --jobs 2
 
 demo: setup
 	$(VENV)/bin/loradeploy demo --workdir $(DEMO_DIR)

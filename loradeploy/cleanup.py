@@ -1,52 +1,68 @@
-"""`loradeploy clean`: temporaries only, never a live or backed-up model."""
+"""Temporaries: what a run may drop once later stages no longer need it, and `loradeploy clean`.
+
+One set of rules for both: merged HF folders (unless merge.save_merged_hf), F16 GGUFs (unless
+quantization.keep_f16, or a quantized format of the same name is served from them), and — for
+`clean` only — partial files left by killed runs. Never a live or backed-up model.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from .config import Config
 from .fsutil import TMP_MARK, dir_size, remove_path
-from .state import load_record, save_record
+from .state import RunRecord
 
 
-def _protected(cfg: Config) -> set[Path]:
+@dataclass(frozen=True)
+class Temporary:
+    path: Path
+    what: str
+    stage: Optional[str]      # the stage whose record lists it (marked "cleaned" once removed)
+
+
+def temporaries(cfg: Config, rec: RunRecord, *, after_run: bool = False) -> list[Temporary]:
+    """The model's temporaries; ``after_run`` keeps those a finished downstream stage has not yet
+    proven it no longer needs (its own outputs missing or changed)."""
+    work = Path(cfg.pipeline.work_dir) / rec.model
+    out: list[Temporary] = []
+    if not cfg.merge.save_merged_hf and (not after_run or (rec.finished("convert") and rec.intact("convert"))):
+        merged = [Path(a.path) for a in rec.artifacts("merge", "merged_hf")] or [work / "merged"]
+        out += [Temporary(p, "merged HF folder", "merge") for p in merged if p.exists()]
+    if not cfg.quantization.keep_f16 and (not after_run or (rec.finished("quantize") and rec.intact("quantize"))):
+        served = {a.format for a in rec.artifacts("quantize")}
+        out += [Temporary(Path(a.path), "converted GGUF", "convert") for a in rec.artifacts("convert", "gguf")
+                if Path(a.path).exists() and a.format not in served]
+    if not after_run and work.exists():
+        out += [Temporary(p, "partial file from an interrupted run", None) for p in work.rglob(f"*{TMP_MARK}")]
     keep = {Path(cfg.deployment.models_dir).resolve()}
     if cfg.deployment.backups_dir:
         keep.add(Path(cfg.deployment.backups_dir).resolve())
-    return keep
+    return [t for t in out if not any(t.path.resolve() == k or k in t.path.resolve().parents for k in keep)]
+
+
+def remove(rec: RunRecord, items: list[Temporary]) -> list[dict]:
+    """Delete ``items``; the stages whose outputs went are marked cleaned (rebuilt when needed again)."""
+    out = []
+    for t in items:
+        out.append({"path": str(t.path), "size": dir_size(t.path) if t.path.exists() else 0, "what": t.what})
+        remove_path(t.path)
+        if t.stage and rec.stage(t.stage):
+            rec.stage(t.stage)["cleaned"] = True
+    if items:
+        rec.save()
+    return out
 
 
 def clean(cfg: Config, *, dry_run: bool = False) -> list[dict]:
-    """Merged HF folders (unless merge.save_merged_hf), F16 GGUFs (unless quantization.keep_f16 or
-    served), and stale partial files left by killed runs."""
-    items: list[tuple[Path, str, str, str | None]] = []
-    keep = _protected(cfg)
-    for name in cfg.models:
-        rec = load_record(cfg.pipeline.state_dir, name)
-        merged = Path(cfg.pipeline.work_dir) / name / "merged"
-        if merged.exists() and not cfg.merge.save_merged_hf:
-            items.append((merged, "merged HF folder", name, "merge"))
-        if not cfg.quantization.keep_f16:
-            served = {a.get("format") for a in (rec["stages"].get("quantize") or {}).get("artifacts", [])}
-            for a in (rec["stages"].get("convert") or {}).get("artifacts", []):
-                p = Path(a["path"])
-                if p.exists() and a.get("format") not in served:
-                    items.append((p, "converted GGUF", name, "convert"))
-        work = Path(cfg.pipeline.work_dir) / name
-        if work.exists():
-            for p in work.rglob(f"*{TMP_MARK}"):
-                items.append((p, "partial file from an interrupted run", name, None))
+    """`loradeploy clean`: every model's temporaries, with sizes; ``dry_run`` only lists them."""
     out = []
-    for p, why, name, stage in items:
-        rp = p.resolve()
-        if any(rp == k or k in rp.parents for k in keep):
-            continue
-        out.append({"path": str(p), "size": dir_size(p) if p.exists() else 0, "what": why})
-        if not dry_run:
-            remove_path(p)
-            if stage:
-                rec = load_record(cfg.pipeline.state_dir, name)
-                r = rec["stages"].get(stage)
-                if r and any(a["path"] == str(p) for a in r.get("artifacts", [])):
-                    r["cleaned"] = True
-                    save_record(cfg.pipeline.state_dir, name, rec)
+    for name in cfg.models:
+        rec = RunRecord.load(cfg.pipeline.state_dir, name)
+        items = temporaries(cfg, rec)
+        if dry_run:
+            out += [{"path": str(t.path), "size": dir_size(t.path), "what": t.what} for t in items]
+        else:
+            out += remove(rec, items)
     return out

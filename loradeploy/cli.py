@@ -182,7 +182,8 @@ def demo(workdir, arch, port, force, as_json):
         console.note(f"demo config: {cfg.config_path}")
     result = _run(cfg, list(cfg.models), as_json=as_json, force=force)
     if not as_json and result.ok:
-        console.demo_done(cfg, result)
+        from .serving import serve_status
+        console.demo_done(cfg, result, serve_status(cfg))
     return 0 if result.ok else 1
 
 
@@ -221,8 +222,8 @@ def inspect(file, as_json):
 @json_opt
 def health(config, models, as_json):
     """Check files, API, a real completion and the system: exit 0 healthy, 1 degraded, 2 unhealthy."""
-    from .health import check_health, exit_code, render
-    rep = check_health(_load(config), list(models) or None)
+    from .health import check_and_notify, exit_code, render
+    rep = check_and_notify(_load(config), list(models) or None)
     if as_json:
         console.emit_json(rep.to_dict())
     else:
@@ -238,7 +239,7 @@ def health(config, models, as_json):
 @json_opt
 def evaluate(config, models, samples, formats, as_json):
     """Compare models and formats on eval_samples.jsonl -> JSON + Markdown + charts."""
-    from .evaluate import evaluate as run_eval, render
+    from .evaluation.runner import evaluate as run_eval, render
     cfg = _load(config)
     fmts = [f.strip().upper() for f in formats.split(",")] if formats else None
     with console.RichReporter(enabled=not as_json) as rep:

@@ -160,10 +160,13 @@ def run_result(result: PipelineResult, as_json: bool) -> None:
         show(artifacts_table(result))
 
 
-def demo_done(cfg, result: PipelineResult) -> None:
-    """How to talk to the demo model, stop it and repeat the run."""
+def demo_done(cfg, result: PipelineResult, servers: list[dict] = ()) -> None:
+    """How to talk to the demo model, stop it and repeat the run, and which llama.cpp CPU mode it runs in."""
     m = next(iter(cfg.models))
     port = cfg.models[m].port
+    mode = next((r.get("cpu_mode") for r in servers if r.get("model") == m and r.get("cpu_mode")), None)
+    if mode:
+        note(f"llama.cpp CPU mode: {escape(mode)}")
     note(f"\n[bold green]{m}[/] serves at http://127.0.0.1:{port}/v1 — try:\n"
          f"  curl -s localhost:{port}/v1/chat/completions -H 'Content-Type: application/json' "
          f"-d '{{\"messages\":[{{\"role\":\"user\",\"content\":"

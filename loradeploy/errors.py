@@ -124,3 +124,7 @@ class HttpTimeout(HttpError):
 class HttpStatusError(HttpError):
     def __init__(self, message: str, **kw):
         super().__init__(message, kind="status", **kw)
+
+
+class VerifyError(LoradeployError):
+    """The fidelity gate could not run, or it refused a GGUF (the message names format, metric, value, limit)."""

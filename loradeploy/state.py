@@ -8,11 +8,13 @@ import os
 import threading
 import time
 from dataclasses import asdict, dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
 from .errors import LockError
 from .fsutil import atomic_write_text, sha256_file
+from .paths import record_path
 
 RECORD_VERSION = 1
 
@@ -49,13 +51,76 @@ class Artifact:
         return asdict(self)
 
 
+class Status(str, Enum):
+    """A stage's status, as records, outcomes and --json spell it."""
+
+    DONE = "done"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+    UNAVAILABLE = "unavailable"
+    NOT_RUN = "not_run"
+    RUNNING = "running"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+FINISHED = (Status.DONE, Status.SKIPPED)
+
+
+class RunRecord:
+    """A model's run record with typed access: what each stage did, with which inputs, producing what.
+
+    Stored as JSON (state_dir/runs/MODEL.json, written atomically); nothing outside this class
+    indexes the raw dict.
+    """
+
+    def __init__(self, state_dir: Path, model: str, data: dict):
+        self.state_dir, self.model, self.data = Path(state_dir), model, data
+
+    @classmethod
+    def load(cls, state_dir: Path, model: str, log=None) -> "RunRecord":
+        return cls(state_dir, model, load_record(state_dir, model, log))
+
+    def save(self) -> None:
+        save_record(self.state_dir, self.model, self.data)
+
+    @property
+    def stages(self) -> dict[str, dict]:
+        return self.data["stages"]
+
+    def stage(self, name: str) -> dict:
+        """The stage's entry, or an empty dict when it never ran."""
+        return self.data["stages"].get(name) or {}
+
+    def set_stage(self, name: str, entry: dict) -> None:
+        self.data["stages"][name] = entry
+
+    def finished(self, name: str) -> bool:
+        return self.stage(name).get("status") in FINISHED
+
+    def info(self, name: str) -> dict:
+        return self.stage(name).get("info") or {}
+
+    def artifacts(self, name: str, kind: Optional[str] = None, fmt: Optional[str] = None) -> list[Artifact]:
+        out = [Artifact(**a) for a in self.stage(name).get("artifacts", [])]
+        if kind is not None:
+            out = [a for a in out if a.kind == kind]
+        if fmt is not None:
+            out = [a for a in out if (a.format or "").upper() == fmt.upper()]
+        return out
+
+    def intact(self, name: str) -> bool:
+        return all(a.intact() for a in self.artifacts(name))
+
+    def ggufs(self, stages: tuple[str, ...] = ("convert", "quantize"), *, existing: bool = True) -> list[Artifact]:
+        """The GGUFs the given stages recorded (by default only those still on disk)."""
+        return [a for s in stages for a in self.artifacts(s, "gguf") if not existing or Path(a.path).exists()]
+
+
 def inputs_hash(inputs: dict[str, Any]) -> str:
     blob = json.dumps(inputs, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def record_path(state_dir: Path, model: str) -> Path:
-    return Path(state_dir) / "runs" / f"{model}.json"
 
 
 def load_record(state_dir: Path, model: str, log=None) -> dict:

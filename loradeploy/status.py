@@ -7,7 +7,7 @@ from rich.console import Group
 from rich.table import Table
 
 from .config import STAGES, Config
-from .state import load_record
+from .state import RunRecord
 
 
 def collect_status(cfg: Config) -> dict:
@@ -20,21 +20,20 @@ def collect_status(cfg: Config) -> dict:
     by_model = {s.get("model"): s for s in servers}
     out: dict = {"models": {}}
     for name, m in cfg.models.items():
-        rec = load_record(cfg.pipeline.state_dir, name)
+        rec = RunRecord.load(cfg.pipeline.state_dir, name)
         stages = {}
         for s in STAGES:
-            r = rec["stages"].get(s)
+            r = rec.stage(s)
             if r:
                 stages[s] = {"status": r.get("status"), "seconds": r.get("seconds"),
                              "peak_rss_mib": r.get("peak_rss_mib"), "ended_at": r.get("ended_at"),
                              "error": r.get("error"), "cleaned": r.get("cleaned", False)}
-        arts = [a for s in ("convert", "quantize") for a in (rec["stages"].get(s) or {}).get("artifacts", [])
-                if a.get("kind") == "gguf"]
+        arts = rec.ggufs(existing=False)
         srv = by_model.get(name) or {}
         out["models"][name] = {
             "version": m.version, "port": m.port, "stages": stages,
-            "artifacts": [{"format": a.get("format"), "path": a["path"], "size": a.get("size"),
-                           "present": Path(a["path"]).exists()} for a in arts],
+            "artifacts": [{"format": a.format, "path": a.path, "size": a.size,
+                           "present": Path(a.path).exists()} for a in arts],
             "server": {k: srv.get(k) for k in ("version", "format", "port", "pid", "state", "url")} if srv else None,
         }
     return out

@@ -15,6 +15,7 @@ from .base import NAME_RE, QuantName, _Section, refuse_imatrix_formats, resolve_
 from .notifications import NotificationsConfig
 from .sections import (DeploymentConfig, EvaluationConfig, HealthCheckConfig, LoggingConfig, MergeConfig,
                        PerformanceConfig, PipelineConfig, QuantizationConfig, VastConfig)
+from .verify import VerifyConfig
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ class Config(_Section):
     vast: VastConfig = Field(default_factory=VastConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    verify: VerifyConfig = Field(default_factory=VerifyConfig)
     deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
     health_check: HealthCheckConfig = Field(default_factory=HealthCheckConfig)
     notifications: NotificationsConfig = Field(default_factory=NotificationsConfig)

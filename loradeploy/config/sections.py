@@ -126,6 +126,9 @@ class LlamaCppServerConfig(_Section):
     startup_timeout_s: float = Field(120, gt=0)
     spare_port_range: tuple[int, int] = (20000, 20999)
     extra_args: list[str] = Field(default_factory=list)
+    backend: Literal["llama-server", "python"] = Field(
+        "llama-server", description="llama.cpp's own server (batches requests over slots) or llama-cpp-python's")
+    parallel: int = Field(4, ge=1, description="llama-server slots: requests decoded together (continuous batching)")
     api_key: Optional[SecretStr] = Field(None, description="require `Authorization: Bearer KEY` on every route "
                                                            "of every served port; write ${ENV}, never the key")
     allow_unauthenticated: bool = Field(False, description="allow a non-loopback host without api_key")

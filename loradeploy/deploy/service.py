@@ -13,7 +13,7 @@ from ..gguf import check_gguf
 from ..serving import registry_entry
 from ..serving.switch import switch
 from ..serving.registry import model_names, update_entry
-from ..state import Artifact, ModelLock, load_record
+from ..state import ModelLock, RunRecord
 from . import versions
 from .targets import deploy_targets
 
@@ -62,10 +62,9 @@ def recorded_gguf(cfg: "Config", model: str):
     """The served-format GGUF the model's last quantize (or convert) run recorded."""
 
     fmt = cfg.serve_format_for(model)
-    stages = load_record(cfg.pipeline.state_dir, model)["stages"]
+    rec = RunRecord.load(cfg.pipeline.state_dir, model)
     for stage in ("quantize", "convert"):
-        arts = [Artifact(**a) for a in (stages.get(stage) or {}).get("artifacts", []) if a.get("kind") == "gguf"]
-        art = next((a for a in arts if (a.format or "").upper() == fmt), None)
+        art = next(iter(rec.artifacts(stage, "gguf", fmt)), None)
         if art is not None and Path(art.path).is_file():
             return art
     raise InputError(f"model {model} has no {fmt} GGUF from a quantize run",

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 from ..config import QUANT_TYPES, Config
 from ..serving import endpoints
-from ..state import load_record
+from ..state import RunRecord
 
 
 @dataclass
@@ -31,13 +31,12 @@ class EvalTarget:
         return asdict(self)
 
 
-def _base_gguf(record: dict) -> Optional[str]:
-    """A base-model GGUF recorded for this model (top level, any stage's info, or an artifact)."""
-    cands = [record.get("base_gguf")]
-    for rec in (record.get("stages") or {}).values():
-        if isinstance(rec, dict):
-            cands.append((rec.get("info") or {}).get("base_gguf"))
-            cands += [a.get("path") for a in rec.get("artifacts", []) if a.get("kind") == "base_gguf"]
+def _base_gguf(record: RunRecord) -> Optional[str]:
+    """A base-model GGUF recorded for this model (any stage's info, or an artifact)."""
+    cands: list = []
+    for stage in record.stages:
+        cands.append(record.info(stage).get("base_gguf"))
+        cands += [a.path for a in record.artifacts(stage, "base_gguf")]
     for c in cands:
         if c and Path(c).is_file():
             return str(c)
@@ -73,16 +72,16 @@ def build_targets(cfg: Config, models: Optional[Sequence[str]] = None,
                                    gguf_path=str(ep.gguf_path) if ep.gguf_path else None, pid=ep.pid, n_ctx=n_ctx,
                                    live=True, sha256=ep.sha256, version=ep.version, system_prompt=sp))
             covered.add(ep.format)
-        rec = load_record(cfg.pipeline.state_dir, name)
-        for a in (rec["stages"].get("quantize") or {}).get("artifacts", []):
-            fmt = a.get("format")
-            if a.get("kind") != "gguf" or fmt in covered or (fmts and fmt not in fmts):
+        rec = RunRecord.load(cfg.pipeline.state_dir, name)
+        for a in rec.artifacts("quantize", "gguf"):
+            fmt = a.format
+            if fmt in covered or (fmts and fmt not in fmts):
                 continue
-            if not Path(a["path"]).is_file():
-                notes.append(f"{name} {fmt}: quantized file {a['path']} is missing; skipped")
+            if not Path(a.path).is_file():
+                notes.append(f"{name} {fmt}: quantized file {a.path} is missing; skipped")
                 continue
-            rows.append(EvalTarget(f"{name} {fmt}", name, fmt, gguf_path=a["path"], n_ctx=n_ctx,
-                                   sha256=a.get("sha256"), version=cfg.models[name].version, system_prompt=sp))
+            rows.append(EvalTarget(f"{name} {fmt}", name, fmt, gguf_path=a.path, n_ctx=n_ctx,
+                                   sha256=a.sha256, version=cfg.models[name].version, system_prompt=sp))
             covered.add(fmt)
         if fmts:
             for f in fmts:

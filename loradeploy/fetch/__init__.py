@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+from ..paths import ModelPaths
 from ..errors import FetchError, LoradeployError, ResourceError
 from ..fsutil import sha256_file
 from .local import validate_local
@@ -71,8 +72,7 @@ def fetch_adapter(cfg: "Config", model_name: str, *, instance_id: int | str | No
         files = validate_local(Path(plan.path))
         return {"model": model_name, "source": plan.source, "source_kind": "local", "adapter_dir": plan.path,
                 "files": [{"name": p.name, "size": p.stat().st_size, "sha256": sha256_file(p)} for p in files]}
-    # The pipeline's adapter folder (ModelPaths.adapter); fetch may not import the stages to ask it.
-    dest = Path(dest) if dest is not None else Path(cfg.pipeline.work_dir) / model_name / "adapter"
+    dest = Path(dest) if dest is not None else ModelPaths.of(cfg, model_name).adapter
     return fetch_remote(cfg, model_name, plan, dest, log=log, log_path=log_path, progress=progress or no_progress)
 
 

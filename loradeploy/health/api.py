@@ -1,4 +1,5 @@
-"""The served API: the port, /v1/models, a real chat completion, and its latency and tokens/s.
+"""The served API: the port, /v1/models, a real chat completion, and its latency and tokens/s;
+with llama-server behind the port, also its own /health and /metrics.
 
 Every request goes through the one OpenAI-compatible client with ``health_check.timeout_s`` as a
 deadline on the whole request, not just each socket read, so a hung or trickling server turns
@@ -224,6 +225,53 @@ def performance_check(done: list[Completion], hc: "HealthCheckConfig") -> Check:
     return Check("model.performance", PASS, text, metrics=metrics)
 
 
+# ----------------------------------------------------------------------------- llama-server's own view
+
+_METRICS = ("requests_processing", "requests_deferred", "tokens_predicted_total", "prompt_tokens_total",
+            "predicted_tokens_seconds", "n_busy_slots_per_decode")
+
+
+def prometheus_values(text: str, prefix: str = "llamacpp:") -> dict[str, float]:
+    """``llamacpp:name value`` lines of a Prometheus text exposition (labels and comments skipped)."""
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.strip().partition(" ")
+        if name.startswith(prefix) and "{" not in name:
+            try:
+                out[name[len(prefix):]] = float(value.split()[0])
+            except (ValueError, IndexError):
+                continue
+    return out
+
+
+def server_checks(client: Client, endpoint: EndpointLike, hc: "HealthCheckConfig") -> list[Check]:
+    """llama-server's ``/health`` and ``/metrics`` (slots at work, requests waiting for one, tokens);
+    nothing when the port does not answer them the llama-server way (the python backend)."""
+    try:
+        health = client.get("/health", timeout=hc.timeout_s)
+    except HttpError:
+        return []
+    if not isinstance(health.data, dict) or ("status" not in health.data and "error" not in health.data):
+        return []
+    if not health.ok:
+        return [Check("api.server", FAIL, f"llama-server /health answered HTTP {health.status}: "
+                                          f"{str(health.data)[:200]}", restart_hint(endpoint))]
+    metrics: dict = {"health": health.data.get("status")}
+    try:
+        resp = client.get("/metrics", timeout=hc.timeout_s)
+        if resp.ok and isinstance(resp.data, str):
+            values = prometheus_values(resp.data)
+            metrics.update({k: values[k] for k in _METRICS if k in values})
+    except HttpError:
+        pass  # /health said ok: missing numbers are no reason to call the server unwell
+    detail = (f"llama-server ok; {metrics.get('requests_processing', 0):g} request(s) decoding, "
+              f"{metrics.get('requests_deferred', 0):g} waiting for a slot")
+    if metrics.get("requests_deferred", 0) > 0:
+        return [Check("api.server", WARN, detail + ": every slot is busy",
+                      "raise deployment.llamacpp.parallel, or spread the load", metrics)]
+    return [Check("api.server", PASS, detail, metrics=metrics)]
+
+
 def model_checks(endpoint: EndpointLike, hc: "HealthCheckConfig", model_id: str, prompts: Sequence[str],
                  *, api_key: Optional[str] = None, client: Optional[Client] = None) -> list[Check]:
     """One completion check per prompt, then the performance over those that answered."""
@@ -237,4 +285,5 @@ def model_checks(endpoint: EndpointLike, hc: "HealthCheckConfig", model_id: str,
             done.append(c)
     if done:
         checks.append(performance_check(done, hc))
+    checks.extend(server_checks(client, endpoint, hc))  # after the completions: /metrics then counts them
     return checks

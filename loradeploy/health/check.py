@@ -158,3 +158,14 @@ def check_health(cfg: "Config", models: Optional[Sequence[str]] = None, *,
     report.system.extend(system_checks(cfg, eps))
     report.finished_at = time.time()
     return report
+
+
+def check_and_notify(cfg: "Config", models: Optional[Sequence[str]] = None) -> HealthReport:
+    """``loradeploy health``: check, then send health_degraded / health_unhealthy through the one
+    notifier (with redaction). The pipeline's health stage does not come here: its events flow
+    through the pipeline's notifier, so a run never sends one twice."""
+    from ..notify import notify_health
+
+    report = check_health(cfg, models)
+    notify_health(cfg, report)
+    return report

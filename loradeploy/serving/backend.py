@@ -1,69 +1,17 @@
-"""The backend worker: llama-cpp-python's OpenAI-compatible app on a loopback port, in the CPU
-mode the runtime decided, with the model's system-prompt rule applied. Logs to server.log."""
+"""The python backend: llama-cpp-python's OpenAI-compatible app on a loopback port, in the CPU mode
+the runtime decided. Logs to server.log. What the port serves (/loradeploy/info) and the per-model
+system prompt are the front proxy's, the same for every kind of backend (serving.proxy)."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 
 from ..llamacpp.runtime import apply_mode
-from .routes import INFO_PATH
 
 
 def _log(msg: str) -> None:
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} [{os.getpid()}] {msg}", file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------- system prompt rule
-
-def apply_system_prompt(body: bytes, prompt: str) -> bytes:
-    """Give a chat request without a system message the configured one; keep a request's own."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return body  # let the server answer the malformed request with its own error
-    msgs = data.get("messages") if isinstance(data, dict) else None
-    if not prompt or not isinstance(msgs, list):
-        return body
-    if any(isinstance(m, dict) and m.get("role") in ("system", "developer") for m in msgs):
-        return body
-    data["messages"] = [{"role": "system", "content": prompt}, *msgs]
-    return json.dumps(data).encode()
-
-
-class SystemPromptMiddleware:
-    """ASGI middleware: rewrites POST /v1/chat/completions bodies before the route parses them."""
-
-    def __init__(self, app, prompt: str):
-        self.app = app
-        self.prompt = prompt
-
-    async def __call__(self, scope, receive, send):
-        if (scope["type"] != "http" or scope["method"] != "POST" or not self.prompt
-                or scope["path"].rstrip("/") != "/v1/chat/completions"):
-            return await self.app(scope, receive, send)
-        chunks, more = [], True
-        while more:
-            msg = await receive()
-            if msg["type"] != "http.request":
-                return  # client went away before sending its body
-            chunks.append(msg.get("body", b""))
-            more = msg.get("more_body", False)
-        body = apply_system_prompt(b"".join(chunks), self.prompt)
-        headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
-        headers.append((b"content-length", str(len(body)).encode()))
-        scope = dict(scope, headers=headers)
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return await self.app(scope, replay, send)
 
 
 _LOG_CALLBACK = None  # kept referenced: llama.cpp holds only a C pointer to it
@@ -96,7 +44,6 @@ def _quiet_llama(verbose: bool) -> None:
 
 def run_backend(conf: dict) -> int:
     import uvicorn
-    from fastapi.responses import JSONResponse
     from llama_cpp.server.app import create_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
@@ -118,14 +65,6 @@ def run_backend(conf: dict) -> int:
     loaded = getattr(app_module, "_llama_proxy", None)
     if loaded is not None and getattr(loaded, "_current_model", None) is not None:
         loaded._current_model.verbose = bool(conf.get("verbose", False))  # no per-request timings
-    info = {k: conf.get(k) for k in ("alias", "version", "format", "sha256", "gguf")}
-    info.update(pid=os.getpid(), system_prompt=bool(conf.get("system_prompt")), started_at=time.time())
-
-    @app.get(INFO_PATH, include_in_schema=False)
-    async def _info():
-        return JSONResponse(info)
-
-    app.add_middleware(SystemPromptMiddleware, prompt=conf.get("system_prompt") or "")
     _log(f"backend {conf['alias']} {conf['version']} loaded {conf['gguf']} in {time.monotonic() - t0:.1f}s; "
          f"listening on {conf['host']}:{conf['port']}")
     # Graceful shutdown on SIGTERM: uvicorn finishes requests in flight before exiting.

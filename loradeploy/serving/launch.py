@@ -1,5 +1,6 @@
-"""The one way a llama.cpp server starts: a backend worker on a loopback port, in the CPU mode the
-runtime decided, ready only once it lists the model and answers a real completion.
+"""The one way a llama.cpp server starts: a backend (llama-server or the python one, see
+serving.backends) under the worker's supervisor on a loopback port, in the CPU mode the runtime
+decided, ready only once it lists the model and answers a real completion.
 
 Deploy's per-version backends and evaluation's temporary servers both come through here.
 """
@@ -13,13 +14,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from ..errors import HttpError, InputError, ServingError
 from ..fsutil import atomic_write_text
 from ..llamacpp import runtime
 from ..tools import proc
 from ..tools.openai_http import Client
+from .backends import LABELS, backend_conf, extra_model_settings, threads
 from .ports import pick_spare
 from .registry import exit_path, recorded_exit
 
@@ -29,46 +31,18 @@ if TYPE_CHECKING:
 WORKER = "loradeploy.serving.worker"
 
 
-def threads(cfg: "Config") -> int:
-    from ..resources import cpu_budget
-
-    return cfg.deployment.llamacpp.threads or cpu_budget(cfg.performance.max_cpu_threads)
-
-
-def extra_model_settings(args: Sequence[str]) -> dict:
-    """deployment.llamacpp.extra_args as llama-cpp-python ModelSettings fields (--name value)."""
-    from llama_cpp.server.settings import ModelSettings
-
-    out: dict[str, Any] = {}
-    items = list(args)
-    i = 0
-    while i < len(items):
-        key = items[i]
-        if not key.startswith("--"):
-            raise InputError(f"deployment.llamacpp.extra_args: expected --name value, got {key!r}")
-        key, eq, val = key[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(items):
-                raise InputError(f"deployment.llamacpp.extra_args: --{key} has no value")
-            val, i = items[i + 1], i + 1
-        key = key.replace("-", "_")
-        if key not in ModelSettings.model_fields:
-            raise InputError(f"deployment.llamacpp.extra_args: unknown llama.cpp server setting --{key}",
-                             hint="use a llama_cpp.server ModelSettings field, e.g. --flash_attn true")
-        out[key] = val
-        i += 1
-    return out
-
-
 def settings_hash(cfg: "Config", model: str) -> str:
     s = cfg.deployment.llamacpp
     blob = json.dumps([cfg.models[model].system_prompt, s.n_ctx, threads(cfg), s.n_gpu_layers, s.n_batch,
-                       list(s.extra_args)])
+                       list(s.extra_args), s.backend, s.parallel])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def worker_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("CONFIG_FILE", "MODEL", "API_KEY")}
+    # llama-server reads LLAMA_ARG_* from the environment: a stray one would quietly make a server other
+    # than the config says (deployment.llamacpp.extra_args is the way to add flags).
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CONFIG_FILE", "MODEL", "API_KEY") and not k.startswith("LLAMA_ARG_")}
     # The worker must import this package even when loradeploy is run from a checkout.
     root = str(Path(__file__).resolve().parent.parent.parent)
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
@@ -76,7 +50,8 @@ def worker_env() -> dict[str, str]:
 
 
 def spawn_worker(kind: str, conf: dict, conf_path: Path, log_path: Path) -> dict:
-    """Write ``conf`` and start ``python -m loradeploy.serving.worker KIND CONF`` detached."""
+    """Write ``conf`` and start ``python -m loradeploy.serving.worker KIND CONF`` detached; for a
+    backend that worker is the supervisor of the real server."""
     atomic_write_text(conf_path, json.dumps(conf, indent=2))
     exit_path(conf_path).unlink(missing_ok=True)  # a verdict left by an earlier server on this port
     child = proc.spawn([sys.executable, "-m", WORKER, kind, str(conf_path)], log_path=log_path,
@@ -149,8 +124,7 @@ class _Died(Exception):
 
 
 def start_backend(cfg: "Config", alias: str, gguf: Path, *, log_path: Path, conf_dir: Path,
-                  taken: set[int] = frozenset(), system_prompt: Optional[str] = None,
-                  version: str = "", fmt: str = "", sha256: str = "") -> Started:
+                  taken: set[int] = frozenset(), version: str = "", fmt: str = "", sha256: str = "") -> Started:
     """Start a backend serving ``gguf`` as ``alias`` on a spare loopback port and wait until it is ready.
 
     A backend that dies while starting is reported with how it died and its last log lines. When
@@ -161,43 +135,39 @@ def start_backend(cfg: "Config", alias: str, gguf: Path, *, log_path: Path, conf
     gguf = Path(gguf)
     if not gguf.is_file():
         raise InputError(f"GGUF {gguf} not found", hint="quantize or deploy it first")
-    extra = extra_model_settings(s.extra_args)
+    extra = extra_model_settings(s.extra_args) if s.backend == "python" else None
     mode = runtime.decide()
     taken = set(taken)
     attempts: list[str] = []
     for _ in range(4):
         port = pick_spare(s.spare_port_range, taken)
-        conf = {"alias": alias, "version": version, "format": fmt, "sha256": sha256, "gguf": str(gguf),
-                "host": "127.0.0.1", "port": port, "n_ctx": s.n_ctx, "threads": threads(cfg),
-                "n_gpu_layers": s.n_gpu_layers, "n_batch": s.n_batch, "model_extra": extra,
-                "system_prompt": system_prompt or "", "extra_bufts": mode.extra_bufts,
-                "cpu_mode": mode.describe()}
+        conf = backend_conf(cfg, alias, gguf, port, mode, extra=extra, version=version, fmt=fmt, sha256=sha256)
         log_from = log_path.stat().st_size if log_path.exists() else 0
         t0 = time.monotonic()
         rec = spawn_worker("backend", conf, conf_dir / f"backend-{port}.json", log_path)
-        rec.update(port=port, version=version, started_at=time.time(), cpu_mode=mode.name)
+        rec.update(port=port, version=version, started_at=time.time(), cpu_mode=mode.name, kind=s.backend)
         try:
             _wait_ready(alias, port, rec, log_path, log_from, s.startup_timeout_s)
         except _Died as died:
             how = died.how
             tail = last_lines(log_path, log_from)
             proc.stop(rec, grace=5)
-            if "address already in use" in tail.lower():
-                taken.add(port)
+            if any(m in tail.lower() for m in ("address already in use", "couldn't bind")):
+                taken.add(port)  # another process took the spare port between the check and the bind
                 continue
             attempts.append(f"{mode.name} mode: {how}")
             if mode.name == "default" and died.by_signal:
                 mode = runtime.demote(f"default mode passed the probe, but a server of {gguf.name} was {how}")
                 continue
-            raise ServingError(f"llama.cpp server for {alias} exited during startup: {'; '.join(attempts)}; "
+            raise ServingError(f"{LABELS[s.backend]} for {alias} exited during startup: {'; '.join(attempts)}; "
                                f"last log lines: {tail}", hint=f"see {log_path}") from None
         except BaseException:
             proc.stop(rec, grace=5)
             raise
         rec["ready_s"] = round(time.monotonic() - t0, 3)
         return Started(rec, f"http://127.0.0.1:{port}", mode)
-    raise ServingError(f"llama.cpp server for {alias} could not start: {'; '.join(attempts) or 'ports kept being taken'}",
-                       hint=f"see {log_path}")
+    why = "; ".join(attempts) or "ports kept being taken"
+    raise ServingError(f"{LABELS[s.backend]} for {alias} could not start: {why}", hint=f"see {log_path}")
 
 
 @dataclass

@@ -1,7 +1,11 @@
 """The front proxy worker: owns a model's public port and forwards each HTTP request to the backend
 named in its control file (re-read on SIGHUP), so a new version is swapped in between requests and
 no client ever sees a refused or cut connection. With an api key configured, every route needs
-``Authorization: Bearer KEY`` (compared by sha256, so only the hash is on disk)."""
+``Authorization: Bearer KEY`` (compared by sha256, so only the hash is on disk).
+
+What is the same for every kind of backend lives here, once: ``/loradeploy/info`` (what the port
+serves, from the control file the switch writes) and the model's system-prompt rule on
+``POST /v1/chat/completions`` (llama-server has neither)."""
 from __future__ import annotations
 
 import asyncio
@@ -14,15 +18,34 @@ import sys
 import time
 from pathlib import Path
 
-from .routes import PROXY_PATH
+from .routes import INFO_PATH, PROXY_PATH
 
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
               b"proxy-authorization", b"te", b"trailer", b"upgrade", b"expect"}
 MAX_HEAD = 64 * 1024
+CHAT_PATH = b"/v1/chat/completions"
+INFO_KEYS = ("version", "format", "sha256", "gguf", "backend", "backend_port", "switched_at")
 
 
 def _log(msg: str) -> None:
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} [{os.getpid()}] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- system prompt rule
+
+def apply_system_prompt(body: bytes, prompt: str) -> bytes:
+    """Give a chat request without a system message the configured one; keep a request's own."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body  # let the server answer the malformed request with its own error
+    msgs = data.get("messages") if isinstance(data, dict) else None
+    if not prompt or not isinstance(msgs, list):
+        return body
+    if any(isinstance(m, dict) and m.get("role") in ("system", "developer") for m in msgs):
+        return body
+    data["messages"] = [{"role": "system", "content": prompt}, *msgs]
+    return json.dumps(data).encode()
 
 
 # ----------------------------------------------------------------------------- front proxy
@@ -109,16 +132,26 @@ async def _copy_body(reader, writer, kind: str, length: int) -> None:
             await writer.drain()
 
 
-async def _skip_body(reader, kind: str, length: int) -> None:
-    """Read and drop a refused request's body, so the connection stays usable for the next request."""
-    class _Sink:
-        def write(self, data):
-            pass
+async def _read_body(reader, kind: str, length: int) -> bytes:
+    """A whole request body, de-chunked: to rewrite it, or to drop a refused one so the connection
+    stays usable for the next request."""
+    if kind == "length":
+        return await reader.readexactly(length)
+    parts = []
+    while kind == "chunked":
+        size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip() or b"0", 16)
+        if size == 0:
+            while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers end with an empty line
+                pass
+            break
+        parts.append((await reader.readexactly(size + 2))[:-2])
+    return b"".join(parts)
 
-        async def drain(self):
-            pass
 
-    await _copy_body(reader, _Sink(), kind, length)
+def _json_reply(status: bytes, obj, keep: bool, extra: bytes = b"") -> bytes:
+    body = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+    return (b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n" + extra + b"content-length: "
+            + str(len(body)).encode() + b"\r\n" + (b"" if keep else b"connection: close\r\n") + b"\r\n" + body)
 
 
 class Proxy:
@@ -127,6 +160,7 @@ class Proxy:
         self.control = Path(conf["control"])
         self.backend_port: int | None = None
         self.version: str | None = None
+        self.serving: dict = {}       # the control file: what the port serves, and its system prompt
         self.inflight: dict[int, int] = {}
         self.served = 0
         self.refused = 0
@@ -151,7 +185,7 @@ class Proxy:
             return
         if port != self.backend_port:
             _log(f"proxy: backend {self.backend_port} -> {port} (version {data.get('version')})")
-        self.backend_port, self.version = port, data.get("version")
+        self.backend_port, self.version, self.serving = port, data.get("version"), data
 
     async def _open_backend(self):
         """Connect to the current backend; a refused connect re-reads the control file and retries,
@@ -188,32 +222,40 @@ class Proxy:
         method, target, proto = parts
         conn = (_get(headers, b"connection") or b"").lower()
         keep = (b"close" not in conn) if proto == b"HTTP/1.1" else (b"keep-alive" in conn)
+        path = target.split(b"?")[0]
         if not self.authorized(headers):
-            await _skip_body(creader, *_framing(headers))
+            await _read_body(creader, *_framing(headers))
             msg = (b'{"error":{"message":"missing or wrong API key: send Authorization: Bearer KEY",'
                    b'"type":"invalid_request_error","code":"invalid_api_key"}}')
-            cwriter.write(b"HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\n"
-                          b"www-authenticate: Bearer\r\ncontent-length: " + str(len(msg)).encode()
-                          + b"\r\n" + (b"" if keep else b"connection: close\r\n") + b"\r\n" + msg)
+            cwriter.write(_json_reply(b"401 Unauthorized", msg, keep, b"www-authenticate: Bearer\r\n"))
             await cwriter.drain()
             self.refused += 1
             return keep
-        if target.split(b"?")[0] == PROXY_PATH.encode():
-            body = json.dumps({"backend_port": self.backend_port, "version": self.version,
-                               "inflight": self.inflight, "served": self.served, "refused": self.refused, "pid": os.getpid()}).encode()
-            cwriter.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
-                          + str(len(body)).encode() + b"\r\n\r\n" + body)
+        if path in (PROXY_PATH.encode(), INFO_PATH.encode()):
+            await _read_body(creader, *_framing(headers))
+            if path == INFO_PATH.encode():
+                obj = {"alias": self.conf.get("alias"), **{k: self.serving.get(k) for k in INFO_KEYS},
+                       "system_prompt": bool(self.serving.get("system_prompt")), "proxy_pid": os.getpid()}
+            else:
+                obj = {"backend_port": self.backend_port, "version": self.version, "inflight": self.inflight,
+                       "served": self.served, "refused": self.refused, "pid": os.getpid()}
+            cwriter.write(_json_reply(b"200 OK", obj, keep))
             await cwriter.drain()
             return keep
         if (_get(headers, b"expect") or b"").lower() == b"100-continue":
             cwriter.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body = None
+        prompt = self.serving.get("system_prompt") or ""
+        if prompt and method == b"POST" and path.rstrip(b"/") == CHAT_PATH:
+            body = apply_system_prompt(await _read_body(creader, *_framing(headers)), prompt)
+            headers = [(k, v) for k, v in headers if k.lower() not in (b"content-length", b"transfer-encoding")]
+            headers.append((b"content-length", str(len(body)).encode()))
         kind, length = _framing(headers)
         try:
             port, breader, bwriter = await self._open_backend()
         except OSError:
             msg = b'{"error":{"message":"no backend is reachable","type":"server_error"}}'
-            cwriter.write(b"HTTP/1.1 502 Bad Gateway\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                          b"content-length: " + str(len(msg)).encode() + b"\r\n\r\n" + msg)
+            cwriter.write(_json_reply(b"502 Bad Gateway", msg, False))
             await cwriter.drain()
             return False
         self.inflight[port] = self.inflight.get(port, 0) + 1
@@ -221,7 +263,11 @@ class Proxy:
             out = [reqline] + [k + b": " + v for k, v in headers if k.lower() not in HOP_BY_HOP]
             out.append(b"connection: close")
             bwriter.write(b"\r\n".join(out) + b"\r\n\r\n")
-            await _copy_body(creader, bwriter, kind, length)
+            if body is None:
+                await _copy_body(creader, bwriter, kind, length)
+            else:
+                bwriter.write(body)
+                await bwriter.drain()
             rhead = await breader.readuntil(b"\r\n\r\n")
             status, rheaders = _parse_head(rhead)
             code = int(status.split(b" ")[1]) if len(status.split(b" ")) > 1 else 502

@@ -39,14 +39,6 @@ def registry_path(cfg: "Config") -> Path:
     return Path(cfg.pipeline.state_dir) / "servers.json"
 
 
-def run_dir(cfg: "Config", model: str) -> Path:
-    return Path(cfg.pipeline.state_dir) / "servers" / model
-
-
-def server_log_path(cfg: "Config", model: str) -> Path:
-    return Path(cfg.logging.log_dir) / model / "server.log"
-
-
 def read_registry(cfg: "Config") -> dict:
     path = registry_path(cfg)
     try:

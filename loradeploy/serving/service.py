@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Optional, Sequence
 from ..errors import InputError
 from ..tools import proc
 from .launch import log_tail
-from .registry import model_names, read_registry, registry_entry, server_log_path, update_entry
+from ..paths import server_log_path
+from .registry import model_names, read_registry, registry_entry, update_entry
 from .switch import model_state
 
 if TYPE_CHECKING:

@@ -22,7 +22,8 @@ from ..tools.openai_http import Client
 from .launch import settings_hash, spawn_worker, start_backend, last_lines
 from .ports import client_host, port_holder
 from .routes import INFO_PATH, PROXY_PATH
-from .registry import recorded_exit, read_registry, registry_entry, run_dir, server_log_path, update_entry
+from ..paths import servers_dir as run_dir, server_log_path
+from .registry import recorded_exit, read_registry, registry_entry, update_entry
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -122,16 +123,22 @@ def switch(cfg: "Config", model: str, *, gguf: Path, version: str, fmt: str, sha
     taken = {e.get("backend", {}).get("port") for e in read_registry(cfg)["models"].values()} - {None}
     log_path = server_log_path(cfg, model)
     started = start_backend(cfg, model, gguf, log_path=log_path, conf_dir=run_dir(cfg, model), taken=taken,
-                            system_prompt=cfg.models[model].system_prompt, version=version, fmt=fmt, sha256=sha256)
+                            version=version, fmt=fmt, sha256=sha256)
     backend = started.record
     # Recorded before the switch, so a loradeploy killed mid-switch leaves no unknown server behind.
     update_entry(cfg, model, pending_backend=backend)
     control = run_dir(cfg, model) / "control.json"
+    before = control.read_text() if ours and control.exists() else None
     spawned = None
     try:
         if progress:
             progress(f"switching port {port} to {version}", 1, 3)
-        atomic_write_text(control, json.dumps({"backend_port": backend["port"], "version": version}))
+        # Everything the proxy answers for every kind of backend: what is served (/loradeploy/info)
+        # and the model's system prompt, applied to chat requests on their way through.
+        atomic_write_text(control, json.dumps({
+            "backend_port": backend["port"], "version": version, "format": fmt, "sha256": sha256,
+            "gguf": str(gguf), "backend": s.backend, "system_prompt": cfg.models[model].system_prompt or "",
+            "switched_at": time.time()}))
         if ours:
             proxy = entry["proxy"]
             t0 = time.monotonic()
@@ -145,7 +152,8 @@ def switch(cfg: "Config", model: str, *, gguf: Path, version: str, fmt: str, sha
             gap = _wait_proxy(cfg, host, port, backend["port"], proxy, log_path)
     except BaseException:
         if ours and old_backend:  # point the live proxy back at the version that was serving
-            atomic_write_text(control, json.dumps({"backend_port": old_backend["port"], "version": entry["version"]}))
+            atomic_write_text(control, before or json.dumps({"backend_port": old_backend["port"],
+                                                               "version": entry["version"]}))
             with contextlib.suppress(OSError):
                 os.kill(int(entry["proxy"]["pid"]), signal.SIGHUP)
         if spawned:
@@ -157,6 +165,7 @@ def switch(cfg: "Config", model: str, *, gguf: Path, version: str, fmt: str, sha
     update_entry(cfg, model, version=version, format=fmt, host=host, port=port, gguf=str(gguf), sha256=sha256,
                  settings_hash=shash, proxy=proxy, backend=backend, pending_backend=None, state="running",
                  url=url, log=str(log_path), switched_at=time.time(), cpu_mode=started.mode.as_dict(),
+                 backend_kind=s.backend,
                  started_at=entry.get("started_at") if ours and entry else time.time())
     if progress:
         progress(f"stopping the previous {model} server", 2, 3)
@@ -168,6 +177,7 @@ def switch(cfg: "Config", model: str, *, gguf: Path, version: str, fmt: str, sha
     if progress:
         progress(f"{model} {version} serving", 3, 3)
     return {"action": "switched" if replacing else "started", "url": url, "port": port, "pid": backend["pid"],
+            "backend": s.backend,
             "backend_port": backend["port"], "proxy_pid": proxy["pid"], "ready_s": backend["ready_s"],
             "switch_s": round(gap, 4), "cpu_mode": started.mode.describe()}
 

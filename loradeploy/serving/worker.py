@@ -7,16 +7,18 @@ import sys
 from pathlib import Path
 
 
-def _supervise_backend(conf_path: Path) -> int:
-    """The backend runs as this process's child, so that how it ends — a signal included, which
-    no other process could learn — is written next to its config for status and health to report."""
+def _supervise_backend(conf_path: Path, conf: dict) -> int:
+    """The server (llama-server, or the python backend in a child process) runs as this process's
+    child, so that how it ends — a signal included, which no other process could learn — is written
+    next to its config for status and health to report."""
     import time
 
     from ..fsutil import atomic_write_text
     from ..tools.proc import describe_exit, supervise
+    from .backends import child_argv
     from .registry import exit_path
 
-    code = supervise([sys.executable, "-m", "loradeploy.serving.worker", "backend-child", str(conf_path)])
+    code = supervise(child_argv(conf, conf_path))
     atomic_write_text(exit_path(conf_path), json.dumps({"code": code, "how": describe_exit(code), "at": time.time()}))
     print(f"backend {describe_exit(code)}", file=sys.stderr, flush=True)
     return code if code >= 0 else 128 - code
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_backend(conf)
     if argv[0] == "backend":
-        return _supervise_backend(conf_path)
+        return _supervise_backend(conf_path, conf)
     from .proxy import run_proxy
 
     return run_proxy(conf)

@@ -10,6 +10,7 @@ REGISTRY: dict[str, str] = {
     "merge": "loradeploy.stages.merge:MergeStage",
     "convert": "loradeploy.stages.convert:ConvertStage",
     "quantize": "loradeploy.stages.quantize:QuantizeStage",
+    "verify": "loradeploy.stages.verify:VerifyStage",
     "deploy": "loradeploy.stages.deploy:DeployStage",
     "health": "loradeploy.stages.health:HealthStage",
     "evaluate": "loradeploy.stages.evaluate:EvaluateStage",

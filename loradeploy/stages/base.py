@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from ..state import Artifact  # noqa: F401  (stages build and return artifacts)
+from ..paths import ModelPaths  # noqa: F401  (stages read their paths from here)
+from ..state import Artifact, RunRecord  # noqa: F401  (stages build and return artifacts)
 
 if TYPE_CHECKING:
     from ..config import Config, ModelConfig
@@ -23,28 +24,6 @@ def no_progress(description: str, completed: float, total: float) -> None:
 class StageResult:
     artifacts: list[Artifact] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class ModelPaths:
-    work: Path
-    model: str
-    version: str
-
-    @property
-    def adapter(self) -> Path:
-        return self.work / "adapter"
-
-    @property
-    def merged(self) -> Path:
-        return self.work / "merged"
-
-    @property
-    def gguf_dir(self) -> Path:
-        return self.work / "gguf"
-
-    def gguf(self, fmt: str) -> Path:
-        return self.gguf_dir / f"{self.model}_{self.version}-{fmt.lower()}.gguf"
 
 
 @dataclass
@@ -67,9 +46,7 @@ class StageContext:
         return self.cfg.pipeline.state_dir
 
     def upstream_artifacts(self, stage: str, kind: str | None = None) -> list[Artifact]:
-        rec = self.upstream.get(stage) or {}
-        arts = [Artifact(**a) for a in rec.get("artifacts", [])]
-        return [a for a in arts if kind is None or a.kind == kind]
+        return RunRecord(self.state_dir, self.model_name, {"stages": self.upstream}).artifacts(stage, kind)
 
 
 class Stage(Protocol):

@@ -256,12 +256,26 @@ def stop(p: "Spawned | Mapping | None", grace: float = 30.0) -> None:
             pass
 
 
+def _die_with_parent() -> None:
+    """In a supervised child before exec: be killed when the supervisor dies, even by SIGKILL."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the supervisor died before prctl took effect
+        os._exit(1)
+
+
 def supervise(args: Sequence[str | os.PathLike], *, env: Mapping[str, str] | None = None) -> int:
     """Run ``args`` as a child sharing this process's stdout/stderr, pass SIGTERM/SIGINT/SIGHUP on to
     it, and return its exit status (negative: the signal that killed it). For a worker that must
-    report how the real server ended, which only a parent can know."""
+    report how the real server ended, which only a parent can know.
+
+    The child has its own process group, so a signal to the supervisor's group reaches it once
+    (forwarded), not twice: llama-server takes a second SIGTERM as "exit now". It dies with the
+    supervisor (PR_SET_PDEATHSIG), so a supervisor killed outright leaves no server behind."""
     argv = [os.fspath(a) for a in args]
-    child = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+    child = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL,
+                             process_group=0, preexec_fn=_die_with_parent)
 
     def forward(signum, _frame):
         try:

@@ -1,5 +1,8 @@
 """Deploy and serve with real llama.cpp servers on loopback, using the demo's tiny llama GGUFs.
 
+The default backend (llama-server, built at setup) runs every test; the cheapest ones also run
+with the python backend (llama-cpp-python's server), through the same launcher and proxy.
+
 Every server a test starts is stopped by the ``cfg_factory`` finalizer (serve_stop on each config's
 state dir, then any recorded pid still alive is killed).
 """
@@ -54,7 +57,7 @@ def _spare_range() -> list[int]:
 def cfg_factory(tmp_path):
     made = []
 
-    def make(*, version="v1", targets=("llamacpp",), port=None, root=None, **deployment):
+    def make(*, version="v1", targets=("llamacpp",), port=None, root=None, backend="llama-server", **deployment):
         root = Path(root or tmp_path)
         data = {
             "models": {MODEL: {"base_model": str(root / "base"), "adapter": str(root / "adapter"),
@@ -62,7 +65,7 @@ def cfg_factory(tmp_path):
             "quantization": {"formats": ["Q8_0"]},
             "deployment": {"targets": list(targets), "models_dir": str(root / "models"),
                            "llamacpp": {"n_ctx": 256, "threads": 1, "startup_timeout_s": 90,
-                                        "spare_port_range": _spare_range()},
+                                        "spare_port_range": _spare_range(), "backend": backend},
                            "lmstudio": {"home": str(root / "lmstudio")}, **deployment},
             "pipeline": {"state_dir": str(root / "state"), "work_dir": str(root / "work")},
             "logging": {"log_dir": str(root / "logs")},
@@ -112,10 +115,16 @@ def info(port):
     return r.data
 
 
-def token_count(port, text):
-    r = Client(f"http://127.0.0.1:{port}").post("/extras/tokenize/count", {"model": MODEL, "input": text})
+def token_count(port, text, backend="llama-server"):
+    """Tokens of ``text`` with the special ones the model adds (BOS), by the server's own tokenizer."""
+    client = Client(f"http://127.0.0.1:{port}")
+    if backend == "python":
+        r = client.post("/extras/tokenize/count", {"model": MODEL, "input": text})
+        assert r.status == 200, r.data
+        return r.data["count"]
+    r = client.post("/tokenize", {"content": text, "add_special": True})
     assert r.status == 200, r.data
-    return r.data["count"]
+    return len(r.data["tokens"])
 
 
 def first_logprob(port):
@@ -254,10 +263,13 @@ def test_deploy_switch_without_failures_and_rollback(cfg_factory, tiny_ggufs):
 
 
 @pytest.mark.slow
-def test_system_prompt_rule(cfg_factory, tiny_ggufs):
-    cfg = cfg_factory()
+@pytest.mark.parametrize("backend", ["llama-server", "python"])
+def test_system_prompt_rule(cfg_factory, tiny_ggufs, backend):
+    """The proxy applies the rule for either backend (llama-server has no such option of its own)."""
+    cfg = cfg_factory(backend=backend)
     port = cfg.models[MODEL].port
     deploy_model(cfg, MODEL, gguf=tiny_ggufs["v1", "Q8_0"])
+    assert info(port)["backend"] == backend and info(port)["system_prompt"] is True
     user = {"role": "user", "content": "echo: green door"}
     own = {"role": "system", "content": "Answer briefly."}
     configured = {"role": "system", "content": SYSTEM}
@@ -265,10 +277,10 @@ def test_system_prompt_rule(cfg_factory, tiny_ggufs):
     without = chat(port, [user])["usage"]["prompt_tokens"]
     kept = chat(port, [own, user])["usage"]["prompt_tokens"]
     # The server renders the GGUF's ChatML template (which adds no BOS); count each rendering.
-    bos = token_count(port, "")
+    bos = token_count(port, "", backend)
 
     def count(messages):
-        return token_count(port, render_chatml(messages)) - bos
+        return token_count(port, render_chatml(messages), backend) - bos
 
     assert without == count([configured, user])
     assert without != count([user])
@@ -515,10 +527,35 @@ def _without_tensor(src: Path, dst: Path, drop: str) -> Path:
     return dst
 
 
+# ----------------------------------------------------------------------------- llama.cpp's tools
+
+def test_llama_cpp_tools_are_found_with_an_isolated_home_and_report_their_build(tmp_path, monkeypatch):
+    from loradeploy.errors import LlamaRuntimeError
+    from loradeploy.llamacpp import runtime, tools
+
+    # HOME and the cache are this test's own: the venv's link is what finds the build of `make setup`.
+    for name in tools.TOOLS + tools.SCRIPTS:
+        assert tools.tool(name).is_file(), name
+    built = tools.info()
+    assert built["llama_cpp_python"] == runtime.llama_cpp_version()
+    assert built["commit"] == f"sdist-{built['sdist_sha256'][:12]}"
+    assert built["commit"] in tools.reported_version("llama-server")
+
+    monkeypatch.setattr(tools, "venv_link", lambda: tmp_path / "no-link")
+    monkeypatch.delenv(tools.DIR_ENV, raising=False)
+    with pytest.raises(LlamaRuntimeError, match=r"llama.cpp's tools for llama-cpp-python .* are not built.*make setup"):
+        tools.tool("llama-server")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "manifest.json").write_text(json.dumps({"llama_cpp_python": "0.0.1"}))
+    monkeypatch.setenv(tools.DIR_ENV, str(tmp_path / "other"))
+    with pytest.raises(LlamaRuntimeError, match=r"built for llama-cpp-python 0.0.1"):
+        tools.tool("llama-quantize")
+
+
 # ----------------------------------------------------------------------------- proxy and prompt rule, no model
 
 def test_system_prompt_rule_on_request_bodies():
-    from loradeploy.serving.backend import apply_system_prompt
+    from loradeploy.serving.proxy import apply_system_prompt
 
     def rewrite(body, prompt="P"):
         out = apply_system_prompt(json.dumps(body).encode(), prompt)
@@ -608,12 +645,28 @@ def test_proxy_forwards_http_faithfully_and_switches_between_requests(tmp_path):
         resp, data = ask("HEAD", "/h")
         assert resp.getheader("content-length") == "10" and data == b""
 
-        control.write_text(json.dumps({"backend_port": b.server_address[1], "version": "B"}))
+        user = {"role": "user", "content": "hi"}
+        resp, data = ask("POST", "/v1/chat/completions", body=json.dumps({"messages": [user]}))
+        assert json.loads(json.loads(data)["body"])["messages"] == [user], "no configured prompt: untouched"
+
+        control.write_text(json.dumps({"backend_port": b.server_address[1], "version": "B", "sha256": "abc",
+                                       "gguf": "/m/B.gguf", "backend": "llama-server", "system_prompt": "Be B."}))
         os.kill(rec["pid"], signal.SIGHUP)
         switchmod._wait_proxy(cfg, "127.0.0.1", port, b.server_address[1], rec, tmp_path / "proxy.log")
         resp, data = ask("GET", "/after")  # the same kept-alive client connection
         assert json.loads(data) == {"name": "B", "path": "/after"}
         assert resp.getheader("connection") == "keep-alive"
+        # The proxy answers what it serves itself, and applies the system prompt to chat bodies,
+        # chunked ones included, whatever the backend is.
+        resp, data = ask("GET", "/loradeploy/info")
+        got = json.loads(data)
+        assert (got["version"], got["sha256"], got["gguf"], got["backend"], got["system_prompt"]) == \
+            ("B", "abc", "/m/B.gguf", "llama-server", True)
+        chunks = [json.dumps({"messages": [user]}).encode()[:7], json.dumps({"messages": [user]}).encode()[7:]]
+        resp, data = ask("POST", "/v1/chat/completions", body=iter(chunks), encode_chunked=True)
+        assert json.loads(json.loads(data)["body"])["messages"] == [{"role": "system", "content": "Be B."}, user]
+        resp, data = ask("POST", "/v1/completions", body=json.dumps({"prompt": "x"}))
+        assert json.loads(json.loads(data)["body"]) == {"prompt": "x"}, "only chat bodies are rewritten"
 
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # curl-style Expect
             s.sendall(b"POST /e HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\nexpect: 100-continue\r\n\r\n")
@@ -664,20 +717,61 @@ def test_api_key_guards_every_route_of_the_port_streaming_included(cfg_factory, 
 
 
 @pytest.mark.slow
-def test_a_server_that_crashes_later_is_reported_with_its_signal_and_log(cfg_factory, tiny_ggufs):
+@pytest.mark.parametrize("backend", ["llama-server", "python"])
+def test_a_server_that_crashes_later_is_reported_with_its_signal_and_log(cfg_factory, tiny_ggufs, backend):
     import psutil
 
-    cfg = cfg_factory()
+    cfg = cfg_factory(backend=backend)
     deploy_model(cfg, MODEL, gguf=tiny_ggufs["v1", "Q8_0"])
-    backend = serving.registry_entry(cfg, MODEL)["backend"]
-    [server] = psutil.Process(backend["pid"]).children()  # the supervisor's one child: the llama.cpp server
+    supervisor = serving.registry_entry(cfg, MODEL)["backend"]
+    [server] = psutil.Process(supervisor["pid"]).children()  # the supervisor's one child: the llama.cpp server
+    assert ("llama-server" in server.name()) == (backend == "llama-server"), server.cmdline()
     os.kill(server.pid, signal.SIGSEGV)
     deadline = time.monotonic() + 30
-    while proc.alive(backend) and time.monotonic() < deadline:
+    while proc.alive(supervisor) and time.monotonic() < deadline:
         time.sleep(0.1)
     [row] = [r for r in serve_status(cfg) if r["model"] == MODEL]
     assert row["state"] == "dead"
     assert "server killed by SIGSEGV in CPU mode" in row["why"] and "last log lines:" in row["why"], row["why"]
+
+
+@pytest.mark.slow
+def test_llama_server_decodes_overlapping_requests_together(cfg_factory, tiny_ggufs, tmp_path):
+    """Four overlapping requests share llama-server's decode calls (its slots) instead of queueing:
+    /metrics' average of busy slots per llama_decode() call exceeds 1 only when sequences were batched."""
+    from loradeploy.health.api import prometheus_values, server_checks
+
+    cfg = cfg_factory()
+    assert cfg.deployment.llamacpp.backend == "llama-server" and cfg.deployment.llamacpp.parallel == 4
+    started = launch.start_backend(cfg, MODEL, tiny_ggufs["v1", "Q8_0"], log_path=tmp_path / "server.log",
+                                   conf_dir=tmp_path)
+    try:
+        client = Client(started.url, timeout=120)
+        go = threading.Barrier(4)
+        answers = []
+
+        def ask(i):
+            go.wait()
+            # ignore_eos: the tiny model would stop after a few words; long answers make the requests overlap
+            answers.append(client.chat({"model": MODEL, "max_tokens": 120, "temperature": 0, "ignore_eos": True,
+                                        "messages": [{"role": "user", "content": f"echo: word {i}"}]}))
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert [a.status for a in answers] == [200] * 4, [a.data for a in answers]
+        assert all(a.data["usage"]["completion_tokens"] == 120 for a in answers)
+        metrics = prometheus_values(client.get("/metrics").data)
+        assert metrics["n_busy_slots_per_decode"] > 1.5, metrics
+        assert metrics["tokens_predicted_total"] >= 480, metrics
+        ep = SimpleNamespace(model=MODEL, port=started.record["port"])
+        [check] = server_checks(client, ep, cfg.health_check)
+        assert check.status == "pass" and check.metrics["health"] == "ok", check
+        assert check.metrics["n_busy_slots_per_decode"] == metrics["n_busy_slots_per_decode"]
+    finally:
+        proc.stop(started.record, grace=10)
 
 
 @pytest.mark.slow

@@ -47,8 +47,10 @@ def _imports(name: str, path: Path) -> set[str]:
                 mod = ".".join(anchor + ([node.module] if node.module else []))
             else:
                 mod = node.module or ""
-            out.add(mod)
-            out.update(f"{mod}.{a.name}" for a in node.names)  # `from pkg import submodule`
+            subs = {f"{mod}.{a.name}" for a in node.names} & MODULES.keys()
+            out.update(subs)  # `from pkg import submodule` imports the submodule (pkg is its parent, loaded anyway)
+            if len(subs) < len(node.names):
+                out.add(mod)  # names defined in mod itself
     return {m for m in out if m in MODULES and m != name}
 
 

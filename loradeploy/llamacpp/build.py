@@ -1,0 +1,242 @@
+"""Build llama.cpp's own tools from the llama.cpp source vendored in the installed llama-cpp-python's
+sdist: ``python -m loradeploy.llamacpp.build`` (``make setup`` runs it; safe to run twice).
+
+The sdist is fetched with pip (``pip download --no-binary :all: --no-deps llama-cpp-python==VER``),
+its ``vendor/llama.cpp`` kept as the source, then cmake builds the CPU tools (Release, no curl/TLS, no
+tests or examples, no web UI download). Everything lives under tools.build_dir(); a finished build
+has a manifest.json and is reused in seconds, and the venv links to it (tools.venv_link()).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import re
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+from ..errors import LlamaRuntimeError
+from ..fsutil import atomic_symlink, atomic_write_text
+from . import runtime, tools
+
+Progress = Callable[[str, Optional[int], Optional[int]], None]
+SOURCE_MARK = ".loradeploy-source.json"
+NEEDED = ("CMakeLists.txt", "tools/server/CMakeLists.txt", "tools/quantize/CMakeLists.txt",
+          "tools/imatrix/CMakeLists.txt", "tools/perplexity/CMakeLists.txt", "convert_lora_to_gguf.py",
+          "convert_hf_to_gguf.py", "gguf-py/gguf/__init__.py")
+# Only what the four tools need. LLAMA_OPENSSL is the TLS switch that replaced the curl one (LLAMA_CURL
+# is ignored by this source); the web UI would otherwise be downloaded from a Hugging Face bucket.
+CMAKE_OPTIONS = ("-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                 "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_SERVER=ON",
+                 "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
+                 "-DLLAMA_OPENSSL=OFF")
+
+
+def _note(progress: Optional[Progress], msg: str, done: Optional[int] = None, total: Optional[int] = None) -> None:
+    if progress:
+        progress(msg, done, total)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    # Two setups at once (two terminals, parallel CI jobs) build once; the second waits and reuses it.
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "a+") as lk:
+        fcntl.flock(lk.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lk.fileno(), fcntl.LOCK_UN)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _source_mark(src: Path) -> Optional[dict]:
+    try:
+        mark = json.loads((src / SOURCE_MARK).read_text())
+    except (OSError, ValueError):
+        return None
+    missing = [p for p in NEEDED if not (src / p).exists()]
+    return mark if isinstance(mark, dict) and not missing else None
+
+
+def fetch_source(folder: Path, version: str, log_path: Path, progress: Optional[Progress] = None) -> dict:
+    """``folder/src`` = vendor/llama.cpp of llama-cpp-python==version's sdist; kept between runs so an
+    interrupted build resumes without a new download."""
+    from ..tools.proc import run
+
+    src = folder / "src"
+    mark = _source_mark(src)
+    if mark and mark.get("llama_cpp_python") == version:
+        return mark
+    _note(progress, f"downloading the llama-cpp-python {version} sdist (pip)")
+    with tempfile.TemporaryDirectory(prefix="llama-sdist-", dir=folder.parent) as tmp:
+        run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+             f"llama-cpp-python=={version}", "-d", tmp], log_path=log_path, timeout=1800,
+            error_cls=LlamaRuntimeError, what="pip download llama-cpp-python sdist")
+        sdist = next(iter(sorted(Path(tmp).glob("llama_cpp_python-*.tar.gz"))), None)
+        if sdist is None:
+            raise LlamaRuntimeError(f"pip download left no llama-cpp-python {version} sdist", hint=f"see {log_path}")
+        _note(progress, f"unpacking vendor/llama.cpp from {sdist.name}")
+        sha = _sha256(sdist)
+        staging = Path(tmp) / "src"
+        prefix = None
+        with tarfile.open(sdist) as tar:
+            for member in tar.getmembers():
+                parts = member.name.split("/")
+                if len(parts) > 3 and parts[1:3] == ["vendor", "llama.cpp"]:
+                    prefix = "/".join(parts[:3]) + "/"
+                    member.name = member.name[len(prefix):]
+                    tar.extract(member, staging, filter="data")
+        missing = [p for p in NEEDED if not (staging / p).exists()]
+        if prefix is None or missing:
+            raise LlamaRuntimeError(f"{sdist.name} lacks what the tools need in vendor/llama.cpp: "
+                                    f"{', '.join(missing) or 'the whole folder'}")
+        # The vendored .git is a pointer into the sdist's missing submodule store; cmake then asks git
+        # in vain. The build commit is set explicitly from the sdist's hash instead.
+        (staging / ".git").unlink(missing_ok=True)
+        mark = {"llama_cpp_python": version, "sdist": sdist.name, "sdist_sha256": sha}
+        (staging / SOURCE_MARK).write_text(json.dumps(mark, indent=2))
+        if src.exists():
+            shutil.rmtree(src)
+        staging.rename(src)
+    return mark
+
+
+def _cmake(folder: Path, commit: str) -> list[str]:
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    return ["cmake", "-S", str(folder / "src"), "-B", str(folder / "build"), *gen, *CMAKE_OPTIONS,
+            "-DGGML_CCACHE=OFF", "-DLLAMA_BUILD_NUMBER=0", f"-DLLAMA_BUILD_COMMIT={commit}"]
+
+
+_STEP = re.compile(r"^\[\s*(\d+)\s*/\s*(\d+)\]|^\[\s*(\d+)%\]")
+
+
+def compile_tools(folder: Path, commit: str, jobs: int, log_path: Path, progress: Optional[Progress] = None) -> None:
+    from ..tools.proc import run
+
+    if not shutil.which("cmake"):
+        raise LlamaRuntimeError("cmake is not installed: it builds llama.cpp's tools",
+                                hint="install cmake and a C++ compiler (Debian: apt-get install cmake g++)")
+    _note(progress, "configuring llama.cpp (cmake)")
+    run(_cmake(folder, commit), log_path=log_path, timeout=1800, error_cls=LlamaRuntimeError, what="cmake configure")
+
+    def on_line(line: str) -> None:
+        m = _STEP.match(line.strip())
+        if m and m.group(1):
+            _note(progress, "compiling llama.cpp", int(m.group(1)), int(m.group(2)))
+        elif m:
+            _note(progress, "compiling llama.cpp", int(m.group(3)), 100)
+
+    _note(progress, f"compiling llama.cpp with -j{jobs}", 0, None)
+    run(["cmake", "--build", str(folder / "build"), "--config", "Release", f"-j{jobs}", "--target", *tools.TOOLS],
+        log_path=log_path, timeout=4 * 3600, error_cls=LlamaRuntimeError, what="cmake --build", on_line=on_line)
+    bindir = folder / "bin"
+    bindir.mkdir(exist_ok=True)
+    for name in tools.TOOLS:
+        built = folder / "build" / "bin" / name
+        if not built.is_file():
+            raise LlamaRuntimeError(f"the llama.cpp build produced no {name}", hint=f"see {log_path}")
+        tmp = bindir / f".{name}.tmp"
+        shutil.copy2(built, tmp)
+        tmp.replace(bindir / name)
+
+
+def link_venv(folder: Path) -> Optional[Path]:
+    """Point the venv's link at this build, so a process with another HOME finds the same tools."""
+    if sys.prefix == sys.base_prefix:
+        return None  # not in a venv: the user cache is where tools.locate() looks
+    link = tools.venv_link()
+    if link.is_symlink() and link.resolve() == folder.resolve():
+        return link
+    atomic_symlink(folder.resolve(), link)
+    return link
+
+
+def ensure_built(*, jobs: int = 2, force: bool = False, progress: Optional[Progress] = None) -> dict:
+    """Build (or reuse) the tools for the installed llama-cpp-python; returns the manifest plus
+    ``dir``, ``cached`` and ``seconds``."""
+    t0 = time.monotonic()
+    version = runtime.llama_cpp_version()
+    if version == "not installed":
+        raise LlamaRuntimeError("llama-cpp-python is not installed: its sdist is the tools' source",
+                                hint="run `make setup`")
+    key = tools.build_key()
+    folder = tools.build_dir(version, key)
+    with _locked(folder):
+        manifest = None if force else tools._read_manifest(folder)
+        cached = bool(manifest and manifest.get("llama_cpp_python") == version
+                      and all((folder / "bin" / t).is_file() for t in tools.TOOLS)
+                      and all((folder / "src" / s).is_file() for s in tools.SCRIPTS))
+        if not cached:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / tools.MANIFEST).unlink(missing_ok=True)
+            log_path = folder / "build.log"
+            mark = fetch_source(folder, version, log_path, progress)
+            commit = f"sdist-{mark['sdist_sha256'][:12]}"
+            compile_tools(folder, commit, jobs, log_path, progress)
+            manifest = {"llama_cpp_python": version, "sdist": mark["sdist"], "sdist_sha256": mark["sdist_sha256"],
+                        "commit": commit, "build_number": 0, "key": key, "compiler": tools.compiler_id(),
+                        "cmake_options": list(CMAKE_OPTIONS), "tools": list(tools.TOOLS),
+                        "scripts": list(tools.SCRIPTS), "built_at": time.time(),
+                        "build_s": round(time.monotonic() - t0, 1), "jobs": jobs}
+            atomic_write_text(folder / tools.MANIFEST, json.dumps(manifest, indent=2))
+        link = link_venv(folder)
+    tools._located.cache_clear()
+    return {**manifest, "dir": str(folder), "venv_link": str(link) if link else None, "cached": cached,
+            "seconds": round(time.monotonic() - t0, 2)}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """The setup step's front end: a rich progress bar on a terminal, plain log lines otherwise."""
+    import argparse
+
+    from rich.console import Console
+
+    ap = argparse.ArgumentParser(prog="python -m loradeploy.llamacpp.build", description=__doc__.split("\n")[0])
+    ap.add_argument("--jobs", "-j", type=int, default=2)
+    ap.add_argument("--force", action="store_true", help="rebuild even when a finished build exists")
+    args = ap.parse_args(argv)
+    console = Console(stderr=True)
+    last = {"msg": None, "pct": -10}
+
+    def plain(msg: str, done: Optional[int], total: Optional[int]) -> None:
+        pct = int(100 * done / total) if done is not None and total else None
+        if msg != last["msg"] or (pct is not None and pct >= last["pct"] + 10):
+            console.print(f"llama.cpp tools: {msg}" + (f" {pct}%" if pct is not None else ""), highlight=False)
+            last["msg"], last["pct"] = msg, pct if pct is not None else -10
+
+    try:
+        if console.is_terminal:
+            from rich.progress import BarColumn, Progress as Bar, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            with Bar(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                     TimeElapsedColumn(), console=console, transient=True) as bar:
+                task = bar.add_task("llama.cpp tools", total=None)
+                out = ensure_built(jobs=args.jobs, force=args.force,
+                                   progress=lambda m, d, t: bar.update(task, description=m, completed=d or 0, total=t))
+        else:
+            out = ensure_built(jobs=args.jobs, force=args.force, progress=plain)
+    except LlamaRuntimeError as exc:
+        console.print(f"[red]llama.cpp tools: {exc.one_line()}[/red]")
+        return 1
+    how = "cached build" if out["cached"] else f"built in {out['build_s']:.0f}s"
+    console.print(f"llama.cpp tools for llama-cpp-python {out['llama_cpp_python']} ({out['commit']}): {how}, "
+                  f"{out['dir']}" + (f" (linked from {out['venv_link']})" if out["venv_link"] else ""), highlight=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""The two kinds of backend a served port can have, as the worker config launch writes for each:
+
+* ``llama-server``: llama.cpp's own server (built at setup, loradeploy.llamacpp.tools), with
+  ``parallel`` slots and continuous batching, so overlapping requests are decoded together;
+* ``python``: llama-cpp-python's server (serving.backend), one request at a time.
+
+Both run under the worker's supervisor (serving.worker), which records how the server ended.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+from ..errors import InputError, LlamaRuntimeError, ServingError
+from ..llamacpp import runtime
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+KINDS = ("llama-server", "python")
+LABELS = {"llama-server": "llama-server", "python": "llama-cpp-python server"}  # for messages
+
+
+def threads(cfg: "Config") -> int:
+    from ..resources import cpu_budget
+
+    return cfg.deployment.llamacpp.threads or cpu_budget(cfg.performance.max_cpu_threads)
+
+
+def extra_model_settings(args: Sequence[str]) -> dict:
+    """deployment.llamacpp.extra_args as llama-cpp-python ModelSettings fields (--name value)."""
+    from llama_cpp.server.settings import ModelSettings
+
+    out: dict[str, Any] = {}
+    items = list(args)
+    i = 0
+    while i < len(items):
+        key = items[i]
+        if not key.startswith("--"):
+            raise InputError(f"deployment.llamacpp.extra_args: expected --name value, got {key!r}")
+        key, eq, val = key[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(items):
+                raise InputError(f"deployment.llamacpp.extra_args: --{key} has no value")
+            val, i = items[i + 1], i + 1
+        key = key.replace("-", "_")
+        if key not in ModelSettings.model_fields:
+            raise InputError(f"deployment.llamacpp.extra_args: unknown llama.cpp server setting --{key}",
+                             hint="use a llama_cpp.server ModelSettings field, e.g. --flash_attn true")
+        out[key] = val
+        i += 1
+    return out
+
+
+def llama_server_argv(cfg: "Config", alias: str, gguf: Path, port: int, mode: runtime.Mode) -> list[str]:
+    """llama-server's command line for one model on a loopback port in the decided CPU mode."""
+    from ..llamacpp.tools import tool
+
+    s = cfg.deployment.llamacpp
+    try:
+        exe = tool("llama-server")
+    except LlamaRuntimeError as exc:
+        raise ServingError(exc.message, hint=exc.hint) from None
+    n = str(threads(cfg))
+    # -c is the whole KV cache, shared out over the slots: each slot gets the configured n_ctx.
+    argv = [str(exe), "-m", str(gguf), "--alias", alias, "--host", "127.0.0.1", "--port", str(port),
+            "-c", str(s.n_ctx * s.parallel), "-np", str(s.parallel), "--cont-batching", "-t", n, "-tb", n,
+            "-b", str(s.n_batch), "--metrics", "--no-webui"]
+    if s.n_gpu_layers:
+        argv += ["-ngl", "all" if s.n_gpu_layers < 0 else str(s.n_gpu_layers)]
+    if not mode.extra_bufts:
+        # The flag that clears common_params.no_extra_bufts' default: no repacked/AMX weight buffers.
+        argv.append("--no-repack")
+    return argv + list(s.extra_args)
+
+
+def backend_conf(cfg: "Config", alias: str, gguf: Path, port: int, mode: runtime.Mode, *,
+                 extra: Optional[dict], version: str, fmt: str, sha256: str) -> dict:
+    """The worker config: what is served (for logs and status) and, for llama-server, its argv."""
+    s = cfg.deployment.llamacpp
+    conf = {"kind": s.backend, "alias": alias, "version": version, "format": fmt, "sha256": sha256,
+            "gguf": str(gguf), "host": "127.0.0.1", "port": port, "cpu_mode": mode.describe(),
+            "extra_bufts": mode.extra_bufts}
+    if s.backend == "llama-server":
+        conf["argv"] = llama_server_argv(cfg, alias, gguf, port, mode)
+    else:
+        conf.update(n_ctx=s.n_ctx, threads=threads(cfg), n_gpu_layers=s.n_gpu_layers, n_batch=s.n_batch,
+                    model_extra=extra or {})
+    return conf
+
+
+def child_argv(conf: dict, conf_path: Path) -> list[str]:
+    """What the supervisor runs: llama-server's own argv, or the python backend in a child process."""
+    if conf.get("argv"):
+        return list(conf["argv"])
+    return [sys.executable, "-m", "loradeploy.serving.worker", "backend-child", str(conf_path)]
+

@@ -1,0 +1,93 @@
+"""Candidates: every produced GGUF (F16 and each quant), and the base GGUF when one was converted.
+
+Each is loaded by llama-cpp-python in the CPU mode the runtime decided (``runtime.load``), fed the
+very token ids the reference read, and compared position by position with the reference's
+log-probabilities from the memmap. One GGUF is loaded at a time, and its logits buffer is sized to
+the longest sequence, so memory stays bounded by one model plus n_ctx x vocabulary floats.
+"""
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from .behaviour import STOP_MARGIN, Generation, TemplateCase, check_stop, check_template
+from .calibration import Calibration
+from .metrics import PositionStats
+from .reference import ReferenceRun, threads_for
+
+Progress = Callable[[str, float, float], None]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One GGUF to compare with the reference.
+
+    ``label`` names it in reports and is what the gate serves (``Q4_K_M``; a second recipe of the
+    same type, such as an importance-matrix quant, gets its own label with ``variant`` set, e.g.
+    ``Q4_K_M+imatrix``); ``fmt`` is the llama.cpp type whose thresholds apply. ``gated`` is False
+    for yardsticks that are never served (the base GGUF).
+    """
+
+    label: str
+    fmt: str
+    path: Path
+    sha256: Optional[str] = None
+    gated: bool = True
+    variant: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "format": self.fmt, "path": str(self.path), "sha256": self.sha256,
+                "gated": self.gated, "variant": self.variant, "size": self.path.stat().st_size
+                if self.path.is_file() else None}
+
+
+def _n_ctx(cal: Calibration, gens: Sequence[Generation], cases: Sequence[TemplateCase]) -> int:
+    need = [cal.longest] + [len(c.hf_ids) for c in cases]
+    need += [sum(len(m["content"]) for m in g.messages) // 2 + g.n_tokens + STOP_MARGIN + 64 for g in gens]
+    return max(64, -(-max(need) // 32) * 32)
+
+
+def score_candidate(cand: Candidate, cal: Calibration, ref: ReferenceRun, *, threads: int,
+                    cases: Sequence[TemplateCase], behaviour: bool,
+                    progress: Optional[Progress] = None) -> dict:
+    """Metrics and behaviour of one GGUF; a GGUF that cannot even be compared gets an ``error``."""
+    from ..llamacpp import runtime
+
+    t0 = time.monotonic()
+    out: dict = {**cand.to_dict()}
+    n_ctx = _n_ctx(cal, ref.generations if behaviour else (), cases)
+    n_threads = threads_for(cand.path.stat().st_size, threads or 1)
+    llm = runtime.load(cand.path, n_ctx=n_ctx, n_batch=min(512, n_ctx), logits_all=True,
+                       n_threads=n_threads, n_threads_batch=n_threads, seed=0)
+    try:
+        if llm.n_vocab() != ref.vocab:
+            out["error"] = (f"vocabulary differs: the GGUF has {llm.n_vocab()} tokens, the reference "
+                            f"{ref.vocab}; its logits cannot be compared")
+            return out
+        logprobs = ref.logprobs()
+        stats = PositionStats()
+        for i, seq in enumerate(cal.sequences):
+            if progress:
+                progress(f"{cand.label}: logits", i, len(cal.sequences))
+            llm.reset()
+            llm.eval(seq)
+            n = len(seq) - 1
+            stats.add(logprobs[ref.offsets[i]:ref.offsets[i] + n], llm.scores[:n], np.asarray(seq[1:]))
+        del logprobs
+        out.update(stats.summary())
+        if behaviour:
+            if progress:
+                progress(f"{cand.label}: chat template and stop", 0, 0)
+            llm.reset()
+            out["template"] = check_template(llm, cases).to_dict()
+            out["stop"] = check_stop(llm, ref.generations).to_dict()
+    finally:
+        del llm
+        gc.collect()
+    out["seconds"], out["threads"] = round(time.monotonic() - t0, 3), n_threads
+    return out
