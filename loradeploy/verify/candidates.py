@@ -8,6 +8,7 @@ the longest sequence, so memory stays bounded by one model plus n_ctx x vocabula
 from __future__ import annotations
 
 import gc
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,16 +70,18 @@ def score_candidate(cand: Candidate, cal: Calibration, ref: ReferenceRun, *, thr
             out["error"] = (f"vocabulary differs: the GGUF has {llm.n_vocab()} tokens, the reference "
                             f"{ref.vocab}; its logits cannot be compared")
             return out
-        logprobs = ref.logprobs()
         stats = PositionStats()
-        for i, seq in enumerate(cal.sequences):
-            if progress:
-                progress(f"{cand.label}: logits", i, len(cal.sequences))
-            llm.reset()
-            llm.eval(seq)
-            n = len(seq) - 1
-            stats.add(logprobs[ref.offsets[i]:ref.offsets[i] + n], llm.scores[:n], np.asarray(seq[1:]))
-        del logprobs
+        fd = os.open(ref.logprobs_path, os.O_RDONLY)
+        try:
+            for i, seq in enumerate(cal.sequences):
+                if progress:
+                    progress(f"{cand.label}: logits", i, len(cal.sequences))
+                llm.reset()
+                llm.eval(seq)
+                n = len(seq) - 1
+                stats.add(ref.rows(fd, ref.offsets[i], n), llm.scores[:n], np.asarray(seq[1:]))
+        finally:
+            os.close(fd)
         out.update(stats.summary())
         if behaviour:
             if progress:

@@ -20,13 +20,6 @@ import numpy as np
 ROWS_PER_CHUNK = 64   # 64 x 152k float64 = 78 MB per intermediate
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax in float64 (float32 loses the 1e-6 KLDs a 16-bit GGUF produces)."""
-    x = np.asarray(logits, dtype=np.float64)
-    m = x.max(axis=1, keepdims=True)
-    return x - (m + np.log(np.exp(x - m).sum(axis=1, keepdims=True)))
-
-
 @dataclass
 class PositionStats:
     """Per-position arrays for one candidate, appended sequence by sequence."""
@@ -41,14 +34,19 @@ class PositionStats:
             raise ValueError(f"logit shapes differ: reference {ref_logprobs.shape}, candidate {cand_logits.shape}")
         for lo in range(0, ref_logprobs.shape[0], ROWS_PER_CHUNK):
             hi = min(lo + ROWS_PER_CHUNK, ref_logprobs.shape[0])
-            ref = np.asarray(ref_logprobs[lo:hi], dtype=np.float64)
-            cand = log_softmax(cand_logits[lo:hi])
-            p = np.exp(ref)
-            self.kld.append((p * (ref - cand)).sum(axis=1))
-            self.same_top.append(ref.argmax(axis=1) == cand.argmax(axis=1))
             rows = np.arange(hi - lo)
+            ref = np.asarray(ref_logprobs[lo:hi], dtype=np.float64)
+            x = np.asarray(cand_logits[lo:hi], dtype=np.float64)
+            p = np.exp(ref)
+            top = x.argmax(axis=1)
+            lse = x[rows, top] + np.log(np.exp(x - x[rows, top][:, None]).sum(axis=1))
+            # sum_v p (ref - (x - lse)), expanded so no (rows x vocab) temporary is built for it; sum p is
+            # kept rather than taken as 1 (float32 storage leaves it 1 +- 1e-7, which times lse ~ 10
+            # would swamp the 1e-6 KLDs of a 16-bit file)
+            self.kld.append(np.einsum("ij,ij->i", p, ref) - np.einsum("ij,ij->i", p, x) + lse * p.sum(axis=1))
+            self.same_top.append(ref.argmax(axis=1) == top)
             nxt = np.asarray(next_ids[lo:hi])
-            self.dp.append(np.exp(cand[rows, nxt]) - p[rows, nxt])
+            self.dp.append(np.exp(x[rows, nxt] - lse) - p[rows, nxt])
 
     @property
     def n(self) -> int:

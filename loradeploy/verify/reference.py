@@ -9,6 +9,7 @@ and the model is freed before any GGUF is loaded.
 from __future__ import annotations
 
 import gc
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +40,9 @@ def folder_bytes(folder: Path) -> int:
 
 @dataclass
 class ReferenceRun:
-    logprobs_path: Path
-    offsets: list[int]                 # first memmap row of each calibration sequence
+    logprobs_path: Path                # a .npy of float32 (positions x vocab), np.load(mmap_mode="r") reads it
+    header_bytes: int
+    offsets: list[int]                 # first row of each calibration sequence
     vocab: int
     signal: dict                       # KLD(reference || base) summary, llama.cpp's statistics
     generations: list[Generation] = field(default_factory=list)
@@ -48,8 +50,14 @@ class ReferenceRun:
     dtype: str = "float32"
     seconds: float = 0.0
 
-    def logprobs(self) -> np.ndarray:
-        return np.load(self.logprobs_path, mmap_mode="r")
+    def rows(self, fd: int, start: int, n: int) -> np.ndarray:
+        """Rows ``start..start+n`` by pread: read into a private buffer rather than mapped, so the
+        file's pages (a 152k vocabulary makes it GBs) never count as this process's memory."""
+        width = self.vocab * 4
+        buf = os.pread(fd, n * width, self.header_bytes + start * width)
+        if len(buf) != n * width:
+            raise VerifyError(f"reference log-probs {self.logprobs_path} are truncated", hint="re-run verify")
+        return np.frombuffer(buf, dtype="<f4").reshape(n, self.vocab)
 
 
 def eos_ids(tok, base_dir: Path) -> list[int]:
@@ -113,22 +121,22 @@ def run_reference(base_dir: Path, adapter_dir: Path, tok, cal: Calibration, out_
             offsets.append(row)
             row += len(s) - 1
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        mm = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=(row, vocab))
         signal = PositionStats()
-        for i, seq in enumerate(cal.sequences):
-            if progress:
-                progress("reference logits (PEFT, unmerged)", i, len(cal.sequences))
-            ids = torch.tensor([seq], device=dev)
-            logits = model(input_ids=ids).logits[0, :-1]
-            ref_lp = torch.log_softmax(logits.double(), dim=-1).float().cpu().numpy()
-            del logits
-            mm[offsets[i]:offsets[i] + len(seq) - 1] = ref_lp
-            with model.disable_adapter():
-                base_logits = model(input_ids=ids).logits[0, :-1].float().cpu().numpy()
-            signal.add(ref_lp, base_logits, np.asarray(seq[1:]))
-            del ref_lp, base_logits
-        mm.flush()
-        del mm
+        with open(out_path, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (row, vocab)})
+            header = f.tell()
+            for i, seq in enumerate(cal.sequences):
+                if progress:
+                    progress("reference logits (PEFT, unmerged)", i, len(cal.sequences))
+                ids = torch.tensor([seq], device=dev)
+                logits = model(input_ids=ids).logits[0, :-1]
+                ref_lp = torch.log_softmax(logits.double(), dim=-1).float().cpu().numpy()
+                del logits
+                f.write(np.ascontiguousarray(ref_lp, dtype="<f4").tobytes())
+                with model.disable_adapter():
+                    base_logits = model(input_ids=ids).logits[0, :-1].float().cpu().numpy()
+                signal.add(ref_lp, base_logits, np.asarray(seq[1:]))
+                del ref_lp, base_logits
         gens = reference_generations(model, tok, list(stop_convs), eos_ids(tok, base_dir), max_new_tokens, dev)
     finally:
         del model
@@ -136,5 +144,5 @@ def run_reference(base_dir: Path, adapter_dir: Path, tok, cal: Calibration, out_
         torch.set_num_threads(prev_threads)
         if dev == "cuda":
             torch.cuda.empty_cache()
-    return ReferenceRun(out_path, offsets, vocab, signal.summary(), gens, dev, dtype,
+    return ReferenceRun(out_path, header, offsets, vocab, signal.summary(), gens, dev, dtype,
                         round(time.monotonic() - t0, 3))
