@@ -28,7 +28,7 @@ import psutil  # noqa: E402
 from loradeploy.config import config_from_dict  # noqa: E402
 from loradeploy.errors import FetchError  # noqa: E402
 from loradeploy.fetch import fetch_adapter  # noqa: E402
-from tests.fixtures.sshd import start_sshd  # noqa: E402
+from loradeploy.testing.sshd import start_sshd  # noqa: E402
 
 MiB = 1 << 20
 

@@ -125,3 +125,55 @@ def free_bytes(path: Path) -> int:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     return shutil.disk_usage(probe).free
+
+
+class HashingWriter:
+    """A binary file that hashes every byte written through it: an artifact's sha256 is known when
+    its last byte lands, so a multi-GB output is never read back just to be hashed.
+
+    No ``fileno()`` on purpose: anything that tried to write around the hash (numpy's ``tofile``
+    writes to the descriptor directly) fails loudly instead of producing a wrong digest.
+    """
+
+    def __init__(self, f):
+        self._f = f
+        self._h = hashlib.sha256()
+        self.nbytes = 0
+
+    def write(self, data) -> int:
+        self._h.update(data)
+        self.nbytes += len(memoryview(data).cast("B"))
+        return self._f.write(data)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+@contextlib.contextmanager
+def hashing_open(path: Path) -> Iterator[HashingWriter]:
+    """Open ``path`` for writing through a HashingWriter; read ``.hexdigest()`` after the block."""
+    with open(path, "wb") as f:
+        yield HashingWriter(f)
+
+
+def stat_fingerprint(folder: Path) -> dict[str, str]:
+    """name -> "size:mtime_ns" for every file in ``folder``: a cheap stand-in for content digests of
+    inputs too large to hash on every run (a base model), changed by any rewrite of a file."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    out = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file():
+            st = p.stat()
+            out[p.name] = f"{st.st_size}:{st.st_mtime_ns}"
+    return out

@@ -217,9 +217,13 @@ def copy_side_files(base_dir: Path, adapter_dir: Path | None, out_dir: Path, dty
     cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
-def folder_digest(folder: Path) -> str:
+def folder_digest(folder: Path, known: dict[str, str] | None = None) -> str:
+    """One digest over every file's name and sha256. ``known`` (relative name -> sha256) holds the
+    digests taken while the files were written: only the rest (small side files) is read back."""
+    known = known or {}
     h = hashlib.sha256()
     for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        h.update(f.relative_to(folder).as_posix().encode())
-        h.update(sha256_file(f).encode())
+        rel = f.relative_to(folder).as_posix()
+        h.update(rel.encode())
+        h.update((known.get(rel) or sha256_file(f)).encode())
     return h.hexdigest()

@@ -72,55 +72,109 @@ def _to_bytes(t: torch.Tensor) -> bytes:
     return t.contiguous().view(torch.uint8).numpy().tobytes()
 
 
-def stream_merge(base: BaseModelInfo, adapter: AdapterInfo, out_dir: Path, *, dtype: torch.dtype,
-                 progress: Callable[[str, float, float], None] | None = None) -> dict:
-    """Write the merged model into ``out_dir`` (an empty folder). Returns counts for the record."""
-    out_dir = Path(out_dir)
+class LoraMerger:
+    """Merged tensors one at a time, by base tensor name: the one place the merge arithmetic lives,
+    shared by the merged-folder writer below and the fused GGUF path (merge/fused.py), so the two
+    produce the same bytes by construction.
+
+    ``check`` runs before each tensor (the fused path aborts there when the converter preflight,
+    running beside it, has failed).
+    """
+
+    def __init__(self, base: BaseModelInfo, adapter: AdapterInfo, *, dtype: torch.dtype,
+                 progress: Callable[[str, float, float], None] | None = None,
+                 check: Callable[[], None] | None = None):
+        self.base, self.adapter, self.dtype = base, adapter, dtype
+        self.progress, self.check = progress, check
+        self.lora_for = {f"{m}.weight": p for m, p in adapter.pairs.items()}
+        self.done = self.merged = self.replaced = 0
+        self._files: dict[Path, _TensorFile] = {}
+        self._adapter: _TensorFile | None = None
+
+    def __enter__(self) -> "LoraMerger":
+        self._adapter = _TensorFile(self.adapter.weights, self.adapter.header)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for f in [*self._files.values(), self._adapter]:
+            if f is not None:
+                f.close()
+        self._files.clear()
+        self._adapter = None
+
+    def out_dtype(self, name: str) -> str:
+        """The safetensors dtype the merged tensor has: floats become the 16-bit output dtype."""
+        st_dtype = self.base.tensors[name][1]["dtype"]
+        return ST_NAMES[self.dtype] if st_dtype in TORCH_DTYPES else st_dtype
+
+    def _source(self, name: str) -> _TensorFile:
+        path = self.base.tensors[name][0]
+        if path not in self._files:
+            self._files[path] = _TensorFile(path, read_header(path))
+        return self._files[path]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if self.check:
+            self.check()
+        ad = self._adapter
+        assert ad is not None, "use LoraMerger as a context manager"
+        t = self._source(name).get(name)
+        if name in self.adapter.full_tensors:
+            t = ad.get(self.adapter.full_tensors[name])
+            self.replaced += 1
+        if name in self.lora_for:
+            pair = self.lora_for[name]
+            a = ad.get(pair.a_key).to(torch.float32)
+            b = ad.get(pair.b_key).to(torch.float32)
+            delta = b @ a
+            if pair.embedding or self.adapter.config.get("fan_in_fan_out"):
+                delta = delta.T
+            # float32 throughout, one rounding to the output dtype (peft rounds the delta first)
+            t = t.to(torch.float32) + delta * self.adapter.scale(pair.module)
+            self.merged += 1
+        if t.is_floating_point():
+            t = t.to(self.dtype)
+        self.done += 1
+        if self.progress:
+            self.progress("merging tensors", self.done, len(self.base.tensors))
+        return t
+
+    def counts(self) -> dict:
+        missing = set(self.adapter.pairs) - {k[:-len(".weight")] for k in self.base.tensors}
+        return {"tensors": len(self.base.tensors), "lora_merged": self.merged, "replaced": self.replaced,
+                "unmatched": sorted(missing)}
+
+
+def files_of(base: BaseModelInfo) -> dict[Path, list[str]]:
+    """Base tensor names by the file holding them, files sorted (the merged folder mirrors this)."""
     by_file: dict[Path, list[str]] = {}
     for name, (f, _) in base.tensors.items():
         by_file.setdefault(f, []).append(name)
-    total = len(base.tensors)
-    done = merged = replaced = 0
+    return dict(sorted(by_file.items()))
+
+
+def writes_index(base: BaseModelInfo) -> bool:
+    """Whether the merged folder gets a model.safetensors.index.json (the converter then reads it)."""
+    return len(files_of(base)) > 1 or (base.path / "model.safetensors.index.json").exists()
+
+
+def stream_merge(base: BaseModelInfo, adapter: AdapterInfo, out_dir: Path, *, dtype: torch.dtype,
+                 progress: Callable[[str, float, float], None] | None = None) -> dict:
+    """Write the merged model into ``out_dir`` (an empty folder). Returns counts for the record and,
+    under "sha256", each weight file's digest, hashed while written."""
+    out_dir = Path(out_dir)
+    by_file = files_of(base)
     weight_map: dict[str, str] = {}
-    with _TensorFile(adapter.weights, adapter.header) as ad:
-        lora_for = {f"{m}.weight": p for m, p in adapter.pairs.items()}
-        for fpath, names in sorted(by_file.items()):
-            specs = []
-            for n in names:
-                info = base.tensors[n][1]
-                st_dtype = info["dtype"]
-                if st_dtype in TORCH_DTYPES:
-                    st_dtype = ST_NAMES[dtype]
-                specs.append((n, st_dtype, info["shape"]))
-                weight_map[n] = fpath.name
-
-            with _TensorFile(fpath, read_header(fpath)) as src:
-                def produce(n: str) -> bytes:
-                    nonlocal done, merged, replaced
-                    t = src.get(n)
-                    if n in adapter.full_tensors:
-                        t = ad.get(adapter.full_tensors[n])
-                        replaced += 1
-                    if n in lora_for:
-                        pair = lora_for[n]
-                        a = ad.get(pair.a_key).to(torch.float32)
-                        b = ad.get(pair.b_key).to(torch.float32)
-                        delta = b @ a
-                        if pair.embedding or adapter.config.get("fan_in_fan_out"):
-                            delta = delta.T
-                        t = t.to(torch.float32) + delta * adapter.scale(pair.module)
-                        merged += 1
-                    if t.is_floating_point():
-                        t = t.to(dtype)
-                    done += 1
-                    if progress:
-                        progress("merging tensors", done, total)
-                    return _to_bytes(t)
-
-                write_streaming(out_dir / fpath.name, specs, produce, metadata={"format": "pt"})
-    if len(by_file) > 1 or (base.path / "model.safetensors.index.json").exists():
+    digests: dict[str, str] = {}
+    with LoraMerger(base, adapter, dtype=dtype, progress=progress) as m:
+        for fpath, names in by_file.items():
+            specs = [(n, m.out_dtype(n), base.tensors[n][1]["shape"]) for n in names]
+            weight_map.update((n, fpath.name) for n in names)
+            digests[fpath.name] = write_streaming(out_dir / fpath.name, specs, lambda n: _to_bytes(m.tensor(n)),
+                                                  metadata={"format": "pt"})
+        info = m.counts()
+    if writes_index(base):
         total_size = sum((out_dir / f.name).stat().st_size for f in by_file)
         (out_dir / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2))
-    missing = set(adapter.pairs) - {k[:-len(".weight")] for k in base.tensors}
-    return {"tensors": total, "lora_merged": merged, "replaced": replaced, "unmatched": sorted(missing)}
+    return {**info, "sha256": digests}

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from ..errors import InputError
+from ..fsutil import hashing_open
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
@@ -62,8 +63,10 @@ def numel(shape: Iterable[int]) -> int:
 
 
 def write_streaming(path: Path, specs: list[tuple[str, str, list[int]]],
-                    produce: Callable[[str], bytes], metadata: dict[str, str] | None = None) -> None:
-    """Write ``specs`` (name, dtype, shape) in order, asking ``produce(name)`` for each tensor's bytes."""
+                    produce: Callable[[str], bytes], metadata: dict[str, str] | None = None) -> str:
+    """Write ``specs`` (name, dtype, shape) in order, asking ``produce(name)`` for each tensor's bytes.
+
+    Returns the file's sha256, hashed as the bytes are written (the file is never read back)."""
     header: dict = {}
     if metadata:
         header["__metadata__"] = metadata
@@ -74,7 +77,7 @@ def write_streaming(path: Path, specs: list[tuple[str, str, list[int]]],
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * ((8 - len(blob) % 8) % 8)
-    with open(path, "wb") as f:
+    with hashing_open(path) as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for name, dtype, shape in specs:
@@ -83,3 +86,4 @@ def write_streaming(path: Path, specs: list[tuple[str, str, list[int]]],
             if len(data) != want:
                 raise ValueError(f"tensor {name}: produced {len(data)} bytes, header says {want}")
             f.write(data)
+    return f.hexdigest()

@@ -102,7 +102,7 @@ def _within(name: str, pkg: str) -> bool:
 
 
 LOWER = ["loradeploy.serving", "loradeploy.tools", "loradeploy.llamacpp", "loradeploy.fetch", "loradeploy.merge",
-         "loradeploy.gguf", "loradeploy.evaluation", "loradeploy.health"]
+         "loradeploy.gguf", "loradeploy.evaluation", "loradeploy.health", "loradeploy.testing"]
 UPPER = ["loradeploy.stages", "loradeploy.deploy", "loradeploy.cli", "loradeploy.pipeline"]
 
 
