@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.loradeploy-installed
+RAY_STAMP := $(VENV)/.loradeploy-ray-installed
 DEMO_DIR ?= loradeploy-demo
 PYTEST_ARGS ?=
 
@@ -44,7 +45,12 @@ llama-tools: $(STAMP)
 demo: setup
 	$(VENV)/bin/loradeploy demo --workdir $(DEMO_DIR)
 
-test: setup
+# Ray, the optional extra behind performance.executor: ray, so its tests run too (about 300 MB, 30 s)
+$(RAY_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[ray]'
+	touch $(RAY_STAMP)
+
+test: setup $(RAY_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 test-fast: setup

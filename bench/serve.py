@@ -2,18 +2,19 @@
 (llama-cpp-python's server), one run, the same Q4_K_M bench model, the same launcher.
 
 Each backend is started through serving.launch.temp_server (the CPU mode the runtime decided, the
-readiness probe), then N concurrent streaming clients each send R chat requests. Reported per
+readiness probe); then, in each round, N concurrent streaming clients each send R chat requests to
+one backend and then the other (order alternating between rounds). Reported per
 backend: aggregate completion tokens/s over the whole wave, p50/p95 request latency and time to
 first token, and whether every request succeeded; then the ratio llama-server / python.
 
-    .venv/bin/python bench/serve.py [--params 350e6] [--clients 8] [--requests 2] [--max-tokens 64] [--json]
+    .venv/bin/python bench/serve.py [--params 350e6] [--clients 8] [--rounds 2] [--max-tokens 64] [--json]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import statistics
 import sys
 import threading
 import time
@@ -93,8 +94,9 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))] if values else 0.0
 
 
-def wave(url: str, clients: int, requests: int, max_tokens: int) -> dict:
-    """``clients`` threads, each sending ``requests`` streamed chats back to back, all started together."""
+def wave(url: str, clients: int, requests: int, max_tokens: int, tag: str) -> list[dict]:
+    """``clients`` threads, each sending ``requests`` streamed chats back to back, all started together;
+    every result carries the wave's wall time."""
     client = Client(url, timeout=900)
     results: list[dict] = []
     lock = threading.Lock()
@@ -103,7 +105,8 @@ def wave(url: str, clients: int, requests: int, max_tokens: int) -> dict:
     def worker(i: int) -> None:
         go.wait()
         for r in range(requests):
-            res = one_request(client, f"{PROMPTS[(i + r) % len(PROMPTS)]} (client {i}, request {r})", max_tokens)
+            res = one_request(client, f"{PROMPTS[(i + r) % len(PROMPTS)]} ({tag}, client {i}, request {r})",
+                              max_tokens)
             with lock:
                 results.append(res)
 
@@ -115,11 +118,16 @@ def wave(url: str, clients: int, requests: int, max_tokens: int) -> dict:
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    return [{**r, "wave_s": wall} for r in results]
+
+
+def summary(results: list[dict], walls: list[float]) -> dict:
     done = [r for r in results if r["ok"]]
     tokens = sum(r["tokens"] for r in done)
     lat = [r["latency_s"] for r in done]
     ttft = [r["ttft_s"] for r in done if r.get("ttft_s") is not None]
-    return {"requests": len(results), "succeeded": len(done), "all_succeeded": len(done) == clients * requests,
+    wall = sum(walls)
+    return {"requests": len(results), "succeeded": len(done), "all_succeeded": len(done) == len(results),
             "errors": [r["error"] for r in results if not r["ok"] and "error" in r][:5],
             "wall_s": round(wall, 2), "completion_tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
             "latency_p50_s": round(_pct(lat, 0.5), 3), "latency_p95_s": round(_pct(lat, 0.95), 3),
@@ -127,18 +135,37 @@ def wave(url: str, clients: int, requests: int, max_tokens: int) -> dict:
             "tokens_counted_by": sorted({r["counted"] for r in done})}
 
 
-def run_backend(workdir: Path, gguf: Path, backend: str, a) -> dict:
-    cfg = _config(workdir, backend, a.parallel, a.threads, a.n_ctx)
-    log = workdir / "logs" / f"{backend}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    with temp_server(cfg, gguf, "bench", log) as srv:
-        ready_s = time.monotonic() - t0
-        one_request(Client(srv.url), "warm up", 4)  # first-request costs out of the measurement
-        out = wave(srv.url, a.clients, a.requests, a.max_tokens)
-        out.update(ready_s=round(ready_s, 2), cpu_mode=srv.runtime.get("describe"),
-                   slots=a.parallel if backend == "llama-server" else 1)
-    return out
+def run_all(workdir: Path, gguf: Path, a, con: Console) -> tuple[dict, list[float]]:
+    """Both backends up at once (idle while the other is measured), then ``rounds`` rounds of one
+    wave each, in alternating order: load from other processes on the machine drifts, and each
+    round's ratio compares two waves run back to back."""
+    results: dict = {b: [] for b in BACKENDS}
+    walls: dict = {b: [] for b in BACKENDS}
+    meta, urls, ratios = {}, {}, []
+    with contextlib.ExitStack() as stack:
+        for backend in BACKENDS:
+            cfg = _config(workdir, backend, a.parallel, a.threads, a.n_ctx)
+            log = workdir / "logs" / f"{backend}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            t0 = time.monotonic()
+            with con.status(f"starting {backend}"):
+                srv = stack.enter_context(temp_server(cfg, gguf, "bench", log))
+            meta[backend] = {"ready_s": round(time.monotonic() - t0, 2), "cpu_mode": srv.runtime.get("describe"),
+                             "slots": a.parallel if backend == "llama-server" else 1}
+            urls[backend] = srv.url
+            one_request(Client(srv.url), "warm up", 4)  # first-request costs out of the measurement
+        for rnd in range(a.rounds):
+            rates = {}
+            for backend in (BACKENDS if rnd % 2 == 0 else BACKENDS[::-1]):
+                with con.status(f"round {rnd + 1}/{a.rounds}: {backend}, {a.clients} clients x {a.requests} "
+                                f"streamed requests of {a.max_tokens} tokens"):
+                    got = wave(urls[backend], a.clients, a.requests, a.max_tokens, f"round {rnd}")
+                results[backend] += got
+                walls[backend].append(got[0]["wave_s"])
+                rates[backend] = sum(r["tokens"] for r in got if r["ok"]) / got[0]["wave_s"]
+            ratios.append(round(rates["llama-server"] / max(1e-9, rates["python"]), 2))
+    rows = {b: {**summary(results[b], walls[b]), **meta[b]} for b in BACKENDS}
+    return rows, ratios
 
 
 def main() -> None:
@@ -146,7 +173,8 @@ def main() -> None:
     ap.add_argument("--params", type=float, default=350e6, help="bench model size (demo.bench_models)")
     ap.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent / "out" / "serve")
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--requests", type=int, default=2, help="requests per client")
+    ap.add_argument("--requests", type=int, default=1, help="requests per client per round")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds; each measures both backends, order alternating")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--parallel", type=int, default=0, help="llama-server slots (default: one per client)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
@@ -157,12 +185,10 @@ def main() -> None:
     con = Console(stderr=a.json)
     a.workdir.mkdir(parents=True, exist_ok=True)
     gguf = bench_gguf(a.workdir, a.params, a.threads, con)
-    rows = {}
-    for backend in BACKENDS:
-        with con.status(f"{backend}: {a.clients} clients x {a.requests} streamed requests of {a.max_tokens} tokens"):
-            rows[backend] = run_backend(a.workdir, gguf, backend, a)
+    rows, ratios = run_all(a.workdir, gguf, a, con)
     ratio = rows["llama-server"]["tokens_per_s"] / max(1e-9, rows["python"]["tokens_per_s"])
-    t = Table(title=f"serving {gguf.name} ({a.clients} concurrent streaming clients, {a.threads} threads)")
+    t = Table(title=f"serving {gguf.name} ({a.clients} concurrent streaming clients, {a.threads} threads)",
+              min_width=100)
     for c in ("backend", "slots", "requests ok", "tokens", "wall s", "tokens/s", "p50 s", "p95 s", "TTFT p95 s"):
         t.add_column(c, justify="right")
     for name, r in rows.items():
@@ -171,11 +197,13 @@ def main() -> None:
                   f"{r['latency_p95_s']:.2f}", f"{r['ttft_p95_s']:.2f}")
     t.add_row("ratio", "", "", "", "", f"{ratio:.2f}x", "", "", "")
     con.print(t)
+    con.print(f"per-round ratios: {ratios}")
     con.print(f"CPU mode: {rows['llama-server']['cpu_mode']}; target: llama-server ≥ 3x the python backend")
     if a.json:
         print(json.dumps({"model": str(gguf), "params": a.params, "clients": a.clients, "requests_per_client": a.requests,
                           "max_tokens": a.max_tokens, "threads": a.threads, "baseline": "python", "ours": "llama-server",
-                          "backends": rows, "ratio_tokens_per_s": round(ratio, 2), "target_ratio": 3.0,
+                          "rounds": a.rounds, "backends": rows, "ratio_tokens_per_s": round(ratio, 2),
+                          "ratio_per_round": ratios, "target_ratio": 3.0,
                           "all_succeeded": all(r["all_succeeded"] for r in rows.values())}, indent=2))
 
 

@@ -326,5 +326,28 @@ def clean(config, dry_run, as_json):
     console.cleaned(do_clean(_load(config), dry_run=dry_run), dry_run, as_json)
 
 
+# ----------------------------------------------------------------------------- verify
+
+@main.command(name="verify")
+@config_opt
+@click.option("-m", "--model", "models", multiple=True, help="model name (repeatable)")
+@click.option("--all", "all_models", is_flag=True, help="every enabled model in the config")
+@click.option("--force", is_flag=True, help="verify again even when nothing changed")
+@json_opt
+def verify_cmd(config, models, all_models, force, as_json):
+    """Check every GGUF against the unmerged PEFT model: KLD, top-1, noise/signal, chat template, stop.
+
+    Exit 0 when the gate lets a format deploy, 1 when it blocks (or verify fails)."""
+    from .verify.report import gate_allows, render_file
+    cfg = _load(config)
+    result = _run(cfg, _chosen_models(cfg, models, all_models), as_json=as_json, only=["verify"], force=force)
+    infos = [mo.stages["verify"].info for mo in result.models.values() if "verify" in mo.stages]
+    if not as_json:
+        for info in infos:
+            if info.get("report"):
+                console.show(render_file(info["report"]))
+    return 0 if result.ok and all(gate_allows(i) for i in infos) else 1
+
+
 if __name__ == "__main__":
     main()

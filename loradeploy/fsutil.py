@@ -4,7 +4,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import queue
 import shutil
+import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -131,38 +133,90 @@ class HashingWriter:
     """A binary file that hashes every byte written through it: an artifact's sha256 is known when
     its last byte lands, so a multi-GB output is never read back just to be hashed.
 
-    No ``fileno()`` on purpose: anything that tried to write around the hash (numpy's ``tofile``
-    writes to the descriptor directly) fails loudly instead of producing a wrong digest.
+    ``background=True`` hashes and writes in a thread, so both overlap the producer computing the
+    next tensor (hashlib and file writes release the GIL); at most ``depth`` buffers wait, which
+    bounds the memory it adds. write() keeps a reference to ``data``: callers hand over buffers they
+    no longer change. No ``fileno()`` on purpose: anything that tried to write around the hash
+    (numpy's ``tofile`` writes to the descriptor directly) fails loudly instead of a wrong digest.
     """
 
-    def __init__(self, f):
+    def __init__(self, f, *, background: bool = False, depth: int = 2):
         self._f = f
         self._h = hashlib.sha256()
+        self._pos = f.tell()
         self.nbytes = 0
+        self._err: BaseException | None = None
+        self._q: queue.Queue | None = None
+        if background:
+            self._q = queue.Queue(maxsize=depth)
+            self._worker = threading.Thread(target=self._drain, name="hashing-writer", daemon=True)
+            self._worker.start()
+
+    def _put(self, data) -> None:
+        self._h.update(data)
+        self._f.write(data)
+
+    def _drain(self) -> None:
+        assert self._q is not None
+        while True:
+            data = self._q.get()
+            try:
+                if data is None:
+                    return
+                if self._err is None:
+                    self._put(data)
+            except BaseException as exc:   # re-raised in the writing thread
+                self._err = exc
+            finally:
+                self._q.task_done()
+
+    def _check(self) -> None:
+        if self._err is not None:
+            raise self._err
 
     def write(self, data) -> int:
-        self._h.update(data)
-        self.nbytes += len(memoryview(data).cast("B"))
-        return self._f.write(data)
+        n = memoryview(data).nbytes
+        if self._q is None:
+            self._put(data)
+        else:
+            self._check()
+            self._q.put(data)
+        self.nbytes += n
+        self._pos += n
+        return n
 
     def tell(self) -> int:
-        return self._f.tell()
+        """The logical position: every byte handed to write(), written yet or not."""
+        return self._pos
 
     def flush(self) -> None:
+        if self._q is not None:
+            self._q.join()
+            self._check()
         self._f.flush()
 
     def close(self) -> None:
+        if self._q is not None and self._worker.is_alive():
+            self._q.put(None)
+            self._worker.join()
         self._f.close()
+        self._check()
 
     def hexdigest(self) -> str:
+        if self._q is not None:
+            self._q.join()
+            self._check()
         return self._h.hexdigest()
 
 
 @contextlib.contextmanager
-def hashing_open(path: Path) -> Iterator[HashingWriter]:
+def hashing_open(path: Path, *, background: bool = False) -> Iterator[HashingWriter]:
     """Open ``path`` for writing through a HashingWriter; read ``.hexdigest()`` after the block."""
-    with open(path, "wb") as f:
-        yield HashingWriter(f)
+    w = HashingWriter(open(path, "wb"), background=background)
+    try:
+        yield w
+    finally:
+        w.close()
 
 
 def stat_fingerprint(folder: Path) -> dict[str, str]:

@@ -234,10 +234,47 @@ class EvaluationConfig(_Section):
     _buildable = field_validator("formats")(classmethod(lambda cls, v: refuse_imatrix_formats(v)))
 
 
+HEAVY_STAGES = ("merge", "convert", "quantize", "verify")
+
+
+class RayConfig(_Section):
+    """Where the Ray executor runs heavy stages; see README "Running on a Ray cluster"."""
+    address: Optional[str] = Field(None, description="unset = start a local Ray instance; `auto`, host:port or "
+                                                     "ray://head:10001 = join that cluster")
+    storage: Optional[RelPath] = Field(None, description="a folder every node sees at this path (an NFS mount); "
+                                                         "work artifacts go here (default: pipeline.work_dir)")
+    max_retries: int = Field(2, ge=0, le=10, description="re-runs of a task whose worker or node died")
+    stage_resources: dict[Literal[HEAVY_STAGES], dict[str, float]] = Field(
+        default_factory=dict, description="custom Ray resources a heavy stage asks for, e.g. {verify: {gpu_box: 1}}")
+
+    @property
+    def remote(self) -> bool:
+        """True when the cluster may span machines (then the storage must be named)."""
+        if self.address is None:
+            return False
+        host = self.address.removeprefix("ray://").rsplit(":", 1)[0].strip("[]")
+        return self.address == "auto" or not is_loopback(host)
+
+
 class PerformanceConfig(_Section):
     parallel_downloads: int = Field(2, ge=1, le=32)
-    max_memory_gb: Optional[float] = Field(None, gt=0, description="RAM budget; default 85% of total")
+    max_memory_gb: Optional[float] = Field(None, gt=0, description="RAM budget; default 85% of total; with "
+                                                                   "executor ray, what each heavy task reserves")
     max_cpu_threads: int = Field(0, ge=0, description="0 = all cores")
     gpu_memory_fraction: float = Field(0.9, gt=0, le=1)
     mixed_precision: Literal["auto", "fp16", "bf16", "no"] = "auto"
     min_free_disk_gb: float = Field(1.0, ge=0, description="disk that must stay free after a stage's writes")
+    executor: Literal["local", "ray"] = Field("local", description="ray: heavy stages become Ray tasks")
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _ray_ready(self):
+        if self.executor != "ray":
+            return self
+        import importlib.util
+        if importlib.util.find_spec("ray") is None:
+            raise ValueError("executor ray needs the ray package, which is not installed: pip install -e '.[ray]'")
+        if self.ray.remote and self.ray.storage is None:
+            raise ValueError(f"ray.address {self.ray.address!r} may span machines: set ray.storage to a folder "
+                             "every node sees (an NFS mount)")
+        return self

@@ -33,6 +33,8 @@ def demo_config_dict(base: Path, adapter: Path, samples: Path, *, port: int,
             }
         },
         "quantization": {"formats": ["Q4_K_M", "Q5_K_M", "Q8_0"], "primary_format": "Q4_K_M"},
+        # F16 (the converted file) and every quant against the unmerged adapter; Q4_K_M must pass to deploy
+        "verify": {"max_tokens": 1536, "stop_prompts": 2, "on_fail": "block"},
         "deployment": {"targets": ["llamacpp"], "models_dir": "models",
                        "llamacpp": {"n_ctx": 512, "startup_timeout_s": 120}},
         "health_check": {"test_prompts": [example_prompt], "max_tokens": 32, "min_free_disk_gb": 0.5},

@@ -4,9 +4,10 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from ..fsutil import atomic_output, atomic_write_text
+from ..verify.report import evaluation_section
 from .results import EvalResult
 
 JSON_NAME = "evaluation.json"
@@ -32,7 +33,8 @@ def write_reports(result: EvalResult, out_dir: Path | str, *, charts: bool = Tru
             result.notes.append(f"charts without data were not drawn: {', '.join(missing)}")
     result.reports = {"json": str(out / JSON_NAME), "markdown": str(out / MD_NAME),
                       "charts": {k: str(p) for k, p in chart_paths.items()}}
-    atomic_write_text(out / MD_NAME, render_markdown(result, {k: p.name for k, p in chart_paths.items()}))
+    fidelity = evaluation_section(result.targets, out, charts=charts)  # verify's table and KLD chart, if verified
+    atomic_write_text(out / MD_NAME, render_markdown(result, {k: p.name for k, p in chart_paths.items()}, fidelity))
     atomic_write_text(out / JSON_NAME, json.dumps(result.to_dict(), indent=2, default=str))
     return result.reports
 
@@ -104,7 +106,7 @@ def runtime_lines(result: EvalResult) -> list[tuple[Optional[str], str]]:
 
 # ============================================================================= markdown
 
-def render_markdown(result: EvalResult, charts: dict[str, str]) -> str:
+def render_markdown(result: EvalResult, charts: dict[str, str], fidelity: Sequence[str] = ()) -> str:
     c = result.config
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(result.created_at))
     out = ["# Evaluation report", "",
@@ -146,6 +148,7 @@ def render_markdown(result: EvalResult, charts: dict[str, str]) -> str:
             if key in charts:
                 out += [f"![{title}]({charts[key]})", ""]
 
+    out += list(fidelity)
     out += ["## Latency and throughput", ""]
     rows = []
     for t in result.targets:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from ..serving import endpoints as deployed
+from ..verify.report import health_check as served_fidelity
 from .api import client_for, model_checks, models_check, port_check
 from .files import file_checks
 from .results import EXIT_CODES, FAIL, SKIP, WARN, Check, EndpointLike, verdict
@@ -146,6 +147,9 @@ def check_health(cfg: "Config", models: Optional[Sequence[str]] = None, *,
         mh = ModelHealth(ep.model, ep.version, ep.format, ep.base_url,
                          str(ep.gguf_path) if ep.gguf_path else None)
         mh.checks = probe(ep, hc, prompts=prompts, api_key=api_key)
+        # the served artifact's fidelity verdict, as the verify stage recorded it
+        v = served_fidelity(cfg.pipeline.state_dir, ep.model, ep.sha256)
+        mh.checks.append(Check("verify.fidelity", v["status"], v["detail"], v["remedy"], v["metrics"]))
         report.models[_key(ep, report.models)] = mh
     for n in expected:
         if not any(ep.model == n for ep in eps):

@@ -215,7 +215,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     def plain(msg: str, done: Optional[int], total: Optional[int]) -> None:
         pct = int(100 * done / total) if done is not None and total else None
         if msg != last["msg"] or (pct is not None and pct >= last["pct"] + 10):
-            console.print(f"llama.cpp tools: {msg}" + (f" {pct}%" if pct is not None else ""), highlight=False)
+            console.print(f"llama.cpp tools: {msg}" + (f" {pct}%" if pct is not None else ""), highlight=False,
+                          soft_wrap=True)
             last["msg"], last["pct"] = msg, pct if pct is not None else -10
 
     try:
@@ -234,7 +235,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     how = "cached build" if out["cached"] else f"built in {out['build_s']:.0f}s"
     console.print(f"llama.cpp tools for llama-cpp-python {out['llama_cpp_python']} ({out['commit']}): {how}, "
-                  f"{out['dir']}" + (f" (linked from {out['venv_link']})" if out["venv_link"] else ""), highlight=False)
+                  f"{out['dir']}" + (f" (linked from {out['venv_link']})" if out["venv_link"] else ""), highlight=False,
+                  soft_wrap=True)
     return 0
 
 

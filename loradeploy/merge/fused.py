@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from concurrent.futures import Future
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable
 
 from ..tools import converter
 from .hf_folder import copy_side_files
@@ -21,23 +20,11 @@ from .preflight import MergePlan
 if TYPE_CHECKING:
     from ..config import MergeConfig
 
-FUSED, TWO_STEP = "fused", "two-step"
-
-
-def merge_path(strategy: str, merge: "MergeConfig", stages: Sequence[str]) -> str:
-    """Fused for the stream strategy when a convert stage consumes the result and nobody asked to keep
-    the merged folder; peft / unsloth (DoRA, extra weights) write a folder as before."""
-    if strategy == "stream" and not merge.save_merged_hf and "convert" in stages:
-        return FUSED
-    return TWO_STEP
-
 
 def converter_order(base, merger) -> list:
     """TensorSources in the order the converter indexes the merged folder stream_merge would write:
     parts from the index's weight map (every file) when there is one, else the files named model*;
     parts sorted by name, tensors sorted by name within each part."""
-    import torch
-
     from .stream import TORCH_DTYPES, _INT_DTYPES, files_of, writes_index
     dtypes = {**TORCH_DTYPES, **_INT_DTYPES}
     files = files_of(base)
@@ -48,28 +35,19 @@ def converter_order(base, merger) -> list:
         for n in sorted(names):
             out.append(converter.TensorSource(n, dtypes[merger.out_dtype(n)], tuple(base.tensors[n][1]["shape"]),
                                               lambda n=n: merger.tensor(n)))
-    assert all(isinstance(s.dtype, torch.dtype) for s in out)
     return out
 
 
-def _abort_on(preflight: Future | None) -> Callable[[], None] | None:
-    """Stop the merge at the next tensor once the preflight running beside it has failed."""
-    if preflight is None:
-        return None
-
-    def check() -> None:
-        if preflight.done() and preflight.exception() is not None:
-            raise preflight.exception()
-    return check
-
-
 def fused_convert(plan: MergePlan, out: Path, merge: "MergeConfig", *, outtype: str, model_name: str,
-                  folder_name: str, log: logging.Logger | None = None, preflight: Future | None = None,
+                  folder_name: str, log: logging.Logger | None = None,
                   progress: Callable[[str, float, float], None] | None = None) -> dict:
     """Write the GGUF of base + adapter to ``out`` (the caller wraps it in atomic_output).
 
     ``folder_name`` is the name the merged folder would have had: the converter derives metadata from
-    it. Returns facts for the record, with the output's sha256 (hashed while written)."""
+    it. Returns facts for the record, with the output's sha256 (hashed while written).
+
+    No separate converter preflight: in-process, the converter checks the architecture and writes the
+    vocabulary before the first tensor is merged, which is the preflight's check without its cost."""
     from .stream import LoraMerger, output_dtype
     base, adapter = plan.base, plan.adapter
     dtype = output_dtype(merge.dtype, base.dtype)
@@ -78,8 +56,8 @@ def fused_convert(plan: MergePlan, out: Path, merge: "MergeConfig", *, outtype: 
         side = Path(td) / folder_name
         side.mkdir()
         copy_side_files(base.path, adapter.path, side, dtype)
-        with LoraMerger(base, adapter, dtype=dtype, progress=progress, check=_abort_on(preflight)) as m:
-            sha = converter.write_gguf(side, out, outtype=outtype, model_name=model_name,
-                                       sources=converter_order(base, m), log=log)
+        with LoraMerger(base, adapter, dtype=dtype, progress=progress) as m:
+            written = converter.write_gguf(side, out, outtype=outtype, model_name=model_name,
+                                           sources=converter_order(base, m), log=log)
             info = m.counts()
-    return {**info, "dtype": str(dtype).removeprefix("torch."), "sha256": sha}
+    return {**info, "dtype": str(dtype).removeprefix("torch."), **written}

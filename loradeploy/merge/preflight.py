@@ -1,18 +1,20 @@
 """Before any weight moves: does the adapter fit this base, is there disk and memory for the whole
-run, and can llama.cpp's converter take this model? Each failure names what to change."""
+run? Each failure names what to change. (Whether llama.cpp's converter takes this model is
+asked by converter.preflight_beside, beside the merge.)"""
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from ..errors import MergeError
 from ..resources import memory_budget_bytes, require_disk, require_memory
-from ..tools import converter
 from .hf_folder import AdapterInfo, BaseModelInfo, load_adapter_info, load_base_info, resolve_base
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from ..config import MergeConfig, PerformanceConfig
 
 # bits per weight by format, for the disk estimate of the whole run
@@ -21,12 +23,35 @@ BPW = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.6, "Q5_K_M": 5.7
        "Q3_K_S": 3.5, "Q2_K": 3.4}
 
 
+FUSED, TWO_STEP = "fused", "two-step"
+
+
 @dataclass
 class MergePlan:
     base: BaseModelInfo
     adapter: AdapterInfo
     strategy: str        # stream | peft | unsloth
-    converter: dict      # the converter preflight's findings, recorded with the merge
+    path: str = TWO_STEP  # fused: merge + convert in one pass (merge/fused.py); two-step: merged folder
+
+
+def abort_on(preflight: "Future | None") -> "Callable[[], None] | None":
+    """A check for the merge to call before each tensor: raise the error of the converter preflight
+    running beside it as soon as it has failed, instead of finishing a merge nobody can convert."""
+    if preflight is None:
+        return None
+
+    def check() -> None:
+        if preflight.done() and preflight.exception() is not None:
+            raise preflight.exception()
+    return check
+
+
+def merge_path(strategy: str, merge: "MergeConfig", stages: Sequence[str]) -> str:
+    """Fused for the stream strategy when a convert stage consumes the result and nobody asked to keep
+    the merged folder; peft / unsloth (DoRA, extra weights) write a folder first, as the fallback."""
+    if strategy == "stream" and not merge.save_merged_hf and "convert" in stages:
+        return FUSED
+    return TWO_STEP
 
 
 def _same_base(a: str, b: str) -> bool:
@@ -90,23 +115,21 @@ def resolve_strategy(choice: str, adapter: AdapterInfo) -> str:
 
 
 def plan_merge(base_model: str, adapter_dir: Path, *, merge: "MergeConfig", performance: "PerformanceConfig",
-               formats: list[str], work_dir: Path, converter_cache: Path, log_path: Path,
-               log: logging.Logger, progress: Callable[[str, float, float], None]) -> MergePlan:
-    """Every check that can fail before the merge starts, cheapest first (headers, then the converter)."""
+               formats: list[str], work_dir: Path, log: logging.Logger, stages: Sequence[str] = ()) -> MergePlan:
+    """Every check that can fail before the merge starts, from headers only. The converter preflight
+    is not here: it runs beside the merge (converter.preflight_beside), off the critical path."""
     base_dir = resolve_base(base_model)
     base = load_base_info(base_dir)
     adapter = load_adapter_info(adapter_dir)
     for w in check_adapter_against_base(adapter, base, base_model, allow_mismatch=merge.allow_base_mismatch):
         log.warning(w)
     strategy = resolve_strategy(merge.strategy, adapter)
-    # disk: merged folder + F16 GGUF + every quant, all in work_dir
+    path = merge_path(strategy, merge, stages)
+    # disk: merged folder (unless fused) + F16 GGUF + every quant, all in work_dir
     params = base.param_count
-    need = params * 2 * 2 + sum(int(params * BPW.get(f, 8) / 8) for f in formats)
+    need = params * 2 * (1 if path == FUSED else 2) + sum(int(params * BPW.get(f, 8) / 8) for f in formats)
     require_disk(work_dir, need, performance.min_free_disk_gb, "merge, convert and quantize")
     budget = memory_budget_bytes(performance.max_memory_gb)
     mem = base.largest_tensor_bytes * 4 + 256 * 1024 ** 2 if strategy == "stream" else int(params * 2 * 1.3)
     require_memory(mem, budget, f"the {strategy} merge")
-    progress("converter preflight", 0, 0)
-    conv = converter.cached_preflight(base_dir, converter_cache, log_path=log_path)
-    log.info("converter preflight: %s", conv)
-    return MergePlan(base, adapter, strategy, conv)
+    return MergePlan(base, adapter, strategy, path)

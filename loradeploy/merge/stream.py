@@ -128,9 +128,12 @@ class LoraMerger:
             b = ad.get(pair.b_key).to(torch.float32)
             delta = b @ a
             if pair.embedding or self.adapter.config.get("fan_in_fan_out"):
-                delta = delta.T
-            # float32 throughout, one rounding to the output dtype (peft rounds the delta first)
-            t = t.to(torch.float32) + delta * self.adapter.scale(pair.module)
+                delta = delta.T.contiguous()
+            # float32 throughout, one rounding to the output dtype (peft rounds the delta first).
+            # In place on the fresh delta: the same two float32 operations as W + delta·scale (the
+            # 16-bit W widens exactly, addition commutes), without two more weight-sized buffers.
+            exact = t if t.dtype in (torch.float16, torch.bfloat16, torch.float32) else t.to(torch.float32)
+            t = delta.mul_(self.adapter.scale(pair.module)).add_(exact)
             self.merged += 1
         if t.is_floating_point():
             t = t.to(self.dtype)
@@ -159,14 +162,15 @@ def writes_index(base: BaseModelInfo) -> bool:
 
 
 def stream_merge(base: BaseModelInfo, adapter: AdapterInfo, out_dir: Path, *, dtype: torch.dtype,
-                 progress: Callable[[str, float, float], None] | None = None) -> dict:
+                 progress: Callable[[str, float, float], None] | None = None,
+                 check: Callable[[], None] | None = None) -> dict:
     """Write the merged model into ``out_dir`` (an empty folder). Returns counts for the record and,
     under "sha256", each weight file's digest, hashed while written."""
     out_dir = Path(out_dir)
     by_file = files_of(base)
     weight_map: dict[str, str] = {}
     digests: dict[str, str] = {}
-    with LoraMerger(base, adapter, dtype=dtype, progress=progress) as m:
+    with LoraMerger(base, adapter, dtype=dtype, progress=progress, check=check) as m:
         for fpath, names in by_file.items():
             specs = [(n, m.out_dtype(n), base.tensors[n][1]["shape"]) for n in names]
             weight_map.update((n, fpath.name) for n in names)

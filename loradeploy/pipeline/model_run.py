@@ -8,6 +8,7 @@ from pathlib import Path
 from .. import cleanup
 from ..config import Config
 from ..errors import LoradeployError, StageUnavailable
+from ..executor.local import LocalExecutor
 from ..logsetup import pipeline_logger, stage_logger
 from ..resources import PeakRSS
 from ..stages import get_stage
@@ -19,8 +20,9 @@ from .plan import NEEDS, NO_RETRY, model_paths
 
 class ModelRun:
     def __init__(self, cfg: Config, name: str, stages: list[str], *, force: bool, redo: set[str],
-                 options: dict, reporter: Reporter, notifier=None):
+                 options: dict, reporter: Reporter, notifier=None, executor=None):
         self.notifier = notifier
+        self.executor = executor or LocalExecutor()  # where stage.run happens (this process, or a Ray node)
         self.cfg, self.name, self.stages, self.force, self.redo = cfg, name, stages, force, redo
         self.options, self.reporter = options, reporter
         self.log = pipeline_logger(cfg.logging.log_dir, cfg.logging.level)
@@ -92,7 +94,7 @@ class ModelRun:
             self.record.save()
             try:
                 with PeakRSS() as peak:
-                    result = obj.run(ctx)
+                    ran = self.executor.run(stage, obj, ctx)
             except LoradeployError as exc:
                 secs = time.monotonic() - t0
                 if isinstance(exc, NO_RETRY) or attempt == attempts:
@@ -107,15 +109,19 @@ class ModelRun:
                 err = LoradeployError(f"{stage} crashed: {type(exc).__name__}: {exc}", hint=f"see {log_path}")
                 return self._fail(stage, err, log, time.monotonic() - t0, 0.0)
             secs = time.monotonic() - t0
-            out = StageOutcome(stage, Status.DONE, secs, peak.peak_mib, round(peak.start / 2**20, 1),
+            result = ran.result
+            # a stage run elsewhere reports the memory it took there; this process's would say nothing
+            peak_mib = peak.peak_mib if ran.peak_rss_mib is None else ran.peak_rss_mib
+            start_mib = round(peak.start / 2**20, 1) if ran.start_rss_mib is None else ran.start_rss_mib
+            out = StageOutcome(stage, Status.DONE, secs, peak_mib, start_mib, note=ran.note,
                                artifacts=[a.to_dict() for a in result.artifacts], info=result.info)
             self.record.set_stage(stage, {
                 "status": str(Status.DONE), "inputs_hash": h, "artifacts": out.artifacts, "info": result.info,
                 "started_at": started, "ended_at": time.time(), "seconds": round(secs, 3),
-                "peak_rss_mib": peak.peak_mib,
+                "peak_rss_mib": peak_mib,
             })
             self.record.save()
-            log.info("%s: done in %.1fs, peak RSS %.0f MiB", stage, secs, peak.peak_mib)
+            log.info("%s: done in %.1fs, peak RSS %.0f MiB", stage, secs, peak_mib)
             if stage == "health" and self.notifier and result.info.get("status") == "degraded":
                 self.notifier.health(self.name, "degraded", result.info.get("warnings"))
             self.reporter.stage_finished(self.name, stage, out)

@@ -8,6 +8,7 @@ from typing import Any, Optional, Sequence
 
 from ..config import Config
 from ..errors import LoradeployError
+from ..executor import get_executor
 from ..logsetup import pipeline_logger, prune_logs, use_redaction
 from ..notify import Notifier
 from ..stages import get_stage
@@ -45,7 +46,7 @@ def _dry_run(cfg: Config, names: list[str], stages: list[str], runs: dict[str, M
     return out
 
 
-def _execute(cfg: Config, names: list[str], stages: list[str], runs: dict[str, ModelRun]) -> None:
+def _execute(cfg: Config, names: list[str], stages: list[str], runs: dict[str, ModelRun], executor) -> None:
     alive = {n: True for n in names}
     failed_any = False
 
@@ -67,8 +68,11 @@ def _execute(cfg: Config, names: list[str], stages: list[str], runs: dict[str, M
         if not todo:
             continue
         ready = [n for n in names if alive[n]]
-        if phase == ("fetch",) and len(ready) > 1 and not halted():
-            workers = max(1, min(cfg.performance.parallel_downloads, len(ready)))
+        # side by side: fetches (network-bound), and whatever the executor packs (Ray: by resources)
+        side_by_side = phase == ("fetch",) or executor.packs(phase)
+        if side_by_side and len(ready) > 1 and not halted():
+            width = cfg.performance.parallel_downloads if phase == ("fetch",) else len(ready)
+            workers = max(1, min(width, len(ready)))
             with cf.ThreadPoolExecutor(workers) as pool:
                 futs = {pool.submit(run_one, runs[n], todo): n for n in ready}
                 for f in cf.as_completed(futs):
@@ -90,6 +94,8 @@ def run_pipeline(cfg: Config, models: Sequence[str], *, from_stage: str | None =
                  options: Optional[dict[str, Any]] = None, reporter: Optional[Reporter] = None) -> PipelineResult:
     """Run the planned stages for each model. Returns outcomes; raises only for bad arguments."""
     reporter = reporter or Reporter()
+    executor = get_executor(cfg)
+    cfg = executor.run_config(cfg)
     names = list(models) or [n for n, m in cfg.models.items() if m.enabled]
     for n in names:
         cfg.model(n)
@@ -105,7 +111,7 @@ def run_pipeline(cfg: Config, models: Sequence[str], *, from_stage: str | None =
 
     def model_runs(with_notifier) -> dict[str, ModelRun]:
         return {n: ModelRun(cfg, n, stages, force=force, redo=redo, options=dict(options or {}), reporter=reporter,
-                            notifier=with_notifier) for n in names}
+                            notifier=with_notifier, executor=executor) for n in names}
 
     if dry_run:
         result.models = _dry_run(cfg, names, stages, model_runs(None), force, redo, log)
@@ -119,7 +125,8 @@ def run_pipeline(cfg: Config, models: Sequence[str], *, from_stage: str | None =
         for n in names:
             locks.append(ModelLock(cfg.pipeline.state_dir, n).acquire())
         runs = model_runs(notifier)
-        _execute(cfg, names, stages, runs)
+        executor.start()
+        _execute(cfg, names, stages, runs, executor)
         for n in names:
             mr = runs[n]
             if mr.outcome.ok:
@@ -129,6 +136,7 @@ def run_pipeline(cfg: Config, models: Sequence[str], *, from_stage: str | None =
             mr.outcome.artifacts = mr.ggufs()
             result.models[n] = mr.outcome
     finally:
+        executor.close()
         for lk in locks:
             lk.release()
     result.seconds = time.monotonic() - t0

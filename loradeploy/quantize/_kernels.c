@@ -64,7 +64,8 @@ static float from_half(uint16_t h) {
 /* C's roundf (half away from zero) for |v| < 2^23, written so it inlines and vectorises: the
  * fraction v - trunc(v) is exact in that range. */
 static inline int round_away(float v) {
-    int i = (int)v;
+    const int i = (int)v;
+    if (!(fabsf(v) < 8388608.f)) return i;   /* already integral (or out of range, as in ggml) */
     const float fr = v - (float)i;
     return i + (fr >= 0.5f) - (fr <= -0.5f);
 }
@@ -378,16 +379,77 @@ static void q6_K_rows(const float *x, uint8_t *y, int64_t n) {
 
 /* ---------------------------------------------------------------- Python binding */
 
-typedef struct { int type; int blck; int bytes; void (*fn)(const float *, uint8_t *, int64_t); } kind_t;
+#if defined(__GNUC__) || defined(__clang__)
+#define HAVE_VEC 1
+typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v4i __attribute__((vector_size(16)));
+#define NL 4
+#define VF v4f
+#define VI v4i
+#define SUF(name) name##_v4
+#include "_kernels_vec.h"
+#undef NL
+#undef VF
+#undef VI
+#undef SUF
+#else
+#define HAVE_VEC 0
+#define q4_K_rows_v4 q4_K_rows
+#define q5_K_rows_v4 q5_K_rows
+#define q6_K_rows_v4 q6_K_rows
+#endif
+
+/* On x86-64 with GCC, an 8-lane copy compiled for AVX2 (no FMA: -ffp-contract=off keeps every
+ * multiply and add separate), chosen at run time when the CPU has it. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define HAVE_AVX2_COPY 1
+#pragma GCC push_options
+#pragma GCC target("avx2")
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+#define NL 8
+#define VF v8f
+#define VI v8i
+#define SUF(name) name##_v8
+#include "_kernels_vec.h"
+#undef NL
+#undef VF
+#undef VI
+#undef SUF
+#pragma GCC pop_options
+#else
+#define HAVE_AVX2_COPY 0
+#endif
+
+typedef void (*rows_fn)(const float *, uint8_t *, int64_t);
+typedef struct { int type; int blck; int bytes; rows_fn scalar, vec, wide; } kind_t;
+#if HAVE_AVX2_COPY
+#define WIDE(f) f##_v8
+#else
+#define WIDE(f) f##_v4
+#endif
 static const kind_t KINDS[] = {
-    {T_Q8_0, 32, 34, q8_0_rows}, {T_Q4_K, QK_K, 144, q4_K_rows},
-    {T_Q5_K, QK_K, 176, q5_K_rows}, {T_Q6_K, QK_K, 210, q6_K_rows},
+    {T_Q8_0, 32, 34, q8_0_rows, q8_0_rows, q8_0_rows},
+    {T_Q4_K, QK_K, 144, q4_K_rows, q4_K_rows_v4, WIDE(q4_K_rows)},
+    {T_Q5_K, QK_K, 176, q5_K_rows, q5_K_rows_v4, WIDE(q5_K_rows)},
+    {T_Q6_K, QK_K, 210, q6_K_rows, q6_K_rows_v4, WIDE(q6_K_rows)},
 };
 
+/* which copy runs: 0 scalar, 1 native 4-lane vectors, 2 the AVX2 copy (when the CPU has AVX2) */
+static int best_path(void) {
+#if HAVE_AVX2_COPY
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2")) return 2;
+#endif
+    return HAVE_VEC ? 1 : 0;
+}
+
 static PyObject *py_quantize(PyObject *self, PyObject *args) {
-    int type;
+    (void)self;
+    int type, path = -1;
     Py_buffer src, dst;
-    if (!PyArg_ParseTuple(args, "iy*w*", &type, &src, &dst)) return NULL;
+    if (!PyArg_ParseTuple(args, "iy*w*|i", &type, &src, &dst, &path)) return NULL;
+    if (path < 0 || path > best_path()) path = best_path();
     const kind_t *k = NULL;
     for (size_t i = 0; i < sizeof KINDS / sizeof KINDS[0]; ++i)
         if (KINDS[i].type == type) k = &KINDS[i];
@@ -401,7 +463,7 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "destination too small");
     } else {
         Py_BEGIN_ALLOW_THREADS   /* rows are split across Python threads */
-        k->fn((const float *)src.buf, (uint8_t *)dst.buf, (int64_t)n);
+        (path == 0 ? k->scalar : path == 1 ? k->vec : k->wide)((const float *)src.buf, (uint8_t *)dst.buf, (int64_t)n);
         Py_END_ALLOW_THREADS
         res = PyLong_FromSsize_t((n / k->blck) * k->bytes);
     }
@@ -411,6 +473,7 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_f16_to_f32(PyObject *self, PyObject *args) {
+    (void)self;
     Py_buffer src, dst;
     if (!PyArg_ParseTuple(args, "y*w*", &src, &dst)) return NULL;
     PyObject *res = NULL;
@@ -431,23 +494,25 @@ static PyObject *py_f16_to_f32(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_to_half(PyObject *self, PyObject *args) {
+    (void)self;
     float f;
     if (!PyArg_ParseTuple(args, "f", &f)) return NULL;
     return PyLong_FromLong(to_half(f));
 }
 
 static PyMethodDef METHODS[] = {
-    {"quantize", py_quantize, METH_VARARGS, "quantize(ggml_type, float32 buffer, out buffer) -> bytes written"},
+    {"quantize", py_quantize, METH_VARARGS, "quantize(ggml_type, float32 buffer, out buffer, path=best) -> bytes written; path 0 scalar, 1 vector, 2 AVX2"},
     {"f16_to_f32", py_f16_to_f32, METH_VARARGS, "f16_to_f32(f16 buffer, float32 out buffer) -> values"},
     {"to_half", py_to_half, METH_VARARGS, "to_half(float) -> binary16 bits (for tests)"},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef MODULE = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, METHODS};
+static struct PyModuleDef MODULE = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, METHODS, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__kernels(void) {
     PyObject *m = PyModule_Create(&MODULE);
     if (m == NULL) return NULL;
     PyModule_AddIntConstant(m, "VERSION", 1);
+    PyModule_AddIntConstant(m, "BEST_PATH", best_path());
     return m;
 }

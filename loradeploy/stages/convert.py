@@ -1,13 +1,19 @@
-"""convert: merged HF folder -> F16 (or BF16/F32/Q8_0) GGUF with llama.cpp's official converter."""
+"""convert: -> F16 (or BF16/F32/Q8_0) GGUF with llama.cpp's official converter, used as a library.
+
+Two paths, named in ``info.path``: fused (merge recorded ``fused: true``) merges base + adapter
+straight into the GGUF, so its inputs are the merge's (adapter and base digests); two-step converts
+the merged folder. Either way the GGUF is hashed while written, never read back."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..errors import ConvertError, InputError
 from ..fsutil import atomic_output
-from ..merge import resolve_base
+from ..merge import FUSED, TWO_STEP, fused_convert, resolve_base
+from ..state import RunRecord
 from ..tools import converter
 from .base import Artifact, StageContext, StageResult
+from .merge import merge_inputs, plan_for, plan_info
 
 
 def validate(path: Path, log) -> dict:
@@ -20,6 +26,13 @@ def validate(path: Path, log) -> dict:
 
 class ConvertStage:
     name = "convert"
+
+    def _path(self, ctx: StageContext) -> str:
+        """Which path the merge stage chose: its record says fused, or it left a merged folder."""
+        if RunRecord(ctx.state_dir, ctx.model_name, {"stages": ctx.upstream}).info("merge").get("fused"):
+            return FUSED
+        self._merged(ctx)
+        return TWO_STEP
 
     def _merged(self, ctx: StageContext) -> Artifact:
         arts = ctx.upstream_artifacts("merge", "merged_hf")
@@ -35,31 +48,44 @@ class ConvertStage:
         return None
 
     def inputs(self, ctx: StageContext) -> dict:
-        return {"merged": self._merged(ctx).sha256, "outtype": ctx.cfg.quantization.convert_type,
+        path = self._path(ctx)
+        src = {"merge": merge_inputs(ctx)} if path == FUSED else {"merged": self._merged(ctx).sha256}
+        return {"path": path, **src, "outtype": ctx.cfg.quantization.convert_type,
                 "converter": converter.converter_version(), "base_gguf": self._base_type(ctx),
                 "base": ctx.model.base_model if self._base_type(ctx) else None}
 
     def run(self, ctx: StageContext) -> StageResult:
-        merged = Path(self._merged(ctx).path)
-        if not (merged / "config.json").is_file():
-            raise ConvertError(f"merged folder {merged} is missing or incomplete", hint="re-run the merge stage")
         outtype = ctx.cfg.quantization.convert_type
         out = ctx.paths.gguf(outtype.upper())
-        ctx.progress(f"converting to {outtype.upper()}", 0, 0)
-        with atomic_output(out) as tmp:
-            converter.convert(merged, tmp, outtype=outtype, log_path=ctx.log_path,
-                              model_name=f"{ctx.model_name}-{ctx.model.version}")
-            info = validate(tmp, ctx.log)
-        arts = [Artifact.of(out, "gguf", outtype.upper())]
+        name = f"{ctx.model_name}-{ctx.model.version}"
+        if self._path(ctx) == FUSED:
+            plan = plan_for(ctx)
+            ctx.progress(f"merging into {outtype.upper()}", 0, 0)
+            # no vocab-only preflight here: in-process, the converter checks architecture and
+            # tokenizer before the first tensor is merged (see merge/fused.py)
+            with atomic_output(out) as tmp:
+                merged = fused_convert(plan, tmp, ctx.cfg.merge, outtype=outtype, model_name=name,
+                                       folder_name=ctx.paths.merged.name, log=ctx.log, progress=ctx.progress)
+                info = {**plan_info(plan), **merged, **validate(tmp, ctx.log)}
+        else:
+            merged_dir = Path(self._merged(ctx).path)
+            if not (merged_dir / "config.json").is_file():
+                raise ConvertError(f"merged folder {merged_dir} is missing or incomplete",
+                                   hint="re-run the merge stage")
+            ctx.progress(f"converting to {outtype.upper()}", 0, 0)
+            with atomic_output(out) as tmp:
+                written = converter.write_gguf(merged_dir, tmp, outtype=outtype, model_name=name, log=ctx.log)
+                info = {"path": TWO_STEP, **written, **validate(tmp, ctx.log)}
+        arts = [Artifact.of(out, "gguf", outtype.upper(), sha256=info.pop("sha256"))]
         base_type = self._base_type(ctx)
         if base_type:
             # the base without the adapter, for evaluation's reference row
             base_out = ctx.paths.gguf_dir / f"{ctx.model_name}_base-{base_type}.gguf"
             ctx.progress(f"converting the base model to {base_type.upper()}", 0, 0)
             with atomic_output(base_out) as tmp:
-                converter.convert(resolve_base(ctx.model.base_model), tmp, outtype=base_type,
-                                  log_path=ctx.log_path, model_name=f"{ctx.model_name}-base")
+                written = converter.write_gguf(resolve_base(ctx.model.base_model), tmp, outtype=base_type,
+                                               model_name=f"{ctx.model_name}-base", log=ctx.log)
                 validate(tmp, ctx.log)
-            arts.append(Artifact.of(base_out, "base_gguf", base_type.upper()))
+            arts.append(Artifact.of(base_out, "base_gguf", base_type.upper(), sha256=written["sha256"]))
             info["base_gguf"] = str(base_out)
         return StageResult(arts, info)

@@ -5,8 +5,9 @@ from pathlib import Path
 
 from ..deploy.service import deploy_file
 from ..deploy.targets import check_targets
-from ..errors import InputError
-from .base import Artifact, StageContext, StageResult
+from ..deploy.versions import live_version
+from ..errors import InputError, VerifyError
+from .base import Artifact, RunRecord, StageContext, StageResult
 
 
 def _pick(arts: list[Artifact], fmt: str) -> Artifact | None:
@@ -16,22 +17,47 @@ def _pick(arts: list[Artifact], fmt: str) -> Artifact | None:
 class DeployStage:
     name = "deploy"
 
-    def _source(self, ctx: StageContext) -> Artifact:
-        fmt = ctx.cfg.serve_format_for(ctx.model_name)
+    def _find(self, ctx: StageContext, fmt: str) -> Artifact:
         art = _pick(ctx.upstream_artifacts("quantize", "gguf"), fmt) or _pick(ctx.upstream_artifacts("convert", "gguf"), fmt)
         if art is None:
             raise InputError(f"model {ctx.model_name} has no {fmt} GGUF to deploy",
                              hint="run the quantize stage (deployment.format must be one of the quantized formats)")
         return art
 
+    def _gate(self, ctx: StageContext) -> tuple[str, dict]:
+        """The format to serve: the configured one, or what the verify gate chose when it ran.
+
+        A blocked gate raises here, before anything is placed or switched: the live version serves on.
+        """
+        fmt = ctx.cfg.serve_format_for(ctx.model_name)
+        rec = RunRecord(ctx.state_dir, ctx.model_name, {"stages": ctx.upstream})
+        if "verify" not in ctx.cfg.pipeline.stages or not rec.finished("verify"):
+            return fmt, {}
+        info = rec.info("verify")
+        gate = info.get("gate") or {}
+        verified = (info.get("formats") or {}).get(fmt, {}).get("sha256")
+        if gate.get("configured") != fmt or verified != self._find(ctx, fmt).sha256:
+            raise InputError(f"the verify record of {ctx.model_name} is for other GGUFs than the {fmt} to deploy",
+                             hint=f"run `loradeploy verify --model {ctx.model_name}` first")
+        if not info.get("served_format"):
+            live = live_version(ctx.cfg, ctx.model_name)
+            keeps = f"; {live.version} ({live.format}) keeps serving" if live else "; nothing was deployed"
+            raise VerifyError(f"{gate.get('reason') or 'verify blocked the deploy'}{keeps}",
+                              hint=f"see {info.get('report')}")
+        return info["served_format"], {"verdict": gate.get("verdict"), "served": info["served_format"],
+                                       "reason": gate.get("reason") or ""}
+
     def inputs(self, ctx: StageContext) -> dict:
         cfg, m = ctx.cfg, ctx.model
         d = cfg.deployment
         llamacpp = d.llamacpp.model_dump(mode="json", exclude={"api_key"})
         llamacpp["api_key_set"] = d.llamacpp.api_key is not None  # a new key restarts nothing by itself
-        inputs = {"gguf": self._source(ctx).sha256, "format": cfg.serve_format_for(ctx.model_name),
+        fmt, gate = self._gate(ctx)
+        inputs = {"gguf": self._find(ctx, fmt).sha256, "format": fmt,
                   "version": m.version, "port": m.port, "system_prompt": m.system_prompt,
                   "targets": list(d.targets), "models_dir": str(d.models_dir), "llamacpp": llamacpp}
+        if gate:  # only with a verify record, so deploys without verify keep their inputs hash
+            inputs["verify"] = gate
         if "lmstudio" in d.targets:
             inputs["lmstudio"] = [d.lmstudio.model_dump(mode="json"), m.publisher]
         if "ollama" in d.targets:
@@ -39,10 +65,15 @@ class DeployStage:
         return inputs
 
     def run(self, ctx: StageContext) -> StageResult:
-        art = self._source(ctx)
+        fmt, gate = self._gate(ctx)
+        if gate.get("verdict") in ("warned", "fallback"):
+            ctx.log.warning("verify: %s", gate["reason"])
+        art = self._find(ctx, fmt)
         info = deploy_file(ctx.cfg, ctx.model_name, Path(art.path), fmt=art.format, sha256=art.sha256,
                            progress=ctx.progress, log=ctx.log)
         deployed = Artifact.of(Path(info["path"]), "deployment", art.format, sha256=info["sha256"])
+        if gate:
+            info["verify"] = gate
         return StageResult([deployed], info)
 
     def is_current(self, ctx: StageContext, record: dict) -> tuple[bool, str]:

@@ -1,10 +1,16 @@
-"""merge: base model + LoRA adapter -> a complete 16-bit HF folder (temporary unless kept)."""
+"""merge: base model + LoRA adapter -> a complete 16-bit HF folder (temporary unless kept).
+
+On the fused path (stream strategy, a convert stage after it, no merge.save_merged_hf) the merge
+happens inside convert, straight into the GGUF: this stage then only checks the inputs and records
+``fused: true``, with no merged folder."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..errors import InputError
-from ..merge import folder_digest, merge_folder, plan_merge
+from ..fsutil import stat_fingerprint
+from ..merge import FUSED, MergePlan, folder_digest, merge_folder, plan_merge, resolve_base
+from ..tools import converter
 from .base import Artifact, StageContext, StageResult
 
 
@@ -20,33 +26,55 @@ def adapter_dir_for(ctx: StageContext) -> Path:
     return Path(src.path)
 
 
+def merge_inputs(ctx: StageContext) -> dict:
+    """What the merged weights depend on: base and adapter content (fetch's digests, else file stats)
+    and the merge settings, including those that choose the fused path. Convert hashes it too when
+    it does the merging itself."""
+    adir = adapter_dir_for(ctx)
+    fetched = {a.path: a.sha256 for a in ctx.upstream_artifacts("fetch", "adapter")}
+    m = ctx.cfg.merge
+    return {"base": ctx.model.base_model, "base_files": stat_fingerprint(resolve_base(ctx.model.base_model)),
+            "adapter": fetched or stat_fingerprint(adir), "strategy": m.strategy, "dtype": m.dtype,
+            "device": m.device, "save_merged_hf": m.save_merged_hf,
+            "convert_follows": "convert" in ctx.cfg.pipeline.stages}
+
+
+def plan_for(ctx: StageContext) -> MergePlan:
+    return plan_merge(ctx.model.base_model, adapter_dir_for(ctx), merge=ctx.cfg.merge,
+                      performance=ctx.cfg.performance, formats=ctx.cfg.formats_for(ctx.model_name),
+                      work_dir=ctx.paths.work, log=ctx.log, stages=ctx.cfg.pipeline.stages)
+
+
+def plan_info(plan: MergePlan) -> dict:
+    return {"strategy": plan.strategy, "path": plan.path, "fused": plan.path == FUSED, "base": str(plan.base.path),
+            "adapter": str(plan.adapter.path), "params": plan.base.param_count,
+            "architecture": plan.base.architecture}
+
+
+def preflight_cache(ctx: StageContext) -> Path:
+    return ctx.state_dir / "converter_preflight.json"
+
+
 class MergeStage:
     name = "merge"
 
     def inputs(self, ctx: StageContext) -> dict:
-        adir = adapter_dir_for(ctx)
-        fetched = {a.path: a.sha256 for a in ctx.upstream_artifacts("fetch", "adapter")}
-        if not fetched and adir.is_dir():
-            fetched = {str(p): f"{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(adir.iterdir())
-                       if p.is_file()}
-        m = ctx.cfg.merge
-        return {"base": ctx.model.base_model, "adapter": fetched, "strategy": m.strategy, "dtype": m.dtype,
-                "device": m.device}
+        return merge_inputs(ctx)
 
     def run(self, ctx: StageContext) -> StageResult:
-        plan = plan_merge(ctx.model.base_model, adapter_dir_for(ctx), merge=ctx.cfg.merge,
-                          performance=ctx.cfg.performance, formats=ctx.cfg.formats_for(ctx.model_name),
-                          work_dir=ctx.paths.work, converter_cache=ctx.state_dir / "converter_preflight.json",
-                          log_path=ctx.log_path, log=ctx.log, progress=ctx.progress)
+        plan = plan_for(ctx)
         base, adapter = plan.base, plan.adapter
+        if plan.path == FUSED:
+            ctx.log.info("fused path: convert merges %s + %s straight into the GGUF (no merged folder)",
+                         base.path, adapter.path)
+            return StageResult([], plan_info(plan))
         out = ctx.paths.merged
         ctx.log.info("merging %s + %s with strategy %s (%d params)", base.path, adapter.path, plan.strategy,
                      base.param_count)
-        digest, info = merge_folder(plan, out, ctx.cfg.merge, ctx.progress)
-        art = Artifact.of(out, "merged_hf", sha256=digest)
-        info.update({"strategy": plan.strategy, "base": str(base.path), "adapter": str(adapter.path),
-                     "params": base.param_count, "architecture": base.architecture, **plan.converter})
-        return StageResult([art], info)
+        pre = converter.preflight_beside(base.path, preflight_cache(ctx), log_path=ctx.log_path)
+        digest, info = merge_folder(plan, out, ctx.cfg.merge, ctx.progress, preflight=pre)
+        ctx.log.info("converter preflight: %s", pre.result())
+        return StageResult([Artifact.of(out, "merged_hf", sha256=digest)], {**info, **plan_info(plan)})
 
 
-__all__ = ["MergeStage", "adapter_dir_for", "folder_digest"]
+__all__ = ["MergeStage", "adapter_dir_for", "folder_digest", "merge_inputs", "plan_for", "plan_info"]

@@ -160,17 +160,16 @@ def _converter_logs(log: logging.Logger | None) -> Iterator[None]:
     saved = []
     for name in _LOGGERS:
         lg = logging.getLogger(name)
-        saved.append((lg, lg.level, lg.propagate))
         h = _Forward(log) if log is not None else logging.NullHandler()
+        saved.append((lg, h, lg.level, lg.propagate))
         lg.addHandler(h)
         lg.setLevel(logging.INFO)
         lg.propagate = False
     try:
         yield
     finally:
-        for lg, level, prop in saved:
-            for h in [h for h in lg.handlers if isinstance(h, (_Forward, logging.NullHandler))]:
-                lg.removeHandler(h)
+        for lg, h, level, prop in saved:
+            lg.removeHandler(h)
             lg.setLevel(level)
             lg.propagate = prop
 
@@ -220,8 +219,13 @@ def _model_class(model_dir: Path, sources: Sequence[TensorSource] | None):
 
 
 def write_gguf(model_dir: Path, outfile: Path, *, outtype: str = "f16", model_name: str | None = None,
-               sources: Sequence[TensorSource] | None = None, log: logging.Logger | None = None) -> str:
-    """Convert in-process, the converter's own code path; returns the sha256 of ``outfile``.
+               sources: Sequence[TensorSource] | None = None, log: logging.Logger | None = None) -> dict:
+    """Convert in-process, the converter's own code path. Returns the sha256 of ``outfile`` and what
+    the preflight would report (architecture, converter version, pre-tokenizer).
+
+    The vocabulary is written before any tensor is materialised (tensors are lazy until the writer
+    reaches them), so an unknown architecture or tokenizer fails here before a weight is merged:
+    in-process this is the preflight, at no extra cost.
 
     ``model_dir`` supplies config, tokenizer and (through its folder name) the metadata heuristics;
     the weights come from ``sources`` when given, else from the folder's safetensors as the CLI reads
@@ -237,6 +241,7 @@ def write_gguf(model_dir: Path, outfile: Path, *, outtype: str = "f16", model_na
     model_dir, outfile = Path(model_dir), Path(outfile)
     with _converter_logs(log), torch.inference_mode():
         cls = _model_class(model_dir, sources)
+        w = None
         try:
             model = cls(model_dir, ftype, outfile, model_name=model_name)
             # the steps of ModelBase.write(), with the output file wrapped so it is hashed as written
@@ -246,19 +251,23 @@ def write_gguf(model_dir: Path, outfile: Path, *, outtype: str = "f16", model_na
             w.open_output_file(model.fname_out)
             if len(w.fout) != 1:
                 raise ConvertError("the converter planned a split GGUF; loradeploy writes one file")
-            w.fout = [HashingWriter(w.fout[0])]
+            w.fout = [HashingWriter(w.fout[0], background=True)]
             for ti in w.tensors[0].values():
                 ti.tensor = _WriteThrough(ti.tensor)
             w.write_header_to_file(path=model.fname_out)
             w.write_kv_data_to_file()
             w.write_tensors_to_file(progress=False)
             digest, written = w.fout[0].hexdigest(), w.fout[0].nbytes
-            w.close()
+            pre = w.kv_data[0].get("tokenizer.ggml.pre")
         except ConvertError:
             raise
         except (Exception, SystemExit) as exc:   # the converter raises bare errors and sometimes exits
             raise ConvertError(f"llama.cpp's converter failed on {model_dir.name}: {type(exc).__name__}: "
                                f"{str(exc)[:300]}", hint="see the stage log") from exc
+        finally:
+            if w is not None and w.fout is not None:
+                w.close()
     if Path(model.fname_out).stat().st_size != written:
         raise ConvertError(f"{outfile}: bytes written around the hash", hint="a converter update changed its writer")
-    return digest
+    return {"sha256": digest, "architecture": getattr(model, "hf_arch", None), "converter": converter_version(),
+            "pre_tokenizer": pre.value if pre is not None else None}

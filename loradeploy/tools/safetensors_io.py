@@ -77,7 +77,7 @@ def write_streaming(path: Path, specs: list[tuple[str, str, list[int]]],
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * ((8 - len(blob) % 8) % 8)
-    with hashing_open(path) as f:
+    with hashing_open(path, background=True) as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for name, dtype, shape in specs:

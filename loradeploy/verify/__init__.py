@@ -64,7 +64,7 @@ def verify_model(req: VerifyRequest, *, log: Optional[logging.Logger] = None,
                             max_tokens=s.max_tokens, max_seq_len=s.max_seq_len)
     log.info("calibration: %d sequences, %d tokens, %d scored positions from %s", len(cal.sequences),
              cal.n_tokens, cal.n_positions, cal.source)
-    convs = stop_conversations(cal.conversations, s.stop_prompts) if s.behaviour else []
+    convs = stop_conversations(cal.conversations, s.stop_prompts, req.system_prompt) if s.behaviour else []
     cases = template_cases(tok, req.system_prompt, cal.conversations) if s.behaviour else []
     scratch = Path(req.out_dir) / "reference-logprobs.npy"
     try:
@@ -96,9 +96,7 @@ def verify_model(req: VerifyRequest, *, log: Optional[logging.Logger] = None,
     finally:
         scratch.unlink(missing_ok=True)
     decision = decide(entries, req.serve_label, s.on_fail, model=req.model, version=req.version)
-    if decision.verdict == "warned":
-        log.warning("%s", decision.reason)
-    elif decision.verdict != "passed":
+    if decision.verdict != "passed":
         log.warning("%s", decision.reason)
     behaviours = [e for e in entries.values() if e.get("gated", True)]
     data = {

@@ -54,8 +54,12 @@ class Verdict:
         return {"ok": self.ok, "problems": self.problems, **self.details}
 
 
-def stop_conversations(convs: Sequence[Conversation], n: int) -> list[Conversation]:
-    """The ``n`` prompts with the shortest references: a short answer makes a cheap, decisive test."""
+def stop_conversations(convs: Sequence[Conversation], n: int, system_prompt: str = "") -> list[Conversation]:
+    """The ``n`` prompts with the shortest references: a short answer makes a cheap, decisive test.
+    Plain-text calibration has no prompts: a generic one then still shows whether the turn ends."""
+    if not convs and n:
+        sys_msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        convs = [Conversation(tuple(sys_msgs + [{"role": "user", "content": FALLBACK_USER}]))]
     ranked = sorted(convs, key=lambda c: (c.reference is None, len(c.reference or "")))
     return ranked[:n]
 

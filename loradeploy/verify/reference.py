@@ -24,6 +24,7 @@ from .metrics import PositionStats
 
 Progress = Callable[[str, float, float], None]
 BYTES_PER_THREAD = 64 * 2**20
+LOGSOFTMAX_ROWS = 128
 
 
 def threads_for(nbytes: int, budget: int) -> int:
@@ -130,7 +131,10 @@ def run_reference(base_dir: Path, adapter_dir: Path, tok, cal: Calibration, out_
                     progress("reference logits (PEFT, unmerged)", i, len(cal.sequences))
                 ids = torch.tensor([seq], device=dev)
                 logits = model(input_ids=ids).logits[0, :-1]
-                ref_lp = torch.log_softmax(logits.double(), dim=-1).float().cpu().numpy()
+                ref_lp = np.empty(tuple(logits.shape), dtype=np.float32)
+                for lo in range(0, logits.shape[0], LOGSOFTMAX_ROWS):  # float64 copies of a few rows only
+                    rows = logits[lo:lo + LOGSOFTMAX_ROWS].double()
+                    ref_lp[lo:lo + len(rows)] = torch.log_softmax(rows, dim=-1).float().cpu().numpy()
                 del logits
                 f.write(np.ascontiguousarray(ref_lp, dtype="<f4").tobytes())
                 with model.disable_adapter():

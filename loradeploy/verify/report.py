@@ -107,10 +107,12 @@ def _pct(v) -> str:
 
 
 def table_rows(data: dict) -> list[list[str]]:
-    rows = [["signal (base, no adapter)", _n(data.get("signal")), _n((data.get("signal_stats") or {}).get("kld_p99")),
-             _pct((data.get("signal_stats") or {}).get("top1")), "–", "1", "", ""]]
+    sig = data.get("signal_stats") or {}
+    rows = [["signal (base, no adapter)", _n(data.get("signal")), _n(sig.get("kld_p99")), _pct(sig.get("top1")),
+             _n(sig.get("rms_dp")), "1", "", ""]]
     for label, e in data.get("formats", {}).items():
-        beh = "ok" if all((e.get(k) or {}).get("ok", True) for k in ("template", "stop")) else "FAIL"
+        checked = [e[k] for k in ("template", "stop") if e.get(k)]
+        beh = "–" if not checked else "ok" if all(c.get("ok") for c in checked) else "FAIL"
         verdict = "pass" if e.get("passed") else "yardstick" if not e.get("gated", True) else "FAIL"
         rows.append([label, _n(e.get("kld_mean")), _n(e.get("kld_p99")), _pct(e.get("top1")), _n(e.get("rms_dp")),
                      _n(e.get("noise_to_signal")), beh, verdict])
@@ -157,15 +159,20 @@ def write_chart(verdicts: list[dict], path: Path) -> Optional[Path]:
     for i, (v, label, e) in enumerate(pts):
         color = "C2" if e.get("passed") else ("C7" if not e.get("gated", True) else "C3")
         ax.bar(i, e["kld_mean"], color=color, edgecolor="black", linewidth=0.5)
+        limit = (e.get("limits") or {}).get("max_kld")
+        if e.get("gated", True) and limit:
+            ax.hlines(limit, i - 0.4, i + 0.4, colors="black", linestyles=":", linewidth=1.2)
     ax.set_xticks(range(len(pts)))
-    ax.set_xticklabels([f"{v.get('model')}\n{k}" if len(verdicts) > 1 else k for v, k, _ in pts], fontsize=8)
+    names = [k if e.get("gated", True) else f"{k} (no adapter)" for _, k, e in pts]
+    ax.set_xticklabels([f"{v.get('model')}\n{n}" if len(verdicts) > 1 else n for (v, _, _), n in zip(pts, names)],
+                       fontsize=8)
     for j, v in enumerate(verdicts):
         if v.get("signal"):
             ax.axhline(v["signal"], color=f"C{j % 10}", linestyle="--", linewidth=1.2,
                        label=f"{v.get('model')} signal (KLD of the base) {v['signal']:.3g}")
     ax.set_yscale("log")
     ax.set_ylabel("mean KLD against the PEFT reference")
-    ax.set_title("Fidelity per format (green pass, red fail)")
+    ax.set_title("Fidelity per format (green pass, red fail, grey the base GGUF; dotted: the limit)")
     ax.grid(True, axis="y", alpha=0.3)
     if any(v.get("signal") for v in verdicts):
         ax.legend(fontsize=8, loc="best")
@@ -176,7 +183,7 @@ def write_chart(verdicts: list[dict], path: Path) -> Optional[Path]:
 
 
 def load_verdicts(work_dir: Path, models: Iterable[str]) -> list[dict]:
-    """verify.json of each model that has one (for the evaluation report)."""
+    """verify.json of each model that has one."""
     out = []
     for m in models:
         p = verify_dir(work_dir, m) / JSON_NAME
@@ -187,9 +194,32 @@ def load_verdicts(work_dir: Path, models: Iterable[str]) -> list[dict]:
     return out
 
 
-def evaluation_section(work_dir: Path, models: Iterable[str], out_dir: Path, *, charts: bool = True) -> list[str]:
-    """The lines evaluation.md gets for these models (empty when none was verified)."""
-    return markdown_section(load_verdicts(work_dir, models), out_dir, charts=charts)
+def verdicts_for_targets(targets: Iterable) -> list[dict]:
+    """The verify.json of each evaluated model, found beside its quantized GGUFs (work/MODEL/gguf ->
+    work/MODEL/verify) and kept only when it verified one of the evaluated files (by sha256)."""
+    by_model: dict[str, set] = {}
+    dirs: dict[str, Path] = {}
+    for t in targets:
+        t = getattr(t, "target", t)  # a TargetResult or an EvalTarget
+        by_model.setdefault(t.model, set()).add(getattr(t, "sha256", None))
+        path = getattr(t, "gguf_path", None)
+        if path and Path(path).parent.name == "gguf":
+            dirs.setdefault(t.model, Path(path).parent.parent / "verify")
+    out = []
+    for model, d in dirs.items():
+        try:
+            data = json.loads((d / JSON_NAME).read_text())
+        except (OSError, ValueError):
+            continue
+        shas = {e.get("sha256") for e in data.get("formats", {}).values()}
+        if shas & by_model[model] or None in by_model[model]:
+            out.append(data)
+    return out
+
+
+def evaluation_section(targets: Iterable, out_dir: Path, *, charts: bool = True) -> list[str]:
+    """The lines evaluation.md gets for the evaluated targets' models (empty when none was verified)."""
+    return markdown_section(verdicts_for_targets(targets), out_dir, charts=charts)
 
 
 def render(data: dict):
@@ -212,6 +242,18 @@ def render(data: dict):
     if data.get("path"):
         parts.append(Text(f"report: {data['path']}", style="dim"))
     return Group(*parts)
+
+
+def render_file(path: str | Path):
+    """``render`` of a verify.json on disk."""
+    data = json.loads(Path(path).read_text())
+    data.setdefault("path", str(path))
+    return render(data)
+
+
+def gate_allows(info: dict) -> bool:
+    """True when the verify record (stage info or verify.json) names a format to serve."""
+    return bool(info.get("served_format"))
 
 
 def stamp() -> float:

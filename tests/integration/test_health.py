@@ -109,6 +109,8 @@ def test_real_server_is_healthy_with_numbers(tmp_path, live):
         assert _check(m.checks, name).status == PASS
     answer = _check(m.checks, "model.completion").metrics
     assert answer["finish_reason"] == "stop" and answer["answer"].strip()
+    fidelity = _check(m.checks, "verify.fidelity")  # never verified: said so, without changing the verdict
+    assert fidelity.status == "skip" and "loradeploy verify --model" in fidelity.remedy
     metrics = m.metrics
     assert metrics["latency_s"] > 0 and metrics["tokens_per_s"] > 0 and metrics["completion_tokens"] >= 1
     assert 0 < metrics["ttft_s"] <= metrics["latency_s"]

@@ -161,10 +161,12 @@ def test_run_quantizes_loads_generates_and_resumes(llama_pair, tmp_path):
     assert again.ok
     assert {s: o.status for s, o in again.models["majora"].stages.items()} == {s: "skipped" for s in CORE}
     assert took < 30
-    # redoing convert needs the merged folder, which was cleaned up: it is rebuilt first, then cleaned again
+    # redoing convert on the fused path merges from base + adapter again: no merged folder to rebuild,
+    # none left behind
     conv = run_pipeline(cfg, ["majora"], from_stage="convert")
     st = {s: o.status for s, o in conv.models["majora"].stages.items()}
-    assert st["merge"] == "done" and st["convert"] == "done", st
+    assert st["convert"] == "done" and "merge" not in st, st
+    assert conv.models["majora"].stages["convert"].info["path"] == "fused"
     assert not (tmp_path / "work" / "majora" / "merged").exists()
     # --from-stage redoes from there on, keeps earlier records
     redo = run_pipeline(cfg, ["majora"], from_stage="quantize")
