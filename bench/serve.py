@@ -200,8 +200,9 @@ def main() -> None:
     con.print(f"per-round ratios: {ratios}")
     con.print(f"CPU mode: {rows['llama-server']['cpu_mode']}; target: llama-server ≥ 3x the python backend")
     if a.json:
-        print(json.dumps({"model": str(gguf), "params": a.params, "clients": a.clients, "requests_per_client": a.requests,
-                          "max_tokens": a.max_tokens, "threads": a.threads, "baseline": "python", "ours": "llama-server",
+        print(json.dumps({"model": str(gguf), "params": a.params, "clients": a.clients,
+                          "requests_per_client": a.requests, "max_tokens": a.max_tokens, "threads": a.threads,
+                          "load_average": os.getloadavg(), "baseline": "python", "ours": "llama-server",
                           "rounds": a.rounds, "backends": rows, "ratio_tokens_per_s": round(ratio, 2),
                           "ratio_per_round": ratios, "target_ratio": 3.0,
                           "all_succeeded": all(r["all_succeeded"] for r in rows.values())}, indent=2))

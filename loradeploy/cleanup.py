@@ -65,4 +65,12 @@ def clean(cfg: Config, *, dry_run: bool = False) -> list[dict]:
             out += [{"path": str(t.path), "size": dir_size(t.path), "what": t.what} for t in items]
         else:
             out += remove(rec, items)
-    return out
+    return out + _tensor_cache(cfg, dry_run)
+
+
+def _tensor_cache(cfg: Config, dry_run: bool) -> list[dict]:
+    from .quantize import ENGINE_VERSION
+    from .quantize.cache import clean as clean_cache
+
+    return clean_cache(cfg.pipeline.state_dir, int(cfg.performance.tensor_cache_gb * 2**30), ENGINE_VERSION,
+                       dry_run=dry_run)

@@ -83,6 +83,8 @@ class QuantizationConfig(_Section):
     allow_requantize: bool = False
     imatrix: Optional[RelPath] = None
     keep_f16: bool = Field(True, description="keep the converted F16 GGUF after quantizing")
+    engine: Literal["auto", "loradeploy", "llama.cpp"] = Field(
+        "auto", description="auto: loradeploy's byte-identical engine where it applies, else llama.cpp's quantizer")
 
     _tt = field_validator("output_tensor_type", "token_embedding_type")(classmethod(lambda cls, v: tensor_type(v)))
 
@@ -264,6 +266,8 @@ class PerformanceConfig(_Section):
     gpu_memory_fraction: float = Field(0.9, gt=0, le=1)
     mixed_precision: Literal["auto", "fp16", "bf16", "no"] = "auto"
     min_free_disk_gb: float = Field(1.0, ge=0, description="disk that must stay free after a stage's writes")
+    tensor_cache_gb: float = Field(16.0, ge=0, description="quantized tensors reused across adapters and "
+                                                            "versions (in the state dir); 0 = off")
     executor: Literal["local", "ray"] = Field("local", description="ray: heavy stages become Ray tasks")
     ray: RayConfig = Field(default_factory=RayConfig)
 

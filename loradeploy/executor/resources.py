@@ -93,15 +93,16 @@ def check_feasible(req: Request, model: str, nodes: list[Node]) -> None:
         raise ResourceError(f"{req.stage} of {model}: the Ray cluster has no alive node",
                             hint="start a head node (ray start --head) or check performance.ray.address")
     # the largest node by what the request is short of, memory first (the usual reason)
-    short = "memory" if not any(n.memory >= req.memory for n in nodes) else \
-        "CPU" if not any(n.cpus >= req.num_cpus for n in nodes) else \
-        "GPU" if req.num_gpus and not any(n.gpus >= req.num_gpus for n in nodes) else None
-    key = {"memory": lambda n: n.memory, "CPU": lambda n: n.cpus, "GPU": lambda n: n.gpus}.get(short, lambda n: n.memory)
-    largest = max(nodes, key=key)
-    raise ResourceError(
-        f"{req.stage} of {model} asks for {req.describe()}, more than any node of the Ray cluster has "
-        f"(largest: {largest.describe()})",
-        hint="lower performance.max_memory_gb / max_cpu_threads, add a bigger node, or run with executor: local")
+    by = {"memory": lambda n: n.memory, "CPU": lambda n: n.cpus, "GPU": lambda n: n.gpus}
+    need = {"memory": req.memory, "CPU": req.num_cpus, "GPU": req.num_gpus}
+    short = next((k for k in by if need[k] and not any(by[k](n) >= need[k] for n in nodes)), None)
+    custom = [k for k, v in req.resources.items() if not any(n.resources.get(k, 0.0) >= v for n in nodes)]
+    what = "more than any node of the Ray cluster has" if short or not custom else \
+        f"and no node of the Ray cluster offers {', '.join(custom)}"
+    largest = max(nodes, key=by[short or "memory"])
+    raise ResourceError(f"{req.stage} of {model} asks for {req.describe()}, {what} (largest: {largest.describe()})",
+                        hint="lower performance.max_memory_gb / max_cpu_threads, add a bigger node, or run with "
+                             "executor: local")
 
 
 # ----------------------------------------------------------------------------- estimates

@@ -223,8 +223,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if console.is_terminal:
             from rich.progress import BarColumn, Progress as Bar, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-            with Bar(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                     TimeElapsedColumn(), console=console, transient=True) as bar:
+            with Bar(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                     TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console,
+                     transient=True) as bar:
                 task = bar.add_task("llama.cpp tools", total=None)
                 out = ensure_built(jobs=args.jobs, force=args.force,
                                    progress=lambda m, d, t: bar.update(task, description=m, completed=d or 0, total=t))

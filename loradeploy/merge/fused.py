@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from ..fsutil import TMP_MARK
 from ..tools import converter
 from .hf_folder import copy_side_files
 from .preflight import MergePlan
@@ -25,15 +26,14 @@ def converter_order(base, merger) -> list:
     """TensorSources in the order the converter indexes the merged folder stream_merge would write:
     parts from the index's weight map (every file) when there is one, else the files named model*;
     parts sorted by name, tensors sorted by name within each part."""
-    from .stream import TORCH_DTYPES, _INT_DTYPES, files_of, writes_index
-    dtypes = {**TORCH_DTYPES, **_INT_DTYPES}
+    from .stream import files_of, torch_dtype, writes_index
     files = files_of(base)
     if not writes_index(base):
         files = {f: n for f, n in files.items() if f.name.startswith("model") and f.name.endswith(".safetensors")}
     out = []
     for _, names in sorted(files.items(), key=lambda kv: kv[0].name):
         for n in sorted(names):
-            out.append(converter.TensorSource(n, dtypes[merger.out_dtype(n)], tuple(base.tensors[n][1]["shape"]),
+            out.append(converter.TensorSource(n, torch_dtype(merger.out_dtype(n)), tuple(base.tensors[n][1]["shape"]),
                                               lambda n=n: merger.tensor(n)))
     return out
 
@@ -52,7 +52,8 @@ def fused_convert(plan: MergePlan, out: Path, merge: "MergeConfig", *, outtype: 
     base, adapter = plan.base, plan.adapter
     dtype = output_dtype(merge.dtype, base.dtype)
     out = Path(out)
-    with tempfile.TemporaryDirectory(prefix=".fused-", dir=out.parent) as td:
+    # beside the output, marked as a temporary so `loradeploy clean` finds one a killed run left
+    with tempfile.TemporaryDirectory(prefix=".fused-", suffix=TMP_MARK, dir=out.parent) as td:
         side = Path(td) / folder_name
         side.mkdir()
         copy_side_files(base.path, adapter.path, side, dtype)

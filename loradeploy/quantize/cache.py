@@ -145,3 +145,16 @@ def trim(root: Path, limit_bytes: int, version: str | None = None, *, dry_run: b
         else:
             total += size
     return {"path": str(root), "removed": removed, "freed": freed, "kept": total}
+
+
+def clean(state_dir: Path, limit_bytes: int, version: str, *, dry_run: bool = False) -> list[dict]:
+    """For `loradeploy clean`: what trimming the state dir's tensor cache removes (or would)."""
+    root = cache_dir(state_dir)
+    if not root.is_dir():
+        return []
+    r = trim(root, limit_bytes, version, dry_run=dry_run)
+    if not r["removed"]:
+        return []
+    return [{"path": str(root), "size": r["freed"],
+             "what": f"tensor cache: {r['removed']} entries stale or over its {limit_bytes / 2**30:g} GiB bound "
+                     f"({r['kept'] / 2**30:.2f} GiB kept)"}]

@@ -24,7 +24,8 @@ import numpy as np
 from ..fsutil import hashing_open
 from . import kernels
 from .cache import TensorCache
-from .gguf_out import TYPE_NAMES, SourceGGUF, Tensor, header, loader_order, pad, read_source, row_bytes
+from .gguf_out import (TYPE_NAMES, GGUFFormatError, SourceGGUF, Tensor, header, loader_order, pad, read_source,
+                       row_bytes)
 from .rules import FORMATS, LLAMA_CPP_VERSION, Options, Unsupported, model_of, tensor_types
 
 ENGINE_VERSION = f"e1-llama{LLAMA_CPP_VERSION}"   # part of every cache key
@@ -82,7 +83,7 @@ def _reader(plan: Plan, q: "queue.Queue", want_digest: bool, stop: threading.Eve
                 raw = np.empty(t.nbytes(), np.uint8)
                 f.seek(plan.src.data_start + t.offset)
                 if f.readinto(memoryview(raw)) != raw.nbytes:
-                    raise Unsupported(f"{plan.src.path} ends inside tensor {t.name}")
+                    raise GGUFFormatError(f"{plan.src.path} ends inside tensor {t.name}")
                 digest = hashlib.sha256(raw).hexdigest() if want_digest else None
                 q.put((t, raw, digest))
         q.put(None)
@@ -126,7 +127,7 @@ def quantize_formats(src_path: Path, outputs: dict[str, Path], *, opts: Options 
     cache = cache if cache is not None and cache.enabled else None
     t_start = time.perf_counter()
     total = float(sum(t.n_elements for t in plan.order)) or 1.0
-    counts = Counter()
+    counts = Counter(copied=0, cached=0, computed=0)
     q: queue.Queue = queue.Queue(maxsize=1)
     stop = threading.Event()
     reader = threading.Thread(target=_reader, args=(plan, q, cache is not None, stop), daemon=True)

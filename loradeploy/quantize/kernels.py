@@ -10,6 +10,7 @@ threads run in parallel.
 from __future__ import annotations
 
 import ctypes
+import importlib
 import logging
 import threading
 from pathlib import Path
@@ -21,7 +22,7 @@ from .gguf_out import TYPE_NAMES, row_bytes
 log = logging.getLogger(__name__)
 
 try:  # built at install time; absent when the build failed or on a source checkout
-    from . import _kernels  # type: ignore[attr-defined]
+    _kernels = importlib.import_module(f"{__package__}._kernels")
 except ImportError:  # pragma: no cover - depends on the build
     _kernels = None
 

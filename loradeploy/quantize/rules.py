@@ -58,6 +58,14 @@ class Options:
     quantize_output: bool = True                # not --leave-output-tensor
     pure: bool = False                          # --pure
 
+    @classmethod
+    def of(cls, output_tensor_type: str | None, token_embedding_type: str | None, leave_output_tensor: bool,
+           pure: bool) -> "Options":
+        """From llama-quantize's option names; a type this engine cannot write makes the plan Unsupported."""
+        def tid(name: str | None) -> int | None:
+            return None if not name else TYPE_IDS.get(name.upper(), -1)
+        return cls(tid(output_tensor_type), tid(token_embedding_type), not leave_output_tensor, pure)
+
 
 @dataclass(frozen=True)
 class Model:

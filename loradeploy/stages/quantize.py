@@ -1,25 +1,20 @@
-"""quantize: F16 GGUF -> every configured llama.cpp type, threads budgeted across formats."""
+"""quantize: F16 GGUF -> every configured type; loradeploy's engine where it applies, llama.cpp's otherwise."""
 from __future__ import annotations
 
 import concurrent.futures as cf
-import re
-import sys
+import contextlib
 from importlib import metadata
 from pathlib import Path
 
 from ..config import QUANT_TYPES
-from ..errors import InputError, ProcError, QuantizeError
+from ..errors import InputError, QuantizeError
 from ..fsutil import atomic_output
+from ..quantize import ENGINE_VERSION, FORMATS, Options, TensorCache, cache_dir, quantize_formats, why_unsupported
+from ..quantize.cache import trim
 from ..resources import cpu_budget
-from ..tools.proc import run
+from ..tools.llama_quantize import run_quantize
 from .base import Artifact, StageContext, StageResult
 from .convert import validate
-
-_PROGRESS = re.compile(r"\[\s*(\d+)\s*/\s*(\d+)\s*\]")
-
-
-class _QError(QuantizeError, ProcError):
-    pass
 
 
 def llama_cpp_version() -> str:
@@ -37,6 +32,10 @@ def thread_plan(n_formats: int, budget: int, parallel: int = 0) -> tuple[int, in
     return parallel, max(1, budget // parallel)
 
 
+def engine_options(q) -> Options:
+    return Options.of(q.output_tensor_type, q.token_embedding_type, q.leave_output_tensor, q.pure)
+
+
 class QuantizeStage:
     name = "quantize"
 
@@ -47,11 +46,67 @@ class QuantizeStage:
         return arts[0]
 
     def inputs(self, ctx: StageContext) -> dict:
+        # quantization.engine is left out on purpose: both paths write the same bytes
         q = ctx.cfg.quantization
         return {"source": self._source(ctx).sha256, "formats": ctx.cfg.formats_for(ctx.model_name),
                 "opts": [q.output_tensor_type, q.token_embedding_type, q.leave_output_tensor, q.pure,
                          q.allow_requantize, str(q.imatrix) if q.imatrix else None],
                 "llama_cpp": llama_cpp_version()}
+
+    def _split(self, ctx: StageContext, src: Path, formats: list[str]) -> tuple[list[str], str | None]:
+        """(formats for loradeploy's engine, why the others are not)."""
+        q = ctx.cfg.quantization
+        if q.engine == "llama.cpp":
+            return [], "quantization.engine is llama.cpp"
+        mine = [f for f in formats if f in FORMATS and ctx.paths.gguf(f) != src]
+        other = [f for f in formats if f not in mine and ctx.paths.gguf(f) != src]
+        reason = why_unsupported(src, mine, engine_options(q)) if mine else None
+        if q.engine == "loradeploy" and (reason or other):
+            raise QuantizeError(f"quantization.engine is loradeploy, but it cannot do {reason or ', '.join(other)}",
+                                hint="set quantization.engine: auto to let llama.cpp's quantizer do it")
+        if reason:
+            ctx.log.info("llama.cpp quantizes every format: %s", reason)
+            return [], reason
+        return mine, ("not an engine format: " + ", ".join(other)) if other else None
+
+    def _engine(self, ctx: StageContext, src: Path, fmts: list[str], threads: int) -> tuple[dict, dict]:
+        perf, q = ctx.cfg.performance, ctx.cfg.quantization
+        root = cache_dir(ctx.state_dir)
+        cache = TensorCache(root, int(perf.tensor_cache_gb * 2**30), ENGINE_VERSION)
+        ctx.log.info("loradeploy engine: %s from %s, %d threads", fmts, src.name, threads)
+        try:
+            with contextlib.ExitStack() as stack:
+                tmps = {f: stack.enter_context(atomic_output(ctx.paths.gguf(f))) for f in fmts}
+                res = quantize_formats(src, tmps, opts=engine_options(q), threads=threads, cache=cache,
+                                       progress=lambda d, t: ctx.progress(f"quantizing {', '.join(fmts)}", d, t))
+                for f in fmts:
+                    validate(tmps[f], ctx.log)
+        except (ValueError, RuntimeError) as exc:  # the engine's own failure: llama.cpp's quantizer remains
+            if q.engine == "loradeploy":
+                raise QuantizeError(f"loradeploy's quantize engine failed: {exc}") from None
+            ctx.log.warning("loradeploy engine failed (%s); llama.cpp quantizes instead", exc)
+            return {}, {"failed": str(exc)}
+        if cache.enabled:
+            res.stats["cache_trim"] = trim(root, cache.limit, ENGINE_VERSION)
+        ctx.log.info("loradeploy engine: %s", res.stats)
+        arts = {f: Artifact.of(ctx.paths.gguf(f), "gguf", f, sha256=res.outputs[f].sha256) for f in fmts}
+        return arts, res.stats
+
+    def _llama(self, ctx: StageContext, src: Path, fmt: str, threads: int, done: dict) -> Artifact:
+        q = ctx.cfg.quantization
+
+        def on_progress(frac: float) -> None:
+            done[fmt] = frac
+            ctx.progress(f"quantizing {', '.join(done)}", sum(done.values()), len(done))
+
+        with atomic_output(ctx.paths.gguf(fmt)) as tmp:
+            run_quantize(str(src), str(tmp), QUANT_TYPES[fmt], fmt=fmt, log_path=ctx.log_path, on_progress=on_progress,
+                         nthread=threads, output_tensor_type=q.output_tensor_type,
+                         token_embedding_type=q.token_embedding_type, leave_output_tensor=q.leave_output_tensor,
+                         pure=q.pure, allow_requantize=q.allow_requantize)
+            validate(tmp, ctx.log)
+        done[fmt] = 1.0
+        return Artifact.of(ctx.paths.gguf(fmt), "gguf", fmt)
 
     def run(self, ctx: StageContext) -> StageResult:
         src_art = self._source(ctx)
@@ -65,54 +120,26 @@ class QuantizeStage:
         formats = ctx.cfg.formats_for(ctx.model_name)
         cores = cpu_budget(ctx.cfg.performance.max_cpu_threads)
         budget = min(q.threads, cores) if q.threads else cores
-        parallel, threads = thread_plan(len(formats), budget, q.parallel_formats)
-        ctx.log.info("quantizing %s to %s: %d at a time, %d threads each", src.name, formats, parallel, threads)
-        done: dict[str, float] = {f: 0.0 for f in formats}
-
-        def one(fmt: str) -> Artifact:
-            out = ctx.paths.gguf(fmt)
-            if out == src:  # the converted file already is this format
-                return Artifact.of(out, "gguf", fmt, sha256=src_art.sha256)
-            args = [sys.executable, "-m", "loradeploy.tools.llama_quantize", str(src), "OUT",
-                    str(QUANT_TYPES[fmt]), "--nthread", str(threads)]
-            if q.output_tensor_type:
-                args += ["--output-tensor-type", q.output_tensor_type]
-            if q.token_embedding_type:
-                args += ["--token-embedding-type", q.token_embedding_type]
-            for flag, on in (("--leave-output-tensor", q.leave_output_tensor), ("--pure", q.pure),
-                             ("--allow-requantize", q.allow_requantize)):
-                if on:
-                    args.append(flag)
-
-            def on_line(line: str) -> None:
-                m = _PROGRESS.search(line)
-                if m:
-                    done[fmt] = int(m.group(1)) / max(1, int(m.group(2)))
-                    ctx.progress(f"quantizing {', '.join(formats)}", sum(done.values()), len(formats))
-
-            with atomic_output(out) as tmp:
-                args[args.index("OUT")] = str(tmp)
-                try:
-                    run(args, log_path=ctx.log_path, what=f"quantize {fmt}", error_cls=_QError, on_line=on_line)
-                except ProcError as exc:
-                    raise QuantizeError(f"quantizing to {fmt} failed: {exc.message}", hint=f"see {ctx.log_path}") from None
-                validate(tmp, ctx.log)
-            done[fmt] = 1.0
-            ctx.progress(f"quantizing {', '.join(formats)}", sum(done.values()), len(formats))
-            return Artifact.of(out, "gguf", fmt)
-
-        arts: dict[str, Artifact] = {}
-        with cf.ThreadPoolExecutor(parallel) as pool:
-            futs = {pool.submit(one, f): f for f in formats}
-            errors = []
-            for fut in cf.as_completed(futs):
-                try:
-                    arts[futs[fut]] = fut.result()
-                except QuantizeError as exc:
-                    errors.append(exc)
+        mine, why_not = self._split(ctx, src, formats)
+        arts, stats = self._engine(ctx, src, mine, budget) if mine else ({}, None)
+        ours = set(arts)
+        for f in formats:
+            if ctx.paths.gguf(f) == src:  # the converted file already is this format
+                arts[f] = Artifact.of(src, "gguf", f, sha256=src_art.sha256)
+        rest = [f for f in formats if f not in arts]
+        parallel, threads = thread_plan(len(rest), budget, q.parallel_formats) if rest else (0, 0)
+        if rest:
+            ctx.log.info("llama.cpp quantizes %s: %d at a time, %d threads each", rest, parallel, threads)
+            done: dict[str, float] = {f: 0.0 for f in rest}
+            with cf.ThreadPoolExecutor(parallel) as pool:
+                futs = {f: pool.submit(self._llama, ctx, src, f, threads, done) for f in rest}
+            errors = [fut.exception() for fut in futs.values() if fut.exception() is not None]
             if errors:
                 raise errors[0]
+            arts.update({f: fut.result() for f, fut in futs.items()})
         ordered = [arts[f] for f in formats]
+        engine = {f: "loradeploy" if f in ours else "llama.cpp" for f in formats}
         return StageResult(ordered, {"formats": formats, "parallel": parallel, "threads_each": threads,
+                                     "engine": engine, "engine_note": why_not, "engine_stats": stats,
                                      "sizes": {a.format: a.size for a in ordered},
                                      "primary": ctx.cfg.serve_format_for(ctx.model_name)})

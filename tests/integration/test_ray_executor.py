@@ -35,7 +35,8 @@ def personas():
     return pairs["majora"][0], {p: a for p, (_, a) in pairs.items()}
 
 
-def make_cfg(tmp: Path, personas, *, models=MODELS, executor="ray", address=None, storage=True, perf=None):
+def make_cfg(tmp: Path, personas, *, models=MODELS, executor="ray", address=None, storage=True, perf=None,
+             stages=STAGES, quant=None):
     base, adapters = personas
     performance = {"min_free_disk_gb": 0.1, "max_cpu_threads": 1, "executor": executor, **(perf or {})}
     if executor == "ray":
@@ -46,11 +47,15 @@ def make_cfg(tmp: Path, personas, *, models=MODELS, executor="ray", address=None
     data = {
         "models": {m: {"base_model": str(base), "adapter": str(adapters[m]), "port": 5000 + i,
                        "system_prompt": f"You are {m.capitalize()}."} for i, m in enumerate(models)},
-        "quantization": {"formats": FORMATS},
-        "pipeline": {"stages": STAGES, "work_dir": str(tmp / "work"), "state_dir": str(tmp / "state")},
+        "quantization": {"formats": FORMATS, **(quant or {})},
+        "pipeline": {"stages": list(stages), "work_dir": str(tmp / "work"), "state_dir": str(tmp / "state")},
         "logging": {"log_dir": str(tmp / "logs")},
         "performance": performance,
     }
+    if "verify" in stages:
+        from loradeploy.demo import write_demo_eval_samples
+        write_demo_eval_samples(tmp / "eval_samples.jsonl", persona="majora")
+        data["evaluation"] = {"samples": str(tmp / "eval_samples.jsonl")}
     return config_from_dict(data, base_dir=tmp)
 
 
@@ -88,15 +93,15 @@ def _no_partials(root: Path) -> list[Path]:
 def test_three_models_across_nodes_match_local(cluster, personas, reference, tmp_path):
     c, _ = cluster
     build = {"build": 1}
-    cfg = make_cfg(tmp_path, personas, address=c.address,
-                   perf={"ray": {"stage_resources": {"merge": build, "convert": build, "quantize": build}}})
+    cfg = make_cfg(tmp_path, personas, address=c.address, stages=[*STAGES, "verify"],
+                   perf={"ray": {"stage_resources": {s: build for s in ("merge", "convert", "quantize", "verify")}}})
     res = run_pipeline(cfg, [])
     assert res.ok, res.to_dict()
     assert digests(res) == reference
     out = res.to_dict()
     nodes = set()
     for m in MODELS:
-        for s in ("merge", "convert", "quantize"):
+        for s in ("merge", "convert", "quantize", "verify"):
             info = out["models"][m]["stages"][s]["info"]
             assert info["executor"] == "ray" and info["node"] in ("worker-a", "worker-b"), info
             assert info["ray"]["resources"] == build and info["ray"]["num_cpus"] == 1
@@ -108,12 +113,18 @@ def test_three_models_across_nodes_match_local(cluster, personas, reference, tmp
     for m in MODELS:
         assert all(Path(a["path"]).is_relative_to(tmp_path / "shared") for a in res.models[m].artifacts)
         log = (tmp_path / "logs" / m / "quantize.log").read_text()
-        assert f"quantize of {m} on Ray node" in log and "[exit 0]" in log
+        assert f"quantize of {m} on Ray node" in log and "quantize: done on this node" in log
+        # verify ran on a node; the history it appends (what deploy's gate reads) reached the driver's state
+        assert out["models"][m]["stages"]["verify"]["info"]["gate"]["verdict"]
+        rows = (tmp_path / "state" / "verify" / f"{m}.history.jsonl").read_text().splitlines()
+        assert len(rows) == 1 + len(FORMATS) and all(f'"model": "{m}"' in r for r in rows)  # F16 + each quant
+    assert not list((tmp_path / "shared" / ".loradeploy-remote").rglob("*.history.jsonl"))
     assert not list((tmp_path / "shared" / ".loradeploy-remote" / "logs").rglob("*.log"))
     assert not _no_partials(tmp_path / "shared")
     # a restarted driver resumes by content: every stage is current
     again = run_pipeline(cfg, [])
-    assert {s: o.status for s, o in again.models["majora"].stages.items()} == {s: "skipped" for s in STAGES}
+    assert {s: o.status for s, o in again.models["majora"].stages.items()} == \
+        {s: "skipped" for s in [*STAGES, "verify"]}
 
 
 def test_worker_killed_mid_quantize(cluster, personas, reference, tmp_path):
@@ -133,7 +144,9 @@ def test_worker_killed_mid_quantize(cluster, personas, reference, tmp_path):
 
     hold = Placeholder.remote()
     assert ray.get(hold.ready.remote(), timeout=120)
-    cfg = make_cfg(tmp_path, personas, models=("majora",), address=c.address,
+    # llama.cpp's quantizer (a child process per format, seconds each) leaves time to kill the node mid-write;
+    # it writes the same bytes as loradeploy's engine, so the reference still holds
+    cfg = make_cfg(tmp_path, personas, models=("majora",), address=c.address, quant={"engine": "llama.cpp"},
                    perf={"ray": {"max_retries": 2, "stage_resources": {"merge": {"build": 1},
                                                                        "convert": {"build": 1},
                                                                        "quantize": {"quant": 1}}}})
