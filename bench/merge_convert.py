@@ -116,6 +116,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent / "out")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--repeat", type=int, default=2, help="alternating runs of each side")
+    ap.add_argument("--keep", action="store_true", help="keep the outputs (GBs) under WORKDIR/merge_convert")
     a = ap.parse_args()
     from loradeploy.demo import build_bench_adapter, build_bench_llama
     a.workdir.mkdir(parents=True, exist_ok=True)
@@ -148,13 +149,16 @@ def main() -> None:
         hand.append(h)
     ref_sha = sha256_file(two_step_reference(base, adapter, run / "reference"))
     hand_sha = sha256_file(hand_path)
+    on_disk = sha256_file(Path(outs[-1]["path"]))   # the recorded digest was taken while writing
+    if not a.keep:
+        shutil.rmtree(run, ignore_errors=True)
     b, o = best(hand), best(mine)
     result = {
         "model": {"params": int(a.params), "base_mib": round(sum(f.stat().st_size for f in base.glob("*.safetensors"))
                                                            / 2**20, 1), "lora": "all linear layers, r=16"},
         "baseline": b, "ours": o, "ratios": ratios(b, o), "targets": TARGETS,
         "merge_path": outs[0]["merge_path"],
-        "identical": all(x["sha256"] == ref_sha for x in outs) and sha256_file(Path(outs[-1]["path"])) == ref_sha,
+        "identical": all(x["sha256"] == ref_sha for x in outs) and on_disk == ref_sha,
         "identical_to_handmade": outs[-1]["sha256"] == hand_sha,
         "sha256": {"ours": outs[-1]["sha256"], "two_step_reference": ref_sha, "handmade": hand_sha},
     }
