@@ -56,8 +56,12 @@ test: setup $(RAY_STAMP)
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-bench: setup
-	$(PY) bench/baseline.py
+bench: setup $(RAY_STAMP)
+	$(PY) bench/baseline.py --quick
+	$(PY) bench/merge_convert.py
+	$(PY) bench/serve.py
+	$(PY) bench/cpu_mode.py
+	$(PY) bench/scale.py
 	$(PY) bench/fetch.py
 
 clean-venv:
