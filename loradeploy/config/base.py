@@ -30,18 +30,20 @@ GGML_TENSOR_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0
 CONVERT_TYPES = ("f16", "bf16", "f32", "q8_0")
 
 
-def refuse_imatrix_formats(formats: Optional[list[str]]) -> Optional[list[str]]:
-    """Refuse what loradeploy cannot produce yet: every IQ type and everything in NEEDS_IMATRIX.
+def needs_imatrix(formats: Optional[list[str]]) -> list[str]:
+    """The formats among ``formats`` that are only worth building with an importance matrix: every IQ
+    type (llama.cpp's own advice; IQ2/IQ1 and Q2_K_S it refuses outright without one)."""
+    return [f for f in formats or [] if f.startswith("IQ") or f in NEEDS_IMATRIX]
 
-    The embedded quantizer computes no importance matrix and IQ types are only worth their size with
-    one, so they fail at load, naming what to use instead, rather than at (or after) quantize time.
-    """
-    need = [f for f in formats or [] if f.startswith("IQ") or f in NEEDS_IMATRIX]
-    if need:
-        verb = "needs" if len(need) == 1 else "need"
-        raise ValueError(f"{', '.join(need)} {verb} an importance matrix, which loradeploy does not compute "
-                         "yet; use Q2_K, Q3_K_M, Q4_K_M, Q5_K_M, Q6_K or Q8_0")
-    return formats
+
+def imatrix_problem(formats: Optional[list[str]], imatrix: object) -> Optional[str]:
+    """Why ``formats`` cannot be built without quantization.imatrix (None: they can, or one is set)."""
+    need = needs_imatrix(formats)
+    if not need or imatrix is not None:
+        return None
+    verb = "needs" if len(need) == 1 else "need"
+    return (f"{', '.join(need)} {verb} an importance matrix: set quantization.imatrix: auto (computed from the "
+            "calibration text) or a file, or use Q2_K, Q3_K_M, Q4_K_M, Q5_K_M, Q6_K or Q8_0")
 
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")

@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ..errors import ConfigError
-from .base import NAME_RE, QuantName, _Section, refuse_imatrix_formats, resolve_path
+from .base import NAME_RE, QuantName, _Section, imatrix_problem, resolve_path
 from .notifications import NotificationsConfig
 from .sections import (DeploymentConfig, EvaluationConfig, HealthCheckConfig, LoggingConfig, MergeConfig,
                        PerformanceConfig, PipelineConfig, QuantizationConfig, VastConfig)
@@ -69,8 +69,6 @@ class ModelConfig(_Section):
     formats: Optional[list[QuantName]] = Field(None, description="override quantization.formats")
     publisher: Optional[str] = None
     enabled: bool = True
-
-    _buildable = field_validator("formats")(classmethod(lambda cls, v: refuse_imatrix_formats(v)))
 
     @field_validator("base_model")
     @classmethod
@@ -139,9 +137,17 @@ class Config(_Section):
                 raise ValueError(f"models.{name}.adapter: vast instance {src.instance!r} is neither an id "
                                  f"nor a name under vast.instances")
             fmts = m.formats or self.quantization.formats
+            self._imatrix_for(f"models.{name}.formats", m.formats)
             if self.deployment.format and self.deployment.format not in fmts:
                 raise ValueError(f"deployment.format {self.deployment.format} is not quantized for model {name}")
+        self._imatrix_for("evaluation.formats", self.evaluation.formats)
         return self
+
+    def _imatrix_for(self, where: str, formats: Optional[list[str]]) -> None:
+        # quantization.formats is checked in its section; these keys cannot see quantization.imatrix there
+        why = imatrix_problem(formats, self.quantization.imatrix)
+        if why:
+            raise ValueError(f"{where}: {why}")
 
     @property
     def warnings(self) -> tuple[str, ...]:

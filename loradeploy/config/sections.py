@@ -3,11 +3,11 @@ pipeline, evaluation and performance. Notifications live in ``notifications.py``
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
-from .base import STAGES, QuantName, RelPath, Stage, _Section, is_loopback, refuse_imatrix_formats, tensor_type
+from .base import STAGES, QuantName, RelPath, Stage, _Section, imatrix_problem, is_loopback, tensor_type
 
 # ----------------------------------------------------------------------------- vast / fetch
 
@@ -71,6 +71,9 @@ class MergeConfig(_Section):
 # ----------------------------------------------------------------------------- quantization
 
 class QuantizationConfig(_Section):
+    # before formats: the formats validator reads it (pydantic validates fields in this order)
+    imatrix: Optional[Union[Literal["auto"], RelPath]] = Field(
+        None, description="auto = llama-imatrix on the F16 GGUF over verify's calibration text; or an imatrix file")
     formats: list[QuantName] = Field(default_factory=lambda: ["Q4_K_M", "Q5_K_M", "Q8_0"], min_length=1)
     primary_format: Optional[QuantName] = None
     convert_type: Literal["f16", "bf16", "f32", "q8_0"] = "f16"
@@ -81,7 +84,6 @@ class QuantizationConfig(_Section):
     leave_output_tensor: bool = False
     pure: bool = False
     allow_requantize: bool = False
-    imatrix: Optional[RelPath] = None
     keep_f16: bool = Field(True, description="keep the converted F16 GGUF after quantizing")
     engine: Literal["auto", "loradeploy", "llama.cpp"] = Field(
         "auto", description="auto: loradeploy's byte-identical engine where it applies, else llama.cpp's quantizer")
@@ -90,21 +92,16 @@ class QuantizationConfig(_Section):
 
     @field_validator("formats")
     @classmethod
-    def _dedupe(cls, v: list[str]) -> list[str]:
+    def _dedupe(cls, v: list[str], info: ValidationInfo) -> list[str]:
         out: list[str] = []
         for f in v:
             if f not in out:
                 out.append(f)
-        return refuse_imatrix_formats(out)
-
-    @field_validator("imatrix")
-    @classmethod
-    def _no_imatrix(cls, v: Optional[Path]) -> Optional[Path]:
-        # The embedded quantizer cannot apply one; accepting the key would promise what quantize refuses.
-        if v is not None:
-            raise ValueError("is not supported yet: loradeploy's quantizer cannot apply an importance matrix; "
-                             "remove quantization.imatrix")
-        return v
+        # fail at load, not at quantize time (a missing "imatrix" in data already failed on its own)
+        why = imatrix_problem(out, info.data.get("imatrix"))
+        if why:
+            raise ValueError(why)
+        return out
 
     @model_validator(mode="after")
     def _primary(self):
@@ -231,9 +228,7 @@ class EvaluationConfig(_Section):
     base_gguf: Literal["none", "q8_0", "f16"] = Field(
         "none", description="also convert the base model (no adapter) for the base reference row")
     charts: bool = True
-
-    # A format that can never be quantized can never be evaluated either.
-    _buildable = field_validator("formats")(classmethod(lambda cls, v: refuse_imatrix_formats(v)))
+    # (IQ formats here without quantization.imatrix are refused by Config, which sees both keys)
 
 
 HEAVY_STAGES = ("merge", "convert", "quantize", "verify")

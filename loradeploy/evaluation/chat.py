@@ -6,16 +6,18 @@ error row in the report, and the rest of the run goes on.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Optional, Sequence
 
 from ..errors import EvalError, HttpError, HttpStatusError, HttpTimeout
 from ..tools.openai_http import Client, error_text
 
 
-@dataclass
-class Reply:
-    text: str = ""
+@dataclass(kw_only=True)
+class ReplyStats:
+    """How one answer went: its error, if any, and what was measured of it. A Reply has these fields,
+    and so has the result row it becomes."""
+
     error: Optional[str] = None
     latency_s: Optional[float] = None
     ttft_s: Optional[float] = None
@@ -26,6 +28,15 @@ class Reply:
     prompt_tps: Optional[float] = None
     decode_s: Optional[float] = None     # first to last streamed token
     tps_source: Optional[str] = None     # "server" (reported timings) or "stream" (chunk arrival)
+
+    def stats(self) -> dict[str, Any]:
+        """Just these fields, as keywords for another ReplyStats."""
+        return {f.name: getattr(self, f.name) for f in fields(ReplyStats)}
+
+
+@dataclass
+class Reply(ReplyStats):
+    text: str = ""
     interrupted: bool = False
 
 

@@ -5,34 +5,27 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from . import metrics
+from .chat import ReplyStats
 from .samples import Sample
 from .targets import EvalTarget
 
 
 @dataclass
-class SampleResult:
+class SampleResult(ReplyStats):
+    """One answer to one sample: the reply's text and measurements (keywords), then its scores."""
+
     target: str
     sample_id: str
     repeat: int
     response: str = ""
-    error: Optional[str] = None
-    latency_s: Optional[float] = None
-    ttft_s: Optional[float] = None
-    prompt_tokens: Optional[int] = None
-    completion_tokens: Optional[int] = None
-    gen_tps: Optional[float] = None
-    prompt_tps: Optional[float] = None
-    finish_reason: Optional[str] = None
-    decode_s: Optional[float] = None
-    tps_source: Optional[str] = None
     scores: dict = field(default_factory=dict)
     quality: Optional[float] = None
     tags: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["tags"] = list(self.tags)
-        return d
+        head = {k: d.pop(k) for k in ("target", "sample_id", "repeat", "response")}   # who first, then how
+        return {**head, **d, "tags": list(self.tags)}
 
 
 @dataclass

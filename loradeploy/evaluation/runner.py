@@ -84,9 +84,7 @@ class _TargetRun:
                 reply = api.chat(msgs, **kw)
         if reply.error and not reply.text and reply.error.startswith("the stream ended"):
             reply.error = api.diagnose(msgs, **kw) or reply.error
-        res = SampleResult(self.t.label, s.id, rep, reply.text, reply.error, reply.latency_s, reply.ttft_s,
-                           reply.prompt_tokens, reply.completion_tokens, reply.gen_tps, reply.prompt_tps,
-                           reply.finish_reason, reply.decode_s, reply.tps_source, tags=s.tags)
+        res = SampleResult(self.t.label, s.id, rep, reply.text, tags=s.tags, **reply.stats())
         if reply.interrupted:
             res.error = "the server kept cutting this answer short (llama-cpp-python interrupt_requests)"
         if not res.error:

@@ -89,23 +89,95 @@ static void q8_0_rows(const float *x, uint8_t *y, int64_t n) {
     }
 }
 
+/* ------------------------------------------------- K-quant scales and layouts, shared by both paths */
+
+#define NS 8    /* Q4_K / Q5_K sub-blocks per super-block */
+#define SL 32   /* values per sub-block */
+
+/* The packers take a super-block's final levels in value order (lv[k] is the level of value k:
+ * sub-block k / 32 for Q4_K and Q5_K, k / 16 for Q6_K) and write the block's level bytes. */
+typedef void (*pack_fn)(const uint8_t lv[QK_K], uint8_t *y);
+
+static void pack_q4_K(const uint8_t lv[QK_K], uint8_t *y) {
+    uint8_t *q = y + 16;
+    for (int p = 0; p < 4; ++p, q += 32)     /* sub-blocks 2p and 2p+1 share 32 bytes */
+        for (int i = 0; i < 32; ++i) q[i] = (uint8_t)(lv[64 * p + i] | (lv[64 * p + 32 + i] << 4));
+}
+
+static void pack_q5_K(const uint8_t lv[QK_K], uint8_t *y) {
+    uint8_t *qh = y + 16, *ql = y + 48;
+    memset(qh, 0, 32);
+    for (int p = 0; p < 4; ++p, ql += 32) {
+        const uint8_t m1 = (uint8_t)(1u << (2 * p)), m2 = (uint8_t)(2u << (2 * p));
+        for (int i = 0; i < 32; ++i) {
+            int l1 = lv[64 * p + i], l2 = lv[64 * p + 32 + i];
+            if (l1 > 15) { l1 -= 16; qh[i] |= m1; }
+            if (l2 > 15) { l2 -= 16; qh[i] |= m2; }
+            ql[i] = (uint8_t)(l1 | (l2 << 4));
+        }
+    }
+}
+
+/* two 128-value halves, each four 32-value quarters: low nibbles in ql, high bits in qh */
+static void pack_q6_K(const uint8_t lv[QK_K], uint8_t *y) {
+    uint8_t *ql = y, *qh = y + 128;
+    for (const uint8_t *v = lv; v < lv + QK_K; v += 128, ql += 64, qh += 32)
+        for (int l = 0; l < 32; ++l) {
+            const uint8_t a = v[l], b = v[l + 32], c = v[l + 64], e = v[l + 96];
+            ql[l] = (uint8_t)((a & 0xF) | ((c & 0xF) << 4));
+            ql[l + 32] = (uint8_t)((b & 0xF) | ((e & 0xF) << 4));
+            qh[l] = (uint8_t)((a >> 4) | ((b >> 4) << 2) | ((c >> 4) << 4) | ((e >> 4) << 6));
+        }
+}
+
+/* Q4_K and Q5_K super-block scales, as ggml: the eight sub-block scales and mins (>= 0) quantized to
+ * 6 bits against the largest of each and packed into scales[12], the two fp16 super-scales at dhead.
+ * Gives each sub-block's final step d[j] and offset dm[j], which its levels are then fitted to. */
+static void k_scales(const float sc[NS], const float mi[NS], uint8_t *dhead, uint8_t scales[12],
+                     float d[NS], float dm[NS]) {
+    float max_scale = 0.0f, max_min = 0.0f;
+    for (int j = 0; j < NS; ++j) {
+        if (sc[j] > max_scale) max_scale = sc[j];
+        if (mi[j] > max_min) max_min = mi[j];
+    }
+    const float inv_scale = max_scale > 0 ? 63.f / max_scale : 0.f;
+    const float inv_min = max_min > 0 ? 63.f / max_min : 0.f;
+    uint8_t ls[NS], lm[NS];
+    memset(scales, 0, 12);
+    for (int j = 0; j < NS; ++j) {
+        uint8_t a = (uint8_t)nearest(inv_scale * sc[j]);   /* the uint8 wrap is ggml's too */
+        uint8_t b = (uint8_t)nearest(inv_min * mi[j]);
+        ls[j] = a < 63 ? a : 63;
+        lm[j] = b < 63 ? b : 63;
+        if (j < 4) {
+            scales[j] = ls[j];
+            scales[j + 4] = lm[j];
+        } else {
+            scales[j + 4] = (uint8_t)((ls[j] & 0xF) | ((lm[j] & 0xF) << 4));
+            scales[j - 4] |= (uint8_t)((ls[j] >> 4) << 6);
+            scales[j] |= (uint8_t)((lm[j] >> 4) << 6);
+        }
+    }
+    const uint16_t hd = to_half(max_scale / 63.f), hm = to_half(max_min / 63.f);
+    put_half(dhead, hd);
+    put_half(dhead + 2, hm);
+    const float fd = from_half(hd), fm = from_half(hm);
+    for (int j = 0; j < NS; ++j) { d[j] = fd * (float)ls[j]; dm[j] = fm * (float)lm[j]; }
+}
+
+/* Q4_K and Q5_K: ggml's make_qkx2_quants search parameters, the block size, the level layout */
+typedef struct { int nmax; float rmin, rdelta; int nstep; int bytes; pack_fn pack; } kq_t;
+static const kq_t KQ_Q4_K = {15, -1.f, 0.1f, 20, 144, pack_q4_K};
+static const kq_t KQ_Q5_K = {31, -0.5f, 0.1f, 15, 176, pack_q5_K};
+
 #include "_kernels_scalar.h"
 
 /* ---------------------------------------------------------------- Python binding */
 
 #if defined(__GNUC__) || defined(__clang__)
 #define HAVE_VEC 1
-typedef float v4f __attribute__((vector_size(16)));
-typedef int32_t v4i __attribute__((vector_size(16)));
 #define NL 4
-#define VF v4f
-#define VI v4i
-#define SUF(name) name##_v4
 #include "_kernels_vec.h"
-#undef NL
-#undef VF
-#undef VI
-#undef SUF
 #else
 #define HAVE_VEC 0
 #define q4_K_rows_v4 q4_K_rows
@@ -119,17 +191,8 @@ typedef int32_t v4i __attribute__((vector_size(16)));
 #define HAVE_AVX2_COPY 1
 #pragma GCC push_options
 #pragma GCC target("avx2")
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
 #define NL 8
-#define VF v8f
-#define VI v8i
-#define SUF(name) name##_v8
 #include "_kernels_vec.h"
-#undef NL
-#undef VF
-#undef VI
-#undef SUF
 #pragma GCC pop_options
 #else
 #define HAVE_AVX2_COPY 0

@@ -4,10 +4,19 @@
  * element-wise IEEE operations, so a lane computes exactly what the scalar code computes for that
  * sub-block; masks and selections replace its branches.
  *
- * A template: _kernels.c includes it once per lane count with NL (4 or 8), VF, VI and SUF(name)
- * defined. The lane count must be the machine's native vector width (4 on SSE2/NEON, 8 under AVX2):
+ * A template: _kernels.c includes it once per lane count with NL (4 or 8) defined; the copy's vector
+ * types and function names (name_v4, name_v8) follow from it, and NL is undefined again at the end.
+ * The lane count must be the machine's native vector width (4 on SSE2/NEON, 8 under AVX2):
  * compilers lower wider generic vectors through memory, which is slower than scalar code.
  */
+#define SUF_(name, n) name##_v##n
+#define SUF_N(name, n) SUF_(name, n)
+#define SUF(name) SUF_N(name, NL)
+typedef float SUF(vf) __attribute__((vector_size(4 * NL)));
+typedef int32_t SUF(vi) __attribute__((vector_size(4 * NL)));
+#define VF SUF(vf)
+#define VI SUF(vi)
+
 #if NL == 4
 #define BF(f) ((VF){f, f, f, f})
 #define BI(k) ((VI){k, k, k, k})
@@ -101,34 +110,11 @@ static void SUF(kquant)(const float *x, int nmax, float rmin, float rdelta, int 
             for (int j = 0; j < NL; ++j) X[g][i][j] = x[SL * (g * NL + j) + i];
         SUF(qkx2)(X[g], nmax, rmin, rdelta, nstep, L[g], sc + g * NL, mi + g * NL);
     }
-    float max_scale = 0.0f, max_min = 0.0f;
-    for (int j = 0; j < NS; ++j) {
-        if (sc[j] > max_scale) max_scale = sc[j];
-        if (mi[j] > max_min) max_min = mi[j];
-    }
-    const float inv_scale = max_scale > 0 ? 63.f / max_scale : 0.f;
-    const float inv_min = max_min > 0 ? 63.f / max_min : 0.f;
-    memset(scales, 0, 12);
-    const uint16_t hd = to_half(max_scale / 63.f), hm = to_half(max_min / 63.f);
-    put_half(dhead, hd);
-    put_half(dhead + 2, hm);
-    const float fd = from_half(hd), fm = from_half(hm);
+    float ds[NS], dms[NS];
+    k_scales(sc, mi, dhead, scales, ds, dms);
     VF d[NS / NL], dm[NS / NL];
-    for (int j = 0; j < NS; ++j) {
-        uint8_t a = (uint8_t)nearest(inv_scale * sc[j]);   /* the uint8 wrap is ggml's too */
-        uint8_t b = (uint8_t)nearest(inv_min * mi[j]);
-        const uint8_t ls = a < 63 ? a : 63, lm = b < 63 ? b : 63;
-        if (j < 4) {
-            scales[j] = ls;
-            scales[j + 4] = lm;
-        } else {
-            scales[j + 4] = (uint8_t)((ls & 0xF) | ((lm & 0xF) << 4));
-            scales[j - 4] |= (uint8_t)((ls >> 4) << 6);
-            scales[j] |= (uint8_t)((lm >> 4) << 6);
-        }
-        d[j / NL][j % NL] = fd * (float)ls;
-        dm[j / NL][j % NL] = fm * (float)lm;
-    }
+    memcpy(d, ds, sizeof d);
+    memcpy(dm, dms, sizeof dm);
     for (int g = 0; g < NS / NL; ++g) {
         const VI nz = d[g] != BF(0.0f);   /* where d is 0 ggml keeps the search's levels */
         for (int i = 0; i < SL; ++i) {
@@ -138,70 +124,58 @@ static void SUF(kquant)(const float *x, int nmax, float rmin, float rdelta, int 
     }
 }
 
-#define LK(s, i) (L[(s) / NL][i][(s) % NL])
+/* A super-block's levels in value order for the packers: L holds sub-blocks of len values, sub-block
+ * s in lane s % NL of group s / NL, so value i of sub-block s is L[(s / NL) * len + i][s % NL]. */
+static inline void SUF(levels)(const VI *L, int len, uint8_t lv[QK_K]) {
+    for (int s = 0; s < QK_K / len; ++s)
+        for (int i = 0; i < len; ++i) lv[len * s + i] = (uint8_t)L[(s / NL) * len + i][s % NL];
+}
 
-static void SUF(q4_K_rows)(const float *x, uint8_t *y, int64_t n) {
+static inline void SUF(k_rows)(const float *x, uint8_t *y, int64_t n, const kq_t *k) {
     VI L[NS / NL][SL];
-    for (int64_t b = 0; b < n / QK_K; ++b, x += QK_K, y += 144) {
-        SUF(kquant)(x, 15, -1.f, 0.1f, 20, y, y + 4, L);
-        uint8_t *q = y + 16;
-        for (int p = 0; p < 4; ++p, q += 32)
-            for (int i = 0; i < SL; ++i) q[i] = (uint8_t)(LK(2 * p, i) | (LK(2 * p + 1, i) << 4));
+    uint8_t lv[QK_K];
+    for (int64_t b = 0; b < n / QK_K; ++b, x += QK_K, y += k->bytes) {
+        SUF(kquant)(x, k->nmax, k->rmin, k->rdelta, k->nstep, y, y + 4, L);
+        SUF(levels)(&L[0][0], SL, lv);
+        k->pack(lv, y);
     }
 }
 
-static void SUF(q5_K_rows)(const float *x, uint8_t *y, int64_t n) {
-    VI L[NS / NL][SL];
-    for (int64_t b = 0; b < n / QK_K; ++b, x += QK_K, y += 176) {
-        SUF(kquant)(x, 31, -0.5f, 0.1f, 15, y, y + 4, L);
-        uint8_t *qh = y + 16, *ql = y + 48;
-        memset(qh, 0, 32);
-        for (int p = 0; p < 4; ++p, ql += 32) {
-            const uint8_t m1 = (uint8_t)(1u << (2 * p)), m2 = (uint8_t)(2u << (2 * p));
-            for (int i = 0; i < SL; ++i) {
-                int l1 = LK(2 * p, i), l2 = LK(2 * p + 1, i);
-                if (l1 > 15) { l1 -= 16; qh[i] |= m1; }
-                if (l2 > 15) { l2 -= 16; qh[i] |= m2; }
-                ql[i] = (uint8_t)(l1 | (l2 << 4));
-            }
-        }
+static void SUF(q4_K_rows)(const float *x, uint8_t *y, int64_t n) { SUF(k_rows)(x, y, n, &KQ_Q4_K); }
+static void SUF(q5_K_rows)(const float *x, uint8_t *y, int64_t n) { SUF(k_rows)(x, y, n, &KQ_Q5_K); }
+
+/* one grid of make_qx_quants (nmax 32): levels at inverse scale isc (offset by 32), sum(w x l) and
+ * sum(w l^2) with w = x^2 */
+static inline void SUF(qx_grid)(const VF X[N6], VF isc, VI L[N6], VF *slx_out, VF *sl2_out) {
+    VF slx = BF(0.0f), sl2 = BF(0.0f);
+    for (int i = 0; i < N6; ++i) {
+        const VI l = CLAMPI(NEAREST(isc * X[i]), BI(-32), BI(31));
+        L[i] = l + BI(32);
+        const VF w = X[i] * X[i], fl = TOF(l);
+        slx += w * X[i] * fl;
+        sl2 += w * fl * fl;
     }
+    *slx_out = slx;
+    *sl2_out = sl2;
 }
-#undef LK
 
 /* make_qx_quants(16, 32, rmse_type 1) for NL of the 16 sub-blocks of a Q6_K super-block */
 static void SUF(qx)(const VF X[N6], VI L[N6], float *out) {
     const float nmax = 32.0f;
-    const VI LO = BI(-32), HI = BI(31), OFF = BI(32);
     VI La[N6];
-    VF amax = BF(0.0f), mx = BF(0.0f);
+    VF amax = BF(0.0f), mx = BF(0.0f), slx, sl2;
     for (int i = 0; i < N6; ++i) {
         const VF a = ABSF(X[i]);
         const VI g = a > amax;
         amax = SELF(g, a, amax);
         mx = SELF(g, X[i], mx);
     }
-    VF isc = BF(-32.0f) / mx, slx = BF(0.0f), sl2 = BF(0.0f);
-    for (int i = 0; i < N6; ++i) {
-        const VI l = CLAMPI(NEAREST(isc * X[i]), LO, HI);
-        L[i] = l + OFF;
-        const VF w = X[i] * X[i], fl = TOF(l);
-        slx += w * X[i] * fl;
-        sl2 += w * fl * fl;
-    }
+    SUF(qx_grid)(X, BF(-32.0f) / mx, L, &slx, &sl2);
     VF scale = SELF(sl2 != BF(0.0f), slx / sl2, BF(0.0f));
     VF best = scale * slx;
     for (int is = -9; is <= 9; ++is) {
         if (is == 0) continue;
-        isc = BF(-(nmax + 0.1f * (float)is)) / mx;
-        slx = sl2 = BF(0.0f);
-        for (int i = 0; i < N6; ++i) {
-            const VI l = CLAMPI(NEAREST(isc * X[i]), LO, HI);
-            La[i] = l + OFF;
-            const VF w = X[i] * X[i], fl = TOF(l);
-            slx += w * X[i] * fl;
-            sl2 += w * fl * fl;
-        }
+        SUF(qx_grid)(X, BF(-(nmax + 0.1f * (float)is)) / mx, La, &slx, &sl2);
         const VI ok = (sl2 > BF(0.0f)) & (slx * slx > best * sl2);
         const VF ns = slx / sl2;
         scale = SELF(ok, ns, scale);
@@ -250,19 +224,9 @@ static void SUF(q6_K_rows)(const float *x, uint8_t *y, int64_t n) {
                 L[g][i] = SELI(nz, l + BI(32), L[g][i]);
             }
         }
-        uint8_t *ql = y, *qh = y + 128;
-        /* value k of the block: sub-block k / 16, index k % 16 */
-#define LV(k) ((uint8_t)L[((k) / N6) / NL][(k) % N6][((k) / N6) % NL])
-        for (int h = 0; h < 2; ++h, ql += 64, qh += 32) {
-            const int base = 128 * h;
-            for (int l = 0; l < 32; ++l) {
-                const uint8_t a = LV(base + l), b2 = LV(base + l + 32), c = LV(base + l + 64), e = LV(base + l + 96);
-                ql[l] = (uint8_t)((a & 0xF) | ((c & 0xF) << 4));
-                ql[l + 32] = (uint8_t)((b2 & 0xF) | ((e & 0xF) << 4));
-                qh[l] = (uint8_t)((a >> 4) | ((b2 >> 4) << 2) | ((c >> 4) << 4) | ((e >> 4) << 6));
-            }
-        }
-#undef LV
+        uint8_t lv[QK_K];
+        SUF(levels)(&L[0][0], N6, lv);
+        pack_q6_K(lv, y);
     }
 }
 
@@ -274,3 +238,9 @@ static void SUF(q6_K_rows)(const float *x, uint8_t *y, int64_t n) {
 #undef CLAMPI
 #undef ABSF
 #undef TOF
+#undef VF
+#undef VI
+#undef SUF
+#undef SUF_N
+#undef SUF_
+#undef NL

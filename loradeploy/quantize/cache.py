@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..tally import Tally
 from .gguf_out import TYPE_NAMES
 
 log = logging.getLogger(__name__)
@@ -35,14 +36,11 @@ def cache_dir(state_dir: Path) -> Path:
 
 
 @dataclass
-class CacheStats:
+class CacheStats(Tally):
     hits: int = 0
     misses: int = 0
     corrupt: int = 0
     stored: int = 0
-
-    def to_dict(self) -> dict:
-        return dict(vars(self))
 
 
 class TensorCache:
@@ -104,7 +102,7 @@ class TensorCache:
 
     def _count(self, what: str) -> None:
         with self._lock:
-            setattr(self.stats, what, getattr(self.stats, what) + 1)
+            self.stats.bump(what)
 
 
 def _entries(root: Path) -> list[tuple[Path, os.stat_result]]:

@@ -3,25 +3,18 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
-from importlib import metadata
 from pathlib import Path
 
-from ..config import QUANT_TYPES
 from ..errors import InputError, QuantizeError
 from ..fsutil import atomic_output
+from ..llamacpp import runtime
 from ..quantize import ENGINE_VERSION, FORMATS, Options, TensorCache, cache_dir, quantize_formats, why_unsupported
+from ..quantize import imatrix as imx
 from ..quantize.cache import trim
 from ..resources import cpu_budget
-from ..tools.llama_quantize import run_quantize
 from .base import Artifact, StageContext, StageResult
 from .convert import validate
-
-
-def llama_cpp_version() -> str:
-    try:
-        return metadata.version("llama_cpp_python")
-    except metadata.PackageNotFoundError:
-        raise QuantizeError("llama-cpp-python is not installed", hint="run make setup") from None
+from .merge import adapter_dir_for
 
 
 def thread_plan(n_formats: int, budget: int, parallel: int = 0) -> tuple[int, int]:
@@ -50,19 +43,27 @@ class QuantizeStage:
         q = ctx.cfg.quantization
         return {"source": self._source(ctx).sha256, "formats": ctx.cfg.formats_for(ctx.model_name),
                 "opts": [q.output_tensor_type, q.token_embedding_type, q.leave_output_tensor, q.pure,
-                         q.allow_requantize, str(q.imatrix) if q.imatrix else None],
-                "llama_cpp": llama_cpp_version()}
+                         q.allow_requantize], "llama_cpp": runtime.llama_cpp_version(),
+                "imatrix": imx.setting_inputs(q.imatrix, self._cal(ctx))}
 
-    def _split(self, ctx: StageContext, src: Path, formats: list[str]) -> tuple[list[str], str | None]:
+    def _cal(self, ctx: StageContext) -> imx.CalibrationSource:
+        v, samples = ctx.cfg.verify, Path(ctx.cfg.evaluation.samples)
+        return imx.CalibrationSource(ctx.model.base_model, adapter_dir_for(ctx), ctx.model.system_prompt,
+                                     v.calibration, samples if samples.is_file() else None, v.max_tokens,
+                                     v.max_seq_len)
+
+    def _split(self, ctx: StageContext, src: Path, formats: list[str], imatrix) -> tuple[list[str], str | None]:
         """(formats for loradeploy's engine, why the others are not)."""
         q = ctx.cfg.quantization
         if q.engine == "llama.cpp":
             return [], "quantization.engine is llama.cpp"
-        mine = [f for f in formats if f in FORMATS and ctx.paths.gguf(f) != src]
+        mine = [f for f in formats if f in FORMATS and ctx.paths.gguf(f) != src
+                and not (imatrix and imx.uses_imatrix(f))]  # the engine is ggml's bytes without an imatrix only
         other = [f for f in formats if f not in mine and ctx.paths.gguf(f) != src]
         reason = why_unsupported(src, mine, engine_options(q)) if mine else None
         if q.engine == "loradeploy" and (reason or other):
-            raise QuantizeError(f"quantization.engine is loradeploy, but it cannot do {reason or ', '.join(other)}",
+            raise QuantizeError(f"quantization.engine is loradeploy, but it cannot do {reason or ', '.join(other)}"
+                                + (" (with an importance matrix)" if imatrix else ""),
                                 hint="set quantization.engine: auto to let llama.cpp's quantizer do it")
         if reason:
             ctx.log.info("llama.cpp quantizes every format: %s", reason)
@@ -92,54 +93,57 @@ class QuantizeStage:
         arts = {f: Artifact.of(ctx.paths.gguf(f), "gguf", f, sha256=res.outputs[f].sha256) for f in fmts}
         return arts, res.stats
 
-    def _llama(self, ctx: StageContext, src: Path, fmt: str, threads: int, done: dict) -> Artifact:
-        q = ctx.cfg.quantization
+    def _llama(self, ctx: StageContext, src: Path, fmt: str, dst: Path, imatrix, threads: int, done: dict) -> Artifact:
+        q, key = ctx.cfg.quantization, fmt if dst == ctx.paths.gguf(fmt) else f"{fmt} (no imatrix)"
 
         def on_progress(frac: float) -> None:
-            done[fmt] = frac
+            done[key] = frac
             ctx.progress(f"quantizing {', '.join(done)}", sum(done.values()), len(done))
 
-        with atomic_output(ctx.paths.gguf(fmt)) as tmp:
-            run_quantize(str(src), str(tmp), QUANT_TYPES[fmt], fmt=fmt, log_path=ctx.log_path, on_progress=on_progress,
-                         nthread=threads, output_tensor_type=q.output_tensor_type,
-                         token_embedding_type=q.token_embedding_type, leave_output_tensor=q.leave_output_tensor,
-                         pure=q.pure, allow_requantize=q.allow_requantize)
-            validate(tmp, ctx.log)
-        done[fmt] = 1.0
-        return Artifact.of(ctx.paths.gguf(fmt), "gguf", fmt)
+        imx.run_job(src, fmt, dst, imatrix, threads=threads, log_path=ctx.log_path, on_progress=on_progress,
+                    plain_binary=key != fmt, output_tensor_type=q.output_tensor_type,
+                    token_embedding_type=q.token_embedding_type, leave_output_tensor=q.leave_output_tensor,
+                    pure=q.pure, allow_requantize=q.allow_requantize)
+        validate(dst, ctx.log)
+        done[key] = 1.0
+        return Artifact.of(dst, "gguf" if key == fmt else "gguf_twin", fmt)
 
     def run(self, ctx: StageContext) -> StageResult:
         src_art = self._source(ctx)
         src = Path(src_art.path)
         if not src.is_file():
             raise InputError(f"converted GGUF {src} is missing", hint="re-run the convert stage")
-        q = ctx.cfg.quantization
-        if q.imatrix is not None:
-            raise QuantizeError("quantization.imatrix needs llama.cpp's llama-quantize tool, which the embedded "
-                                "quantizer cannot drive", hint="remove quantization.imatrix or the IQ formats")
-        formats = ctx.cfg.formats_for(ctx.model_name)
+        q, formats = ctx.cfg.quantization, ctx.cfg.formats_for(ctx.model_name)
         cores = cpu_budget(ctx.cfg.performance.max_cpu_threads)
         budget = min(q.threads, cores) if q.threads else cores
-        mine, why_not = self._split(ctx, src, formats)
+        imatrix, note = imx.resolve(q.imatrix, src, src_art.sha256, self._cal(ctx), ctx.paths.gguf_dir / "imatrix",
+                                    threads=budget, log_path=ctx.log_path)
+        ctx.log.info("%s", note or "no importance matrix")
+        mine, why_not = self._split(ctx, src, formats, imatrix)
         arts, stats = self._engine(ctx, src, mine, budget) if mine else ({}, None)
         ours = set(arts)
-        for f in formats:
-            if ctx.paths.gguf(f) == src:  # the converted file already is this format
-                arts[f] = Artifact.of(src, "gguf", f, sha256=src_art.sha256)
-        rest = [f for f in formats if f not in arts]
-        parallel, threads = thread_plan(len(rest), budget, q.parallel_formats) if rest else (0, 0)
-        if rest:
-            ctx.log.info("llama.cpp quantizes %s: %d at a time, %d threads each", rest, parallel, threads)
-            done: dict[str, float] = {f: 0.0 for f in rest}
+        # the converted file already is this format
+        arts.update({f: Artifact.of(src, "gguf", f, sha256=src_art.sha256) for f in formats if ctx.paths.gguf(f) == src})
+        jobs = imx.plan(formats, ctx.paths.gguf, imatrix, set(arts))
+        parallel, threads = thread_plan(len(jobs), budget, q.parallel_formats) if jobs else (0, 0)
+        results: list[Artifact] = []
+        if jobs:
+            ctx.log.info("llama.cpp quantizes %s: %d at a time, %d threads each",
+                         [f"{f}{'+imatrix' if im else ''} -> {d.name}" for f, d, im in jobs], parallel, threads)
+            done: dict[str, float] = {}
             with cf.ThreadPoolExecutor(parallel) as pool:
-                futs = {f: pool.submit(self._llama, ctx, src, f, threads, done) for f in rest}
-            errors = [fut.exception() for fut in futs.values() if fut.exception() is not None]
+                futs = [pool.submit(self._llama, ctx, src, f, dst, im, threads, done) for f, dst, im in jobs]
+            errors = [fut.exception() for fut in futs if fut.exception() is not None]
             if errors:
                 raise errors[0]
-            arts.update({f: fut.result() for f, fut in futs.items()})
-        ordered = [arts[f] for f in formats]
-        engine = {f: "loradeploy" if f in ours else "llama.cpp" for f in formats}
+            results = [fut.result() for fut in futs]
+        arts.update({a.format: a for a in results if a.kind == "gguf"})
+        ordered = [arts[f] for f in formats] + [a for a in results if a.kind != "gguf"] + \
+            ([Artifact.of(imatrix, "imatrix")] if imatrix else [])
+        engine = {f: "loradeploy" if f in ours else "llama.cpp-imatrix" if imatrix and imx.uses_imatrix(f)
+                  else "llama.cpp" for f in formats}
         return StageResult(ordered, {"formats": formats, "parallel": parallel, "threads_each": threads,
                                      "engine": engine, "engine_note": why_not, "engine_stats": stats,
-                                     "sizes": {a.format: a.size for a in ordered},
+                                     "sizes": {a.format: a.size for a in ordered if a.kind == "gguf"},
+                                     "imatrix": str(imatrix) if imatrix else None,
                                      "primary": ctx.cfg.serve_format_for(ctx.model_name)})

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import FetchError, ProcError
+from ..tally import Tally
 from . import proc
 from .ssh import SshTarget, ssh_failed, ssh_options
 
@@ -57,18 +58,15 @@ def local_rsync_caps(log_path: Path | None = None) -> tuple[Optional[tuple[int, 
 # ----------------------------------------------------------------------------- rsync stats
 
 @dataclass
-class RsyncStats:
+class RsyncStats(Tally):
+    """What rsync's --stats said, summed over a fetch's rounds (``add``); resumed_bytes, what partial
+    files already held, is counted by the caller (rsync's own output leaves it 0)."""
+
     bytes_received: int = 0
     bytes_sent: int = 0
     literal: int = 0
     matched: int = 0
     resumed_bytes: int = 0
-
-    def add(self, other: "RsyncStats") -> None:
-        self.bytes_received += other.bytes_received
-        self.bytes_sent += other.bytes_sent
-        self.literal += other.literal
-        self.matched += other.matched
 
 
 def parse_rsync_stats(output: str) -> RsyncStats:

@@ -47,7 +47,7 @@ def verify_model(req: VerifyRequest, *, log: Optional[logging.Logger] = None,
     """Reference first (then freed), every candidate after; returns the verify.json data."""
     from .behaviour import stop_conversations, template_cases
     from .calibration import build_calibration, load_tokenizer
-    from .candidates import score_candidate
+    from .candidates import score_candidate, with_imatrix_twins
     from .gate import decide, judge, limits_for
     from .metrics import noise_to_signal
     from .reference import run_reference
@@ -74,15 +74,16 @@ def verify_model(req: VerifyRequest, *, log: Optional[logging.Logger] = None,
         log.info("reference (%s, %s) in %.1fs; signal KLD(reference||base) %.4g", ref.device, ref.dtype,
                  ref.seconds, signal or 0.0)
         entries: dict[str, dict] = {}
-        for i, cand in enumerate(req.candidates):
+        cands = with_imatrix_twins(req.candidates)
+        for i, cand in enumerate(cands):
             if progress:
-                progress(f"verifying {cand.label}", i, len(req.candidates))
+                progress(f"verifying {cand.label}", i, len(cands))
             e = score_candidate(cand, cal, ref, threads=req.threads, cases=cases,
                                 behaviour=s.behaviour and cand.gated, progress=progress)
             e["noise_to_signal"] = noise_to_signal(e.get("kld_mean"), signal)
             limits = limits_for(cand.fmt, s)
             e["limits"] = limits.to_dict()
-            if cand.gated:
+            if cand.gated or cand.variant:  # a variant (the plain twin) is judged, though never served
                 fails = judge(e, limits, signal)
                 e["passed"], e["failures"] = not fails, [asdict(f) for f in fails]
             else:
@@ -91,7 +92,7 @@ def verify_model(req: VerifyRequest, *, log: Optional[logging.Logger] = None,
             log.info("%s: KLD mean %.4g p99 %.4g, top-1 %.2f%%, RMS Δp %.4g, noise/signal %s: %s", cand.label,
                      e.get("kld_mean") or 0, e.get("kld_p99") or 0, 100 * (e.get("top1") or 0), e.get("rms_dp") or 0,
                      "–" if e["noise_to_signal"] is None else f"{e['noise_to_signal']:.3g}",
-                     "yardstick" if not cand.gated else "pass" if e["passed"] else
+                     "yardstick" if e["passed"] is None else "pass" if e["passed"] else
                      "FAIL (" + "; ".join(f["why"] for f in e["failures"]) + ")")
     finally:
         scratch.unlink(missing_ok=True)

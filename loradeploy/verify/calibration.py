@@ -72,6 +72,17 @@ class Calibration:
     def longest(self) -> int:
         return max((len(s) for s in self.sequences), default=0)
 
+    def add(self, ids: list[int], kind: str, *, max_seq_len: int, up_to: int) -> None:
+        """Append ``ids`` in sequences of at most ``max_seq_len`` while the set holds under ``up_to`` tokens
+        (the last one cut to fit; a piece of one token is dropped)."""
+        used = self.n_tokens
+        for piece in _chunks(ids, max_seq_len):
+            piece = piece[: max(0, up_to - used)]
+            if len(piece) > 1:
+                self.sequences.append(piece)
+                self.kinds.append(kind)
+                used += len(piece)
+
     def digest(self) -> str:
         h = hashlib.sha256()
         for s in self.sequences:
@@ -152,27 +163,16 @@ def build_calibration(tok, *, system_prompt: str, calibration: Optional[Path], s
     chat_budget = max_tokens - text_budget
     cal = Calibration([], [], conversations=[c for c in convs if c.messages and c.messages[-1]["role"] != "assistant"],
                       source=source)
-    used = 0
     for c in convs:
         msgs = list(c.messages) + ([{"role": "assistant", "content": c.reference}] if c.reference else [])
         gen = msgs[-1]["role"] != "assistant"
-        for piece in _chunks(chat_ids(tok, msgs, add_generation_prompt=gen), max_seq_len):
-            piece = piece[: max(0, chat_budget - used)]
-            if len(piece) > 1:
-                cal.sequences.append(piece)
-                cal.kinds.append("chat")
-                used += len(piece)
-        if used >= chat_budget:
+        cal.add(chat_ids(tok, msgs, add_generation_prompt=gen), "chat", max_seq_len=max_seq_len, up_to=chat_budget)
+        if cal.n_tokens >= chat_budget:
             break
     for t in texts:
         ids = tok(t, add_special_tokens=True).input_ids  # as plain text is read: BOS where the model wants it
-        for piece in _chunks(list(ids), max_seq_len):
-            piece = piece[: max(0, max_tokens - used)]
-            if len(piece) > 1:
-                cal.sequences.append(piece)
-                cal.kinds.append("text")
-                used += len(piece)
-        if used >= max_tokens:
+        cal.add(list(ids), "text", max_seq_len=max_seq_len, up_to=max_tokens)
+        if cal.n_tokens >= max_tokens:
             break
     if not cal.sequences:
         raise InputError(f"no calibration tokens from {source}",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -45,6 +45,23 @@ class Candidate:
         return {"label": self.label, "format": self.fmt, "path": str(self.path), "sha256": self.sha256,
                 "gated": self.gated, "variant": self.variant, "size": self.path.stat().st_size
                 if self.path.is_file() else None}
+
+
+def with_imatrix_twins(cands: Sequence[Candidate]) -> list[Candidate]:
+    """Each imatrix quant followed by its plain twin (built by quantize, see ``quantize.imatrix``), so
+    the report shows what the importance matrix bought. The twin is judged with the same type's
+    limits but never served: only the imatrix file is deployed."""
+    from ..quantize.imatrix import twin_path
+
+    out: list[Candidate] = []
+    for c in cands:
+        twin = twin_path(c.path)
+        if not (c.gated and twin.is_file()):
+            out.append(c)
+            continue
+        out += [replace(c, variant="imatrix"),
+                Candidate(f"{c.label}-no-imatrix", c.fmt, twin, gated=False, variant="no-imatrix")]
+    return out
 
 
 def _n_ctx(cal: Calibration, gens: Sequence[Generation], cases: Sequence[TemplateCase]) -> int:

@@ -199,13 +199,21 @@ def test_formats_that_need_an_imatrix_fail_at_load(path, value):
     with pytest.raises(ConfigError) as ei:
         config_from_dict(with_(path, value))
     msg = str(ei.value)
-    assert f"{path}: " in msg and "needs an importance matrix, which loradeploy does not compute yet" in msg
+    assert f"{path}: " in msg and "needs an importance matrix: set quantization.imatrix: auto" in msg
     assert "Q4_K_M" in msg and "\n" not in msg
 
 
-def test_imatrix_key_fails_at_load():
-    with pytest.raises(ConfigError, match=r"quantization\.imatrix: is not supported yet"):
-        config_from_dict(with_("quantization.imatrix", "imatrix.dat"))
+@pytest.mark.parametrize("path,value", [
+    ("quantization.formats", ["Q4_K_M", "IQ2_XS"]),
+    ("models.majora.formats", ["IQ3_M"]),
+    ("evaluation.formats", ["IQ1_S"]),
+])
+@pytest.mark.parametrize("imatrix", ["auto", "imatrix.gguf"])
+def test_formats_that_need_an_imatrix_load_with_one(path, value, imatrix):
+    data = with_(path, value)
+    data.setdefault("quantization", {})["imatrix"] = imatrix
+    cfg = config_from_dict(data)
+    assert cfg.quantization.imatrix == ("auto" if imatrix == "auto" else Path(imatrix))
 
 
 def test_quantize_cannot_be_reached_with_an_iq_format(tmp_path):
