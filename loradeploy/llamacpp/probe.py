@@ -24,19 +24,11 @@ PROMPT_TOKENS = 48
 SELFTEST_ENV = "LORADEPLOY_PROBE_SELFTEST"
 
 
-def _vocab() -> tuple[list[str], list[float], list[int]]:
-    """SentencePiece-style: unk/bos/eos, the 256 byte tokens, then pieces; every text tokenizes."""
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
-    types = [2, 3, 3] + [6] * 256  # UNKNOWN, CONTROL, CONTROL, BYTE
+def _pieces() -> list[str]:
+    """Word pieces after the byte tokens, up to N_VOCAB: a, b, ..., z, then two-letter ones."""
     letters = "abcdefghijklmnopqrstuvwxyz"
-    i = 0
-    while len(tokens) < N_VOCAB:
-        a, b = letters[i % 26], letters[(i // 26) % 26]
-        tokens.append(f"\u2581{a}{b}" if i >= 26 else f"\u2581{a}")
-        types.append(1)
-        i += 1
-    scores = [0.0] * 259 + [-float(k) for k in range(len(tokens) - 259)]
-    return tokens, scores, types
+    n = N_VOCAB - 259
+    return [f"\u2581{letters[i % 26]}" + (letters[(i // 26) % 26] if i >= 26 else "") for i in range(n)]
 
 
 def build_model(dest: Path) -> None:
@@ -46,42 +38,17 @@ def build_model(dest: Path) -> None:
     import gguf
     import llama_cpp
 
+    from ..gguf.tiny import add_llama_header, llama_tensor_shapes, spm_vocab
+
     rng = np.random.default_rng(0)
     f32 = dest.with_name(dest.name + f".f32.{os.getpid()}.tmp")
     w = gguf.GGUFWriter(str(f32), "llama")
-    w.add_context_length(256)
-    w.add_embedding_length(N_EMBD)
-    w.add_block_count(N_LAYER)
-    w.add_feed_forward_length(N_FF)
-    w.add_head_count(N_HEAD)
-    w.add_head_count_kv(N_HEAD)
-    w.add_rope_dimension_count(N_EMBD // N_HEAD)
-    w.add_layer_norm_rms_eps(1e-5)
+    add_llama_header(w, n_embd=N_EMBD, n_ff=N_FF, n_layer=N_LAYER, n_head=N_HEAD, vocab=spm_vocab(_pieces()))
     w.add_file_type(0)
-    tokens, scores, types = _vocab()
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
-
-    def mat(rows: int, cols: int):
-        return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
-
-    w.add_tensor("token_embd.weight", mat(N_VOCAB, N_EMBD))
-    w.add_tensor("output_norm.weight", np.ones(N_EMBD, dtype=np.float32))
-    w.add_tensor("output.weight", mat(N_VOCAB, N_EMBD))
-    for i in range(N_LAYER):
-        p = f"blk.{i}."
-        w.add_tensor(p + "attn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
-        w.add_tensor(p + "ffn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
-        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
-            w.add_tensor(p + name + ".weight", mat(N_EMBD, N_EMBD))
-        w.add_tensor(p + "ffn_gate.weight", mat(N_FF, N_EMBD))
-        w.add_tensor(p + "ffn_up.weight", mat(N_FF, N_EMBD))
-        w.add_tensor(p + "ffn_down.weight", mat(N_EMBD, N_FF))
+    for name, (shape, is_matrix) in llama_tensor_shapes(N_VOCAB, N_EMBD, N_FF, N_LAYER).items():
+        # 2D weights scaled so activations stay O(1) through the layers; norms are ones
+        w.add_tensor(name, (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32) if is_matrix
+                     else np.ones(shape, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

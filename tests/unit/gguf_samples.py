@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, quants
 
+from loradeploy.gguf.tiny import BYTE_TOKENS, SPECIAL, add_llama_header, llama_tensor_shapes, spm_vocab
+
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 WORDS = ["▁the", "▁a", "▁model", "▁hello", "▁world", "▁is", "▁of", "▁and"]
@@ -41,18 +43,15 @@ class Sample:
 
 
 def _vocab(extra: int) -> tuple[list[str], list[float], list[int]]:
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
-    types = [2, 3, 3] + [6] * 256
     pieces = WORDS + [f"▁{chr(c)}" for c in range(ord("a"), ord("z") + 1)]
     pieces = (pieces * (extra // len(pieces) + 1))[:extra]
-    seen: set[str] = set(tokens)
+    seen: set[str] = set(SPECIAL + BYTE_TOKENS)
+    unique = []
     for i, p in enumerate(pieces):
         p = p if p not in seen else f"{p}{i}"
         seen.add(p)
-        tokens.append(p)
-        types.append(1)
-    scores = [0.0] * 3 + [-1000.0] * 256 + [-float(i) for i in range(len(tokens) - 259)]
-    return tokens, scores, types
+        unique.append(p)
+    return spm_vocab(unique, byte_score=-1000.0)
 
 
 def _weight(rng: np.random.Generator, shape: tuple[int, int], qtype: GGMLQuantizationType):
@@ -82,22 +81,9 @@ def write_tiny_llama(path: Path, *, quant: str = "Q8_0", n_embd: int = 64, n_ff:
     if alignment is not None:
         w.add_custom_alignment(alignment)
     n_head = max(1, n_embd // 16)
-    w.add_context_length(256)
-    w.add_embedding_length(n_embd)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(n_embd // n_head)
-    tokens, scores, types = _vocab(n_vocab - 259)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
+    vocab = _vocab(n_vocab - 259)
+    n_tokens = len(vocab[0])
+    add_llama_header(w, n_embd=n_embd, n_ff=n_ff, n_layer=n_layer, n_head=n_head, vocab=vocab)
     if chat_template:
         w.add_chat_template(CHAT_TEMPLATE)
     for key, value in (extra_kv or {}).items():
@@ -108,23 +94,7 @@ def write_tiny_llama(path: Path, *, quant: str = "Q8_0", n_embd: int = 64, n_ff:
         else:
             w.add_uint32(key, value)
 
-    shapes: dict[str, tuple[tuple[int, ...], bool]] = {
-        "token_embd.weight": ((len(tokens), n_embd), True),
-        "output_norm.weight": ((n_embd,), False),
-        "output.weight": ((len(tokens), n_embd), True),
-    }
-    for i in range(n_layer):
-        shapes.update({
-            f"blk.{i}.attn_norm.weight": ((n_embd,), False),
-            f"blk.{i}.attn_q.weight": ((n_embd, n_embd), True),
-            f"blk.{i}.attn_k.weight": ((n_embd, n_embd), True),
-            f"blk.{i}.attn_v.weight": ((n_embd, n_embd), True),
-            f"blk.{i}.attn_output.weight": ((n_embd, n_embd), True),
-            f"blk.{i}.ffn_norm.weight": ((n_embd,), False),
-            f"blk.{i}.ffn_gate.weight": ((n_ff, n_embd), True),
-            f"blk.{i}.ffn_up.weight": ((n_ff, n_embd), True),
-            f"blk.{i}.ffn_down.weight": ((n_embd, n_ff), True),
-        })
+    shapes = llama_tensor_shapes(n_tokens, n_embd, n_ff, n_layer)
     dims: dict[str, tuple[int, ...]] = {}
     for tname, (shape, is_matrix) in shapes.items():
         if is_matrix:
@@ -137,7 +107,7 @@ def write_tiny_llama(path: Path, *, quant: str = "Q8_0", n_embd: int = 64, n_ff:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return Sample(path, quant, n_embd, n_ff, n_layer, len(tokens), dims)
+    return Sample(path, quant, n_embd, n_ff, n_layer, n_tokens, dims)
 
 
 def write_minimal(path: Path, *, arch: str = "llama") -> Path:
