@@ -34,6 +34,7 @@ from loradeploy.serving import launch
 from loradeploy.serving import switch as switchmod
 from loradeploy.tools import proc
 from loradeploy.tools.openai_http import Client
+from tests.fixtures.servers import stop_model_servers
 from tests.fixtures.gguf_models import *  # noqa: F401,F403  (tiny_ggufs, tiny_gguf_cache)
 
 SYSTEM = "You are Tiny. Start every answer with TINY: and then repeat the words."
@@ -76,14 +77,7 @@ def cfg_factory(tmp_path):
 
     yield make
     for cfg in made:
-        try:
-            serve_stop(cfg)
-        except Exception:
-            pass
-        entry = serving.registry_entry(cfg, MODEL) or {}
-        for rec in (entry.get("proxy"), entry.get("backend"), entry.get("pending_backend")):
-            if proc.alive(rec):
-                os.killpg(int(rec["pid"]), signal.SIGKILL)
+        stop_model_servers(cfg, MODEL)
 
 
 def with_version(cfg, version):

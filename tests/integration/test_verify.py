@@ -7,23 +7,19 @@ adapter with every lora_B scaled by 1e-3, whose effect drowns in Q4_K_M's quanti
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import socket
 from pathlib import Path
 
 import pytest
 import yaml
 
-from loradeploy import serving
 from loradeploy.config import config_from_dict
 from loradeploy.deploy import versions
 from loradeploy.errors import ConfigError
 from loradeploy.pipeline import run_pipeline
-from loradeploy.serving import serve_stop
-from loradeploy.tools import proc
 from loradeploy.tools.openai_http import Client
+from tests.fixtures.servers import stop_model_servers
 
 MODEL = "majora"
 SYSTEM = "You are Majora. Repeat the words and sign with -- MAJORA"
@@ -58,17 +54,6 @@ def _data(root: Path, base: Path, adapter: Path, *, version: str = "v1", port: i
     }
 
 
-def _stop_servers(cfg) -> None:
-    try:
-        serve_stop(cfg)
-    except Exception:
-        pass
-    entry = serving.registry_entry(cfg, MODEL) or {}
-    for rec in (entry.get("proxy"), entry.get("backend"), entry.get("pending_backend")):
-        if proc.alive(rec):
-            os.killpg(int(rec["pid"]), signal.SIGKILL)
-
-
 def _scaled_adapter(src: Path, dst: Path, factor: float) -> Path:
     from safetensors.torch import load_file, save_file
     shutil.copytree(src, dst)
@@ -89,7 +74,7 @@ def served_v1(llama_pair, tmp_path_factory):
         res = run_pipeline(cfg, [MODEL])
         yield root, data, cfg, res
     finally:
-        _stop_servers(cfg)
+        stop_model_servers(cfg, MODEL)
 
 
 def _why(res) -> dict:
@@ -204,7 +189,7 @@ def test_an_adapter_drowned_in_q4_noise_is_blocked_then_falls_back(served_v1, ll
         assert {(r["version"], r["format"], r["passed"]) for r in rows} >= {("v1", "Q4_K_M", True),
                                                                             ("v2", "Q4_K_M", False)}
     finally:
-        _stop_servers(cfg)
+        stop_model_servers(cfg, MODEL)
 
 
 # ----------------------------------------------------------------------------- chat template
