@@ -21,7 +21,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from loradeploy.llamacpp import runtime  # noqa: E402
-from loradeploy.tools.proc import describe_exit, run  # noqa: E402
+from loradeploy.tools.proc import describe_exit, package_pythonpath, run  # noqa: E402
 
 CHILD = r"""
 import json, sys, time
@@ -64,7 +64,7 @@ def build_model(workdir: Path, params: float) -> Path:
 def measure(mode: str, model: Path, threads: int, log: Path) -> dict:
     t0 = time.monotonic()
     cp = run([sys.executable, "-c", CHILD, mode, str(model), str(threads)], check=False, timeout=600,
-             log_path=log, env={"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+             log_path=log, env={"PYTHONPATH": package_pythonpath()})
     line = next((l for l in cp.stdout.splitlines() if l.startswith("RESULT ")), None)
     if cp.returncode == 0 and line:
         return {"mode": mode, "ok": True, **json.loads(line[7:]), "seconds": round(time.monotonic() - t0, 2)}

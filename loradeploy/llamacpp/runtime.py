@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -94,12 +95,18 @@ def llama_cpp_version() -> str:
         return "not installed"
 
 
-def fingerprint() -> dict:
+@functools.lru_cache(maxsize=1)
+def _machine() -> tuple:
     model, flags = _cpuinfo()
-    return {"cpu": model, "flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16],
-            "amx": sorted(f for f in flags.split() if f.startswith("amx")),
-            "kernel": platform.release(), "arch": platform.machine(),
-            "llama_cpp_python": llama_cpp_version(), "probe": PROBE_VERSION}
+    return (("cpu", model), ("flags_sha256", hashlib.sha256(flags.encode()).hexdigest()[:16]),
+            ("amx", tuple(sorted(f for f in flags.split() if f.startswith("amx")))),
+            ("kernel", platform.release()), ("arch", platform.machine()),
+            ("llama_cpp_python", llama_cpp_version()), ("probe", PROBE_VERSION))
+
+
+def fingerprint() -> dict:
+    """What the verdict depends on; read once per process (every server start asks for the mode)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in _machine()}
 
 
 def cache_dir() -> Path:
@@ -113,22 +120,20 @@ def _key(fp: dict) -> str:
     return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _verdict_path(directory: Path, fp: dict) -> Path:
+    return Path(directory) / f"llamacpp-cpu-mode-{_key(fp)}.json"
+
+
 # ----------------------------------------------------------------------------- probing
-
-def _child_env() -> dict[str, str]:
-    # The probe must import this package even when loradeploy runs from a checkout.
-    root = str(Path(__file__).resolve().parent.parent.parent)
-    return {"PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
-
 
 def probe_mode(mode: str, model_path: Path, *, timeout: float, log_path: Optional[Path] = None) -> Attempt:
     """Run one probe child; classify how it ended without caring which signal it was."""
-    from ..tools.proc import describe_exit, run
+    from ..tools.proc import describe_exit, package_pythonpath, run
 
     t0 = time.monotonic()
     try:
-        cp = run([sys.executable, "-m", "loradeploy.llamacpp.probe", mode, str(model_path)], env=_child_env(),
-                 timeout=timeout, check=False, log_path=log_path, what=f"llama.cpp {mode}-mode probe")
+        cp = run([sys.executable, "-m", "loradeploy.llamacpp.probe", mode, str(model_path)],
+                 env={"PYTHONPATH": package_pythonpath()}, timeout=timeout, check=False, log_path=log_path, what=f"llama.cpp {mode}-mode probe")
     except ProcError as exc:
         how = f"hung past {timeout:g} s" if "timed out" in exc.message else exc.message
         return Attempt(mode, False, how, round(time.monotonic() - t0, 2))
@@ -148,6 +153,7 @@ def probe_mode(mode: str, model_path: Path, *, timeout: float, log_path: Optiona
 
 def _decide_by_probe(fp: dict, directory: Path, timeout: float,
                      progress: Optional[Callable[[str], None]]) -> Mode:
+    """Probe default, then safe; the first that works is the verdict (its cache_file: where decide saves it)."""
     model = directory / f"probe-model-v{PROBE_VERSION}.gguf"
     log_path = directory / "probe.log"
     attempts = []
@@ -161,7 +167,7 @@ def _decide_by_probe(fp: dict, directory: Path, timeout: float,
                 why = f"default mode {attempt.how}"
             else:
                 why = f"default mode {attempts[0].how} in the probe; safe mode {attempt.how}"
-            return Mode(mode, "probe", why, tuple(attempts), time.time(), fingerprint=fp)
+            return Mode(mode, "probe", why, tuple(attempts), time.time(), str(_verdict_path(directory, fp)), fp)
     tried = "; ".join(f"{a.mode} mode {a.how}" for a in attempts)
     raise LlamaRuntimeError(f"llama.cpp cannot run on this CPU ({fp['cpu']}): {tried}",
                             hint=f"see {log_path}; {MODE_ENV}=default|safe skips the probe")
@@ -199,7 +205,7 @@ def decide(*, refresh: bool = False, timeout: float = DEFAULT_TIMEOUT_S, directo
         return Mode(forced, "env", f"set by {MODE_ENV}", decided_at=time.time())
     directory = Path(directory) if directory else cache_dir()
     fp = fingerprint()
-    path = directory / f"llamacpp-cpu-mode-{_key(fp)}.json"
+    path = _verdict_path(directory, fp)
     memo = str(path)
     if not refresh and memo in _DECIDED:
         return _DECIDED[memo]
@@ -212,7 +218,6 @@ def decide(*, refresh: bool = False, timeout: float = DEFAULT_TIMEOUT_S, directo
             if mode is None:
                 mode = _decide_by_probe(fp, directory, timeout, progress)
                 _save(path, mode)
-                mode = Mode(mode.name, "probe", mode.why, mode.attempts, mode.decided_at, str(path), fp)
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
     _DECIDED[memo] = mode
@@ -226,7 +231,7 @@ def demote(reason: str) -> Mode:
         return decide()  # the user chose the mode: do not second-guess it
     current = decide()
     fp = fingerprint()
-    path = cache_dir() / f"llamacpp-cpu-mode-{_key(fp)}.json"
+    path = _verdict_path(cache_dir(), fp)
     mode = Mode("safe", "probe", reason, current.attempts, time.time(), str(path), fp)
     _save(path, mode)
     _DECIDED[str(path)] = mode

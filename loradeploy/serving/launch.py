@@ -43,9 +43,7 @@ def worker_env() -> dict[str, str]:
     # than the config says (deployment.llamacpp.extra_args is the way to add flags).
     env = {k: v for k, v in os.environ.items()
            if k not in ("CONFIG_FILE", "MODEL", "API_KEY") and not k.startswith("LLAMA_ARG_")}
-    # The worker must import this package even when loradeploy is run from a checkout.
-    root = str(Path(__file__).resolve().parent.parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONPATH"] = proc.package_pythonpath(env)
     return env
 
 

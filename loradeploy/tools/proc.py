@@ -24,6 +24,13 @@ def _tail_text(lines: collections.deque[str]) -> str:
     return "".join(lines).strip()
 
 
+def package_pythonpath(base: Mapping[str, str] | None = None) -> str:
+    """PYTHONPATH for a child that runs ``python -m loradeploy...``: this package first, so the child
+    imports it even when loradeploy runs from a checkout rather than an installed copy."""
+    root = str(Path(__file__).resolve().parents[2])
+    return os.pathsep.join([root, *filter(None, [(base if base is not None else os.environ).get("PYTHONPATH")])])
+
+
 def run(
     args: Sequence[str | os.PathLike],
     *,
