@@ -23,7 +23,7 @@ from ..tools import proc
 from ..tools.openai_http import Client
 from .backends import LABELS, backend_conf, extra_model_settings, threads
 from .ports import pick_spare
-from .registry import exit_path, recorded_exit
+from .registry import ended_how, exit_path
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -95,7 +95,7 @@ def _wait_ready(alias: str, port: int, rec: dict, log_path: Path, log_from: int,
     listed, last = False, "no answer yet"
     while time.monotonic() < end:
         if not proc.alive(rec):
-            raise _Died(proc.exit_status(rec), recorded_exit(rec))
+            raise _Died(proc.exit_status(rec), ended_how(rec))
         try:
             if not listed:
                 ids = client.model_ids(timeout=5)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 from ..fsutil import atomic_write_text
+from ..tools.proc import describe_exit, exit_status
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -118,3 +119,11 @@ def recorded_exit(rec: dict | None) -> Optional[str]:
         return json.loads(exit_path(rec["config"]).read_text()).get("how")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def ended_how(rec: dict | None) -> Optional[str]:
+    """How a backend ended: its supervisor's record, else our own child's exit status; None if unknown."""
+    how = recorded_exit(rec)
+    if how is None and exit_status(rec) is not None:
+        how = describe_exit(exit_status(rec))
+    return how

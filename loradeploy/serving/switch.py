@@ -23,7 +23,7 @@ from .launch import settings_hash, spawn_worker, start_backend, last_lines
 from .ports import client_host, port_holder
 from .routes import INFO_PATH, PROXY_PATH
 from ..paths import servers_dir as run_dir, server_log_path
-from .registry import recorded_exit, read_registry, registry_entry, update_entry
+from .registry import ended_how, read_registry, registry_entry, update_entry
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -194,9 +194,7 @@ def model_state(cfg: "Config", model: str, entry: dict | None = None) -> tuple[s
         gone = [n for n, ok in (("proxy", proxy_ok), ("server", backend_ok)) if not ok]
         why = f"{' and '.join(gone)} process gone"
         if not backend_ok and entry.get("backend"):
-            how = recorded_exit(entry["backend"])
-            if how is None and proc.exit_status(entry["backend"]) is not None:
-                how = proc.describe_exit(proc.exit_status(entry["backend"]))
+            how = ended_how(entry["backend"])
             if how:
                 why += f" (server {how} in CPU mode {entry['backend'].get('cpu_mode', '?')})"
             why += f"; last log lines: {last_lines(Path(entry.get('log') or server_log_path(cfg, model)), 0)}"
