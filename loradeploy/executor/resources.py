@@ -14,6 +14,7 @@ from typing import Any, Iterable
 
 from ..errors import ResourceError
 from ..resources import GIB, MIB
+from ..merge.preflight import merge_memory
 from ..stages.base import StageContext
 
 # Ray's own resource names; everything else in a node's Resources is a custom resource (or a node:IP label).
@@ -119,13 +120,6 @@ def _strategy(ctx: StageContext) -> str:
     from ..merge import load_adapter_info, resolve_strategy
     from ..stages.merge import adapter_dir_for
     return resolve_strategy(ctx.cfg.merge.strategy, load_adapter_info(adapter_dir_for(ctx)))
-
-
-def merge_memory(strategy: str, params: int, largest: int) -> int:
-    """The merge preflight's RAM estimate (merge/preflight.plan_merge): a few tensors at a time when
-    streaming, the whole model plus a margin for the library strategies. Kept equal to it, so the
-    task's reservation is what the preflight on the node then checks against."""
-    return largest * 4 + 256 * MIB if strategy == "stream" else int(params * 2 * 1.3)
 
 
 def _upstream_size(ctx: StageContext, stage: str) -> int:

@@ -114,6 +114,12 @@ def resolve_strategy(choice: str, adapter: AdapterInfo) -> str:
     return choice
 
 
+def merge_memory(strategy: str, params: int, largest_tensor_bytes: int) -> int:
+    """RAM a merge needs: a few float32 tensors at a time when streaming, the whole 16-bit model plus
+    a margin for the library strategies (peft, unsloth). The executor reserves exactly this."""
+    return largest_tensor_bytes * 4 + 256 * 1024 ** 2 if strategy == "stream" else int(params * 2 * 1.3)
+
+
 def plan_merge(base_model: str, adapter_dir: Path, *, merge: "MergeConfig", performance: "PerformanceConfig",
                formats: list[str], work_dir: Path, log: logging.Logger, stages: Sequence[str] = ()) -> MergePlan:
     """Every check that can fail before the merge starts, from headers only. The converter preflight
@@ -130,6 +136,6 @@ def plan_merge(base_model: str, adapter_dir: Path, *, merge: "MergeConfig", perf
     need = params * 2 * (1 if path == FUSED else 2) + sum(int(params * BPW.get(f, 8) / 8) for f in formats)
     require_disk(work_dir, need, performance.min_free_disk_gb, "merge, convert and quantize")
     budget = memory_budget_bytes(performance.max_memory_gb)
-    mem = base.largest_tensor_bytes * 4 + 256 * 1024 ** 2 if strategy == "stream" else int(params * 2 * 1.3)
+    mem = merge_memory(strategy, params, base.largest_tensor_bytes)
     require_memory(mem, budget, f"the {strategy} merge")
     return MergePlan(base, adapter, strategy, path)
