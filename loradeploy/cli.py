@@ -239,7 +239,8 @@ def health(config, models, as_json):
 @json_opt
 def evaluate(config, models, samples, formats, as_json):
     """Compare models and formats on eval_samples.jsonl -> JSON + Markdown + charts."""
-    from .evaluation.runner import evaluate as run_eval, render
+    from .evaluation.report import render
+    from .evaluation.runner import evaluate as run_eval
     cfg = _load(config)
     fmts = [f.strip().upper() for f in formats.split(",")] if formats else None
     with console.RichReporter(enabled=not as_json) as rep:

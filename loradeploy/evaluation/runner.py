@@ -24,7 +24,7 @@ from ..serving.ports import pid_listening_on
 from . import metrics
 from .chat import Api
 from ..tools.procmem import gpu_memory_bytes, proc_tree_rss
-from .report import render, write_reports  # noqa: F401  (render: the CLI's table, beside the entry)
+from .report import write_reports
 from .results import EvalResult, SampleResult, TargetResult, aggregate, compare, round_opt
 from .samples import Sample, load_samples, with_system_prompt
 from .servers import temp_server
