@@ -102,7 +102,6 @@ def load_reference(base_dir: Path, adapter_dir: Path, *, device: str = "auto"):
         raise VerifyError(f"cannot load the reference (base {base_dir} + adapter {adapter_dir}): {exc}",
                           hint="the adapter must load with peft onto this base") from None
     model.eval()
-    torch.set_grad_enabled(False)
     return model, dev, str(dtype).removeprefix("torch.")
 
 
@@ -114,7 +113,14 @@ def run_reference(base_dir: Path, adapter_dir: Path, tok, cal: Calibration, out_
     t0 = time.monotonic()
     prev_threads = torch.get_num_threads()  # a process-wide setting: restored for the stages after this one
     torch.set_num_threads(threads_for(folder_bytes(base_dir), threads or prev_threads))
-    model, dev, dtype = load_reference(base_dir, adapter_dir, device=device)
+    prev_grad = torch.is_grad_enabled()  # process-wide too: training after verify (same process) needs it back
+    torch.set_grad_enabled(False)
+    try:
+        model, dev, dtype = load_reference(base_dir, adapter_dir, device=device)
+    except BaseException:
+        torch.set_grad_enabled(prev_grad)
+        torch.set_num_threads(prev_threads)
+        raise
     try:
         vocab = int(model.get_output_embeddings().weight.shape[0])
         offsets, row = [], 0
@@ -146,6 +152,7 @@ def run_reference(base_dir: Path, adapter_dir: Path, tok, cal: Calibration, out_
         del model
         gc.collect()
         torch.set_num_threads(prev_threads)
+        torch.set_grad_enabled(prev_grad)
         if dev == "cuda":
             torch.cuda.empty_cache()
     return ReferenceRun(out_path, header, offsets, vocab, signal.summary(), gens, dev, dtype,

@@ -131,6 +131,10 @@ def test_qwen2_f16_matches_the_peft_reference(qwen2_pair, tmp_path):
     info = _verify_info(res)
     _assert_f16_faithful(info)
     assert info["served_format"] == "F16"
+    import torch
+    # verify runs in this process: it must hand autograd back on (training after it, as the Ray
+    # fixture's adapters do in a fresh test cache, fails with "does not require grad" otherwise)
+    assert torch.is_grad_enabled()
 
 
 # ----------------------------------------------------------------------------- the gate guards the deploy
