@@ -87,3 +87,11 @@ def require_memory(need_bytes: int, budget_bytes: int, what: str) -> None:
             f"not enough memory for {what}: needs about {need_bytes / GIB:.2f} GiB, "
             f"{avail / GIB:.2f} GiB available (budget {budget_bytes / GIB:.2f} GiB)",
             hint="close other programs, raise performance.max_memory_gb, or use merge.strategy: stream")
+
+
+def thread_plan(n_formats: int, budget: int, parallel: int = 0) -> tuple[int, int]:
+    """(formats at once, threads each): never more busy threads than the budget."""
+    if parallel <= 0:
+        parallel = max(1, min(n_formats, budget // 4 or 1))
+    parallel = max(1, min(parallel, n_formats, budget))
+    return parallel, max(1, budget // parallel)

@@ -69,6 +69,7 @@ class ModelConfig(_Section):
     formats: Optional[list[QuantName]] = Field(None, description="override quantization.formats")
     publisher: Optional[str] = None
     enabled: bool = True
+    mode: Optional[Literal["merged", "adapter"]] = Field(None, description="override deployment.mode")
 
     @field_validator("base_model")
     @classmethod
@@ -140,8 +141,25 @@ class Config(_Section):
             self._imatrix_for(f"models.{name}.formats", m.formats)
             if self.deployment.format and self.deployment.format not in fmts:
                 raise ValueError(f"deployment.format {self.deployment.format} is not quantized for model {name}")
+            if (m.mode or self.deployment.mode) == "adapter":
+                self._adapter_mode_for(name)
         self._imatrix_for("evaluation.formats", self.evaluation.formats)
         return self
+
+    def _adapter_mode_for(self, name: str) -> None:
+        where = f"models.{name}.mode" if self.models[name].mode else "deployment.mode"
+        if self.deployment.llamacpp.backend != "llama-server":
+            raise ValueError(f"{where}: adapter mode needs deployment.llamacpp.backend: llama-server "
+                             f"(llama-cpp-python's server cannot pick an adapter per request)")
+        others = [t for t in self.deployment.targets if t != "llamacpp"]
+        if others:
+            raise ValueError(f"{where}: adapter mode serves through llama-server only, and {', '.join(others)} "
+                             f"cannot load a LoRA adapter at run time; use mode: merged for model {name} "
+                             f"or deployment.targets: [llamacpp]")
+        if self.quantization.imatrix == "auto":
+            raise ValueError(f"{where}: adapter mode quantizes one base for every adapter on it, and "
+                             f"quantization.imatrix: auto would weigh it by one adapter's calibration; give an "
+                             f"imatrix file of the base, or use mode: merged for model {name}")
 
     def _imatrix_for(self, where: str, formats: Optional[list[str]]) -> None:
         # quantization.formats is checked in its section; these keys cannot see quantization.imatrix there
@@ -163,6 +181,10 @@ class Config(_Section):
 
     def formats_for(self, name: str) -> list[str]:
         return list(self.models[name].formats or self.quantization.formats)
+
+    def mode_for(self, name: str) -> str:
+        """merged | adapter: how the model's adapter reaches its server."""
+        return self.models[name].mode or self.deployment.mode
 
     def serve_format_for(self, name: str) -> str:
         fmts = self.formats_for(name)

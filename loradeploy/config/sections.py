@@ -166,6 +166,9 @@ class DeploymentConfig(_Section):
     backups_dir: Optional[RelPath] = Field(None, description="default: models_dir/backups")
     keep_backups: int = Field(3, ge=0)
     format: Optional[QuantName] = Field(None, description="format to serve; default quantization.primary_format")
+    mode: Literal["merged", "adapter"] = Field(
+        "merged", description="merged: the adapter merged into its own GGUF; adapter: one quantized base per base "
+                              "model, each adapter applied at run time by a shared llama-server (models.X.mode overrides)")
     llamacpp: LlamaCppServerConfig = Field(default_factory=LlamaCppServerConfig)
     lmstudio: LMStudioConfig = Field(default_factory=LMStudioConfig)
     ollama: OllamaConfig = Field(default_factory=OllamaConfig)

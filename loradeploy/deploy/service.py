@@ -11,11 +11,11 @@ from ..errors import DeployError, InputError
 from ..fsutil import remove_path, sha256_file
 from ..gguf import check_gguf
 from ..serving import registry_entry
-from ..serving.switch import switch
 from ..serving.registry import model_names, update_entry
 from ..state import ModelLock, RunRecord
 from . import versions
 from .targets import deploy_targets
+from .targets.llamacpp import serve_version
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -24,8 +24,10 @@ Progress = Callable[[str, float, float], None]
 
 
 def deploy_file(cfg: "Config", model: str, gguf: Path, *, fmt: Optional[str] = None, sha256: Optional[str] = None,
-                progress: Optional[Progress] = None, log=None) -> dict:
+                base: Optional[tuple[Path, str]] = None, progress: Optional[Progress] = None, log=None) -> dict:
     """Validate, place as a version, switch every target, then back up what it replaced.
+
+    ``base`` (GGUF path, sha256): adapter mode; ``gguf`` is then the LoRA GGUF served on that base.
 
     The caller holds the model's lock (the pipeline's run lock, or deploy_model's own). A failed
     target leaves the previous version serving and the new one discarded.
@@ -35,12 +37,16 @@ def deploy_file(cfg: "Config", model: str, gguf: Path, *, fmt: Optional[str] = N
     if not gguf.is_file():
         raise InputError(f"GGUF {gguf} does not exist", hint="run the quantize stage or give an existing file")
     report = check_gguf(gguf)
+    if base is not None:
+        base_report = check_gguf(base[0])
+        fmt = fmt or base_report.quant or base_report.file_type_name or "unknown"
     fmt = fmt or report.quant or report.file_type_name or "unknown"
     sha256 = sha256 or sha256_file(gguf)
     base_version = cfg.models[model].version
-    version_id = versions.choose_id(cfg, model, base_version, sha256)
+    version_id = versions.choose_id(cfg, model, base_version, sha256, base[1] if base else None)
     was_live = versions.live_version(cfg, model)
-    version = versions.place(cfg, model, gguf, version=version_id, base_version=base_version, fmt=fmt, sha256=sha256)
+    version = versions.place(cfg, model, gguf, version=version_id, base_version=base_version, fmt=fmt, sha256=sha256,
+                             base=base)
     if log:
         log.info("deploying %s %s (%s, sha256 %s) to %s", model, version.version, fmt, sha256[:12],
                  ", ".join(cfg.deployment.targets))
@@ -117,15 +123,16 @@ def serve_start(cfg: "Config", models: Optional[Sequence[str]] = None) -> list[d
         with ModelLock(cfg.pipeline.state_dir, name, purpose="serve start"):
             entry = registry_entry(cfg, name)
             live = versions.live_version(cfg, name)
-            if live is not None:
-                gguf, version, fmt, sha = live.path, live.version, live.format, live.sha256
-            elif entry and entry.get("gguf") and Path(entry["gguf"]).is_file():
-                gguf, version, fmt, sha = Path(entry["gguf"]), entry["version"], entry["format"], entry["sha256"]
-            else:
+            if live is None and entry and entry.get("gguf") and Path(entry["gguf"]).is_file():
+                live = versions.Version(name, entry["version"], entry["version"], entry["format"], entry["sha256"],
+                                        Path(entry["gguf"]).name, 0.0, Path(entry["gguf"]).parent,
+                                        mode=entry.get("mode") or "merged", base_path=entry.get("base_gguf"),
+                                        base_sha256=entry.get("base_sha256"))
+            if live is None:
                 raise DeployError(f"model {name} has no deployed version to serve",
                                   hint=f"run `loradeploy run --model {name}` or `loradeploy deploy --model {name}`")
             if entry and entry.get("state") == "stopped":
                 update_entry(cfg, name, state="starting")
-            info = switch(cfg, name, gguf=gguf, version=version, fmt=fmt, sha256=sha)
-            out.append({"model": name, "version": version, **info})
+            info = serve_version(cfg, name, live)
+            out.append({"model": name, "version": live.version, **info})
     return out

@@ -42,6 +42,10 @@ class Version:
     deployed_at: float
     dir: Path = field(default=Path("."), compare=False)
     backed_up_at: Optional[float] = None
+    # adapter mode: ``file`` is the LoRA GGUF, served on this base GGUF (shared by every adapter on it)
+    mode: str = "merged"
+    base_path: Optional[str] = None
+    base_sha256: Optional[str] = None
 
     @property
     def path(self) -> Path:
@@ -72,7 +76,8 @@ def _load(d: Path) -> Version | None:
         data = json.loads((d / META).read_text())
         return Version(dir=d, **{k: data[k] for k in ("model", "version", "base_version", "format", "sha256",
                                                          "file", "deployed_at")},
-                       backed_up_at=data.get("backed_up_at"))
+                       backed_up_at=data.get("backed_up_at"), mode=data.get("mode", "merged"),
+                       base_path=data.get("base_path"), base_sha256=data.get("base_sha256"))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -87,7 +92,7 @@ def live_version(cfg: "Config", model: str) -> Version | None:
     if not link.is_symlink():
         return None
     v = _load(model_dir(cfg, model) / os.readlink(link))
-    return v if v is not None and v.path.is_file() else None
+    return v if v is not None and v.path.is_file() and (v.mode != "adapter" or Path(v.base_path).is_file()) else None
 
 
 def backups(cfg: "Config", model: str) -> list[Version]:
@@ -99,13 +104,13 @@ def backups(cfg: "Config", model: str) -> list[Version]:
     return sorted(found, key=lambda v: (v.backed_up_at or 0, v.dir.name), reverse=True)
 
 
-def choose_id(cfg: "Config", model: str, base_version: str, sha256: str) -> str:
+def choose_id(cfg: "Config", model: str, base_version: str, sha256: str, base_sha256: Optional[str] = None) -> str:
     """The configured version name, unless that name already stands for other bytes: then the
     name plus a UTC timestamp. The same name and bytes as a known version reuse its id."""
     known = [v for v in [live_version(cfg, model), *backups(cfg, model),
                          _load(model_dir(cfg, model) / base_version)] if v is not None]
     for v in known:
-        if v.base_version == base_version and v.sha256 == sha256:
+        if v.base_version == base_version and v.sha256 == sha256 and v.base_sha256 == base_sha256:
             return v.version
     if any(v.version == base_version for v in known):
         return f"{base_version}-{_stamp()}"
@@ -121,14 +126,36 @@ def _link_or_copy(src: Path, dst: Path) -> str:
         return "copy"
 
 
+def place_base(cfg: "Config", src: Path, sha256: str, fmt: str) -> Path:
+    """Adapter mode's base GGUF under models_dir/_bases/<sha256[:16]>/ (once per base, whatever
+    the number of adapters on it), so cleaning the work folder never pulls it from under a server."""
+    dst = Path(cfg.deployment.models_dir) / "_bases" / sha256[:16] / f"base-{fmt.lower()}.gguf"
+    if dst.is_file():
+        return dst
+    try:
+        with atomic_output(dst) as tmp:
+            _link_or_copy(Path(src), tmp)
+    except OSError as exc:
+        raise DeployError(f"cannot place base {Path(src).name} in {dst.parent}: {exc.strerror or exc}",
+                          hint="check deployment.models_dir is writable and has space") from None
+    return dst
+
+
 def place(cfg: "Config", model: str, src: Path, *, version: str, base_version: str, fmt: str,
-          sha256: str) -> Version:
-    """Put ``src`` into models_dir/<model>/<version>/ (reused when it already holds these bytes)."""
+          sha256: str, base: Optional[tuple[Path, str]] = None) -> Version:
+    """Put ``src`` into models_dir/<model>/<version>/ (reused when it already holds these bytes).
+    ``base`` (path, sha256): adapter mode, ``src`` is the LoRA GGUF applied to that base."""
     d = model_dir(cfg, model) / version
     existing = _load(d)
-    if existing is not None and existing.sha256 == sha256 and existing.path.is_file():
+    base_sha = base[1] if base else None
+    if existing is not None and existing.sha256 == sha256 and existing.path.is_file() and \
+            existing.base_sha256 == base_sha:
         return existing
-    v = Version(model, version, base_version, fmt, sha256, f"{model}_{version}-{fmt.lower()}.gguf", time.time(), d)
+    extra = {}
+    if base:
+        extra = {"mode": "adapter", "base_path": str(place_base(cfg, base[0], base[1], fmt)), "base_sha256": base_sha}
+    name = f"{model}_{version}-{'lora-on-' if base else ''}{fmt.lower()}.gguf"
+    v = Version(model, version, base_version, fmt, sha256, name, time.time(), d, **extra)
     try:
         with atomic_output(d, is_dir=True) as tmp:
             _link_or_copy(Path(src), tmp / v.file)

@@ -136,7 +136,8 @@ class _TargetRun:
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.t.label)
         log_path = Path(self.cfg.logging.log_dir) / self.t.model / f"eval-server-{safe}.log"
         try:
-            with temp_server(self.cfg, Path(self.t.gguf_path), safe, log_path) as srv:
+            lora = Path(self.t.lora_path) if self.t.lora_path else None
+            with temp_server(self.cfg, Path(self.t.gguf_path), safe, log_path, lora=lora) as srv:
                 # the mode as the runtime decision states it; nothing is inferred from safe_mode
                 self.runtime = getattr(srv, "runtime", None)
                 rows, err = self._serve(srv.url, srv.pid)
@@ -162,7 +163,7 @@ class _TargetRun:
                 size = os.path.getsize(self.t.gguf_path)
         mib = lambda b: round_opt(b / 2**20, 1) if b else None  # noqa: E731
         agg["memory"] = {"rss_mib": mib(self.peak_rss), "gpu_mib": mib(gpu) if gpu is not None else None,
-                         "file_mib": mib(size), "pid": self.pid}
+                         "file_mib": mib(size), "pid": self.pid, "mode": self.t.mode}
         tr.aggregates = agg
         tr.error = err
         tr.runtime = self.runtime

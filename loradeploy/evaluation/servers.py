@@ -23,11 +23,12 @@ def free_port(lo: int = 20000, hi: int = 20999) -> int:
 
 
 @contextlib.contextmanager
-def temp_server(cfg: Config, gguf: Path, alias: str, log_path: Path) -> Iterator[TempServer]:
-    """Serve ``gguf`` on a free loopback port for the duration of the block."""
+def temp_server(cfg: Config, gguf: Path, alias: str, log_path: Path, lora: Path | None = None) -> Iterator[TempServer]:
+    """Serve ``gguf`` (with the LoRA GGUF ``lora`` applied, adapter mode) on a free loopback port for
+    the duration of the block."""
     with contextlib.ExitStack() as stack:
         try:
-            srv = stack.enter_context(launch.temp_server(cfg, Path(gguf), alias, log_path))
+            srv = stack.enter_context(launch.temp_server(cfg, Path(gguf), alias, log_path, lora=lora))
         except (ServingError, InputError) as exc:
             raise EvalError(exc.message, hint=exc.hint) from None
         yield srv

@@ -26,6 +26,8 @@ class EvalTarget:
     sha256: Optional[str] = None
     version: Optional[str] = None
     system_prompt: Optional[str] = None  # added to samples without a system message (as deploy does)
+    lora_path: Optional[str] = None    # adapter mode: the LoRA GGUF applied to gguf_path
+    mode: str = "merged"               # merged | adapter
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,7 +75,13 @@ def build_targets(cfg: Config, models: Optional[Sequence[str]] = None,
                                    live=True, sha256=ep.sha256, version=ep.version, system_prompt=sp))
             covered.add(ep.format)
         rec = RunRecord.load(cfg.pipeline.state_dir, name)
-        for a in rec.artifacts("quantize", "gguf"):
+        mode = cfg.mode_for(name)
+        lora = next(iter(rec.artifacts("convert", "lora")), None) if mode == "adapter" else None
+        if mode == "adapter" and lora is None:
+            notes.append(f"{name}: adapter mode, but no LoRA GGUF recorded; its quantized base is not evaluated")
+        for row in rows:
+            row.mode = mode
+        for a in rec.artifacts("quantize", "gguf") if mode == "merged" or lora else ():
             fmt = a.format
             if fmt in covered or (fmts and fmt not in fmts):
                 continue
@@ -81,7 +89,8 @@ def build_targets(cfg: Config, models: Optional[Sequence[str]] = None,
                 notes.append(f"{name} {fmt}: quantized file {a.path} is missing; skipped")
                 continue
             rows.append(EvalTarget(f"{name} {fmt}", name, fmt, gguf_path=a.path, n_ctx=n_ctx,
-                                   sha256=a.sha256, version=cfg.models[name].version, system_prompt=sp))
+                                   sha256=a.sha256, version=cfg.models[name].version, system_prompt=sp,
+                                   lora_path=lora.path if lora else None, mode=mode))
             covered.add(fmt)
         if fmts:
             for f in fmts:

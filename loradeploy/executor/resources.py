@@ -157,7 +157,7 @@ def _gpus(ctx: StageContext, nodes: list[Node]) -> float:
 
 
 def request_for(ctx: StageContext, stage: str, nodes: list[Node]) -> Request:
-    from ..stages.quantize import thread_plan
+    from ..resources import thread_plan
 
     cfg = ctx.cfg
     budget = cpu_budget(ctx, nodes)

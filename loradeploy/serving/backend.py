@@ -55,7 +55,8 @@ def run_backend(conf: dict) -> int:
     model = ModelSettings(model=conf["gguf"], model_alias=conf["alias"], n_ctx=conf["n_ctx"],
                           n_threads=conf["threads"], n_threads_batch=conf["threads"],
                           n_gpu_layers=conf["n_gpu_layers"], n_batch=conf["n_batch"], chat_format=None,
-                          verbose=True, **conf.get("model_extra", {}))
+                          verbose=True, **({"lora_path": conf["lora_path"]} if conf.get("lora_path") else {}),
+                          **conf.get("model_extra", {}))
     # verbose=True only stops llama-cpp-python from muting stdout/stderr while loading; what
     # llama.cpp logs is filtered by _quiet_llama.
     _quiet_llama(bool(conf.get("verbose", False)))

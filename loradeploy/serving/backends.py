@@ -53,8 +53,13 @@ def extra_model_settings(args: Sequence[str]) -> dict:
     return out
 
 
-def llama_server_argv(cfg: "Config", alias: str, gguf: Path, port: int, mode: runtime.Mode) -> list[str]:
-    """llama-server's command line for one model on a loopback port in the decided CPU mode."""
+def llama_server_argv(cfg: "Config", alias: str, gguf: Path, port: int, mode: runtime.Mode,
+                      loras: Sequence[Path] = (), per_request: bool = True) -> list[str]:
+    """llama-server's command line for one model on a loopback port in the decided CPU mode.
+
+    ``loras`` (adapter mode) are loaded at start, ids 0.. in this order; ``per_request``: each at
+    scale 0 until a request names it in its ``lora`` field (the proxy of each model's port adds
+    that), else all applied at scale 1 (evaluation's one-adapter servers)."""
     from ..llamacpp.tools import tool
 
     s = cfg.deployment.llamacpp
@@ -72,18 +77,28 @@ def llama_server_argv(cfg: "Config", alias: str, gguf: Path, port: int, mode: ru
     if not mode.extra_bufts:
         # The flag that clears common_params.no_extra_bufts' default: no repacked/AMX weight buffers.
         argv.append("--no-repack")
+    for lora in loras:
+        argv += ["--lora", str(lora)]
+    if loras and per_request:
+        argv.append("--lora-init-without-apply")
     return argv + list(s.extra_args)
 
 
 def backend_conf(cfg: "Config", alias: str, gguf: Path, port: int, mode: runtime.Mode, *,
-                 extra: Optional[dict], version: str, fmt: str, sha256: str) -> dict:
+                 extra: Optional[dict], version: str, fmt: str, sha256: str, loras: Sequence[Path] = (),
+                 per_request: bool = True) -> dict:
     """The worker config: what is served (for logs and status) and, for llama-server, its argv."""
     s = cfg.deployment.llamacpp
     conf = {"kind": s.backend, "alias": alias, "version": version, "format": fmt, "sha256": sha256,
             "gguf": str(gguf), "host": "127.0.0.1", "port": port, "cpu_mode": mode.describe(),
-            "extra_bufts": mode.extra_bufts}
+            "extra_bufts": mode.extra_bufts, "loras": [str(p) for p in loras]}
     if s.backend == "llama-server":
-        conf["argv"] = llama_server_argv(cfg, alias, gguf, port, mode)
+        conf["argv"] = llama_server_argv(cfg, alias, gguf, port, mode, loras, per_request)
+    elif len(loras) > 1 or loras and per_request:
+        raise InputError("adapter mode needs llama-server: llama-cpp-python's server cannot switch adapters "
+                         "per request", hint="set deployment.llamacpp.backend: llama-server")
+    elif loras:
+        conf["lora_path"] = str(loras[0])
     else:
         conf.update(n_ctx=s.n_ctx, threads=threads(cfg), n_gpu_layers=s.n_gpu_layers, n_batch=s.n_batch,
                     model_extra=extra or {})

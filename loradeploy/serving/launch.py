@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 from ..errors import HttpError, InputError, ServingError
 from ..fsutil import atomic_write_text
@@ -122,7 +122,8 @@ class _Died(Exception):
 
 
 def start_backend(cfg: "Config", alias: str, gguf: Path, *, log_path: Path, conf_dir: Path,
-                  taken: set[int] = frozenset(), version: str = "", fmt: str = "", sha256: str = "") -> Started:
+                  taken: set[int] = frozenset(), version: str = "", fmt: str = "", sha256: str = "",
+                  loras: Sequence[Path] = (), lora_per_request: bool = True) -> Started:
     """Start a backend serving ``gguf`` as ``alias`` on a spare loopback port and wait until it is ready.
 
     A backend that dies while starting is reported with how it died and its last log lines. When
@@ -131,15 +132,17 @@ def start_backend(cfg: "Config", alias: str, gguf: Path, *, log_path: Path, conf
     """
     s = cfg.deployment.llamacpp
     gguf = Path(gguf)
-    if not gguf.is_file():
-        raise InputError(f"GGUF {gguf} not found", hint="quantize or deploy it first")
+    for f in (gguf, *map(Path, loras)):
+        if not f.is_file():
+            raise InputError(f"GGUF {f} not found", hint="quantize or deploy it first")
     extra = extra_model_settings(s.extra_args) if s.backend == "python" else None
     mode = runtime.decide()
     taken = set(taken)
     attempts: list[str] = []
     for _ in range(4):
         port = pick_spare(s.spare_port_range, taken)
-        conf = backend_conf(cfg, alias, gguf, port, mode, extra=extra, version=version, fmt=fmt, sha256=sha256)
+        conf = backend_conf(cfg, alias, gguf, port, mode, extra=extra, version=version, fmt=fmt, sha256=sha256,
+                            loras=loras, per_request=lora_per_request)
         log_from = log_path.stat().st_size if log_path.exists() else 0
         t0 = time.monotonic()
         rec = spawn_worker("backend", conf, conf_dir / f"backend-{port}.json", log_path)
@@ -177,9 +180,12 @@ class TempServer:
 
 
 @contextlib.contextmanager
-def temp_server(cfg: "Config", gguf: Path, alias: str, log_path: Path) -> Iterator[TempServer]:
-    """Serve ``gguf`` on a free loopback port for the duration of the block (evaluation's servers)."""
-    started = start_backend(cfg, alias, Path(gguf), log_path=log_path, conf_dir=log_path.parent)
+def temp_server(cfg: "Config", gguf: Path, alias: str, log_path: Path,
+                lora: Optional[Path] = None) -> Iterator[TempServer]:
+    """Serve ``gguf`` (with ``lora`` applied, adapter mode) on a free loopback port for the duration
+    of the block (evaluation's servers)."""
+    started = start_backend(cfg, alias, Path(gguf), log_path=log_path, conf_dir=log_path.parent,
+                            loras=[Path(lora)] if lora else (), lora_per_request=False)
     try:
         yield TempServer(started.url, started.record["pid"], started.mode.as_dict(), started.record)
     finally:

@@ -5,7 +5,13 @@ no client ever sees a refused or cut connection. With an api key configured, eve
 
 What is the same for every kind of backend lives here, once: ``/loradeploy/info`` (what the port
 serves, from the control file the switch writes) and the model's system-prompt rule on
-``POST /v1/chat/completions`` (llama-server has neither)."""
+``POST /v1/chat/completions`` (llama-server has neither).
+
+In adapter mode (the control file names a ``lora`` selection) several ports share one llama-server
+that holds every adapter on one base: the proxy writes its model's ``lora`` selection into every
+generation request (a client cannot pick another model's adapter through this port), answers
+``/v1/models`` with its own model, and refuses ``POST /lora-adapters`` (it would change the
+adapters' global scales under every other port)."""
 from __future__ import annotations
 
 import asyncio
@@ -24,7 +30,11 @@ HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authent
               b"proxy-authorization", b"te", b"trailer", b"upgrade", b"expect"}
 MAX_HEAD = 64 * 1024
 CHAT_PATH = b"/v1/chat/completions"
-INFO_KEYS = ("version", "format", "sha256", "gguf", "backend", "backend_port", "switched_at")
+# Every llama-server route that generates: in adapter mode each gets the port's lora selection.
+GEN_PATHS = {b"/v1/chat/completions", b"/chat/completions", b"/v1/completions", b"/completions",
+             b"/completion", b"/infill"}
+INFO_KEYS = ("version", "format", "sha256", "gguf", "backend", "backend_port", "switched_at", "mode", "base_gguf",
+             "base_sha256", "lora")
 
 
 def _log(msg: str) -> None:
@@ -33,19 +43,23 @@ def _log(msg: str) -> None:
 
 # ----------------------------------------------------------------------------- system prompt rule
 
-def apply_system_prompt(body: bytes, prompt: str) -> bytes:
-    """Give a chat request without a system message the configured one; keep a request's own."""
+def apply_system_prompt(body: bytes, prompt: str, lora: list | None = None) -> bytes:
+    """Give a chat request without a system message the configured one (keep a request's own), and
+    in adapter mode set the port's ``lora`` selection, whatever the request asked for."""
     try:
         data = json.loads(body)
     except ValueError:
         return body  # let the server answer the malformed request with its own error
-    msgs = data.get("messages") if isinstance(data, dict) else None
-    if not prompt or not isinstance(msgs, list):
+    if not isinstance(data, dict):
         return body
-    if any(isinstance(m, dict) and m.get("role") in ("system", "developer") for m in msgs):
-        return body
-    data["messages"] = [{"role": "system", "content": prompt}, *msgs]
-    return json.dumps(data).encode()
+    changed = False
+    if lora is not None:
+        data["lora"], changed = lora, True
+    msgs = data.get("messages")
+    if prompt and isinstance(msgs, list) and not any(
+            isinstance(m, dict) and m.get("role") in ("system", "developer") for m in msgs):
+        data["messages"], changed = [{"role": "system", "content": prompt}, *msgs], True
+    return json.dumps(data).encode() if changed else body
 
 
 # ----------------------------------------------------------------------------- front proxy
@@ -246,8 +260,24 @@ class Proxy:
             cwriter.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = None
         prompt = self.serving.get("system_prompt") or ""
-        if prompt and method == b"POST" and path.rstrip(b"/") == CHAT_PATH:
-            body = apply_system_prompt(await _read_body(creader, *_framing(headers)), prompt)
+        lora = self.serving.get("lora")
+        route = path.rstrip(b"/")
+        if lora is not None and (route == b"/v1/models" or route == b"/lora-adapters" and method == b"POST"):
+            await _read_body(creader, *_framing(headers))
+            if route == b"/v1/models":
+                obj = {"object": "list", "data": [{"id": self.conf.get("alias"), "object": "model",
+                                                   "owned_by": "loradeploy", "created": int(self.serving.get(
+                                                       "switched_at") or 0)}]}
+                cwriter.write(_json_reply(b"200 OK", obj, keep))
+            else:
+                msg = (b'{"error":{"message":"this port serves one adapter of a shared server: its adapters '
+                       b'are set by loradeploy deploy","type":"invalid_request_error"}}')
+                cwriter.write(_json_reply(b"403 Forbidden", msg, keep))
+            await cwriter.drain()
+            return keep
+        if method == b"POST" and (prompt and route == CHAT_PATH or lora is not None and route in GEN_PATHS):
+            body = apply_system_prompt(await _read_body(creader, *_framing(headers)),
+                                       prompt if route == CHAT_PATH else "", lora)
             headers = [(k, v) for k, v in headers if k.lower() not in (b"content-length", b"transfer-encoding")]
             headers.append((b"content-length", str(len(body)).encode()))
         kind, length = _framing(headers)

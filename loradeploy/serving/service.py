@@ -9,6 +9,7 @@ from ..tools import proc
 from .launch import log_tail
 from ..paths import server_log_path
 from .registry import model_names, read_registry, registry_entry, update_entry
+from .shared import release_member
 from .switch import model_state
 
 if TYPE_CHECKING:
@@ -27,10 +28,17 @@ def serve_stop(cfg: "Config", models: Optional[Sequence[str]] = None) -> list[di
             continue
         with ModelLock(cfg.pipeline.state_dir, name, purpose="serve stop"):
             was = proc.alive(entry.get("proxy")) or proc.alive(entry.get("backend"))
-            for key in ("proxy", "backend", "pending_backend"):
-                proc.stop(entry.get(key))
-            update_entry(cfg, name, state="stopped", stopped_at=time.time())
-            out.append({"model": name, "stopped": was})
+            shared = None
+            if entry.get("group"):  # adapter mode: the base's server stops with its last model
+                proc.stop(entry.get("proxy"))
+                update_entry(cfg, name, state="stopped", stopped_at=time.time())
+                shared = release_member(cfg, name, entry["group"])
+                update_entry(cfg, name, group=entry["group"])  # serve start rejoins it
+            else:
+                for key in ("proxy", "backend", "pending_backend"):
+                    proc.stop(entry.get(key))
+                update_entry(cfg, name, state="stopped", stopped_at=time.time())
+            out.append({"model": name, "stopped": was, **({"shared_server": shared} if shared else {})})
     return out
 
 

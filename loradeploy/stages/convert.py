@@ -13,7 +13,9 @@ from ..merge import FUSED, TWO_STEP, fused_convert, resolve_base
 from ..state import RunRecord
 from ..tools import converter
 from .base import Artifact, StageContext, StageResult
-from .merge import merge_inputs, plan_for, plan_info
+from .merge import adapter_dir_for, merge_inputs, plan_for, plan_info
+
+ADAPTER = "adapter"  # adapter mode: no merge; the base and a LoRA GGUF
 
 
 def validate(path: Path, log) -> dict:
@@ -28,7 +30,10 @@ class ConvertStage:
     name = "convert"
 
     def _path(self, ctx: StageContext) -> str:
-        """Which path the merge stage chose: its record says fused, or it left a merged folder."""
+        """Which path the merge stage chose: its record says fused, or it left a merged folder
+        (adapter mode: the base and the adapter are converted apart)."""
+        if ctx.cfg.mode_for(ctx.model_name) == "adapter":
+            return ADAPTER
         if RunRecord(ctx.state_dir, ctx.model_name, {"stages": ctx.upstream}).info("merge").get("fused"):
             return FUSED
         self._merged(ctx)
@@ -49,7 +54,10 @@ class ConvertStage:
 
     def inputs(self, ctx: StageContext) -> dict:
         path = self._path(ctx)
-        src = {"merge": merge_inputs(ctx)} if path == FUSED else {"merged": self._merged(ctx).sha256}
+        src = {"merge": merge_inputs(ctx)} if path in (FUSED, ADAPTER) else {"merged": self._merged(ctx).sha256}
+        if path == ADAPTER:
+            from ..llamacpp.runtime import llama_cpp_version
+            src["lora_converter"] = llama_cpp_version()  # convert_lora_to_gguf.py comes with llama-cpp-python
         return {"path": path, **src, "outtype": ctx.cfg.quantization.convert_type,
                 "converter": converter.converter_version(), "base_gguf": self._base_type(ctx),
                 "base": ctx.model.base_model if self._base_type(ctx) else None}
@@ -58,6 +66,8 @@ class ConvertStage:
         outtype = ctx.cfg.quantization.convert_type
         out = ctx.paths.gguf(outtype.upper())
         name = f"{ctx.model_name}-{ctx.model.version}"
+        if self._path(ctx) == ADAPTER:
+            return self._adapter(ctx, outtype)
         if self._path(ctx) == FUSED:
             plan = plan_for(ctx)
             ctx.progress(f"merging into {outtype.upper()}", 0, 0)
@@ -89,3 +99,34 @@ class ConvertStage:
             arts.append(Artifact.of(base_out, "base_gguf", base_type.upper(), sha256=written["sha256"]))
             info["base_gguf"] = str(base_out)
         return StageResult(arts, info)
+
+    def _adapter(self, ctx: StageContext, outtype: str) -> StageResult:
+        """Adapter mode: the base once per base (shared by every adapter on it), and this model's
+        adapter as a LoRA GGUF."""
+        from ..lora import convert_adapter, shared_base
+        from ..state import inputs_hash
+
+        base_dir, out = resolve_base(ctx.model.base_model), ctx.paths.gguf(outtype.upper())
+        key = inputs_hash({"base": merge_inputs(ctx)["base_files"], "outtype": outtype,
+                           "converter": converter.converter_version()})
+        with shared_base.locked(out.parent):
+            hit = shared_base.recall(out.parent, "convert", key)
+            if hit:
+                ctx.log.info("base %s: %s already converted by model %s", base_dir.name, out.name, hit["model"])
+                sha, info = hit["files"][0]["sha256"], {**hit["info"], "base_from": hit["model"]}
+            else:
+                ctx.progress(f"converting the base model to {outtype.upper()} (once per base)", 0, 0)
+                with atomic_output(out) as tmp:
+                    written = converter.write_gguf(base_dir, tmp, outtype=outtype, model_name=base_dir.name,
+                                                   log=ctx.log)
+                    info = {"path": ADAPTER, **written, **validate(tmp, ctx.log)}
+                sha = info.pop("sha256")
+                shared_base.remember(out.parent, "convert", key, [{"path": out, "sha256": sha}], info, ctx.model_name)
+        ctx.progress("converting the adapter to a LoRA GGUF", 0, 0)
+        lora = convert_adapter(adapter_dir_for(ctx), base_dir, ctx.paths.lora, outtype="f16", log_path=ctx.log_path)
+        arts = [Artifact.of(out, "gguf", outtype.upper(), sha256=sha),
+                Artifact.of(ctx.paths.lora, "lora", "F16", sha256=lora["sha256"])]
+        if self._base_type(ctx):
+            info["base_gguf"] = str(out)  # evaluation's base row: the very base the adapters run on
+        return StageResult(arts, {**info, "path": ADAPTER, "mode": "adapter", "base_gguf_shared": str(out),
+                                  "lora": {k: v for k, v in lora.items() if k != "sha256"}})

@@ -24,6 +24,15 @@ class DeployStage:
                              hint="run the quantize stage (deployment.format must be one of the quantized formats)")
         return art
 
+    def _lora(self, ctx: StageContext) -> Artifact | None:
+        if ctx.cfg.mode_for(ctx.model_name) != "adapter":
+            return None
+        lora = next(iter(ctx.upstream_artifacts("convert", "lora")), None)
+        if lora is None:
+            raise InputError(f"model {ctx.model_name} is in adapter mode but has no LoRA GGUF",
+                             hint="run the convert stage first (loradeploy run --model NAME)")
+        return lora
+
     def _gate(self, ctx: StageContext) -> tuple[str, dict]:
         """The format to serve: the configured one, or what the verify gate chose when it ran.
 
@@ -53,7 +62,9 @@ class DeployStage:
         llamacpp = d.llamacpp.model_dump(mode="json", exclude={"api_key"})
         llamacpp["api_key_set"] = d.llamacpp.api_key is not None  # a new key restarts nothing by itself
         fmt, gate = self._gate(ctx)
+        lora = self._lora(ctx)
         inputs = {"gguf": self._find(ctx, fmt).sha256, "format": fmt,
+                  **({"mode": "adapter", "lora": lora.sha256} if lora else {}),
                   "version": m.version, "port": m.port, "system_prompt": m.system_prompt,
                   "targets": list(d.targets), "models_dir": str(d.models_dir), "llamacpp": llamacpp}
         if gate:  # only with a verify record, so deploys without verify keep their inputs hash
@@ -68,9 +79,13 @@ class DeployStage:
         fmt, gate = self._gate(ctx)
         if gate.get("verdict") in ("warned", "fallback"):
             ctx.log.warning("verify: %s", gate["reason"])
-        art = self._find(ctx, fmt)
-        info = deploy_file(ctx.cfg, ctx.model_name, Path(art.path), fmt=art.format, sha256=art.sha256,
-                           progress=ctx.progress, log=ctx.log)
+        art, lora = self._find(ctx, fmt), self._lora(ctx)
+        if lora is not None:  # adapter mode: the LoRA GGUF is the version, served on the shared base
+            info = deploy_file(ctx.cfg, ctx.model_name, Path(lora.path), fmt=art.format, sha256=lora.sha256,
+                               base=(Path(art.path), art.sha256), progress=ctx.progress, log=ctx.log)
+        else:
+            info = deploy_file(ctx.cfg, ctx.model_name, Path(art.path), fmt=art.format, sha256=art.sha256,
+                               progress=ctx.progress, log=ctx.log)
         deployed = Artifact.of(Path(info["path"]), "deployment", art.format, sha256=info["sha256"])
         if gate:
             info["verify"] = gate

@@ -33,6 +33,10 @@ def merge_inputs(ctx: StageContext) -> dict:
     adir = adapter_dir_for(ctx)
     fetched = {a.path: a.sha256 for a in ctx.upstream_artifacts("fetch", "adapter")}
     m = ctx.cfg.merge
+    if ctx.cfg.mode_for(ctx.model_name) == "adapter":  # nothing merged: the adapter and base as they are
+        return {"mode": "adapter", "base": ctx.model.base_model,
+                "base_files": stat_fingerprint(resolve_base(ctx.model.base_model)),
+                "adapter": fetched or stat_fingerprint(adir)}
     return {"base": ctx.model.base_model, "base_files": stat_fingerprint(resolve_base(ctx.model.base_model)),
             "adapter": fetched or stat_fingerprint(adir), "strategy": m.strategy, "dtype": m.dtype,
             "device": m.device, "save_merged_hf": m.save_merged_hf,
@@ -62,6 +66,14 @@ class MergeStage:
         return merge_inputs(ctx)
 
     def run(self, ctx: StageContext) -> StageResult:
+        if ctx.cfg.mode_for(ctx.model_name) == "adapter":
+            from ..lora import check_adapter
+            lp = check_adapter(adapter_dir_for(ctx), resolve_base(ctx.model.base_model))
+            ctx.log.info("adapter mode: nothing merged; the adapter (rank %d, scale %.4g%s) is applied at run time",
+                         lp.rank, lp.scale, ", rsLoRA" if lp.use_rslora else "")
+            return StageResult([], {"mode": "adapter", "fused": False, "rank": lp.rank, "alpha": lp.alpha,
+                                    "use_rslora": lp.use_rslora, "scale": lp.scale,
+                                    "target_modules": list(lp.target_modules)})
         plan = plan_for(ctx)
         base, adapter = plan.base, plan.adapter
         if plan.path == FUSED:

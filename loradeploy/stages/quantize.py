@@ -8,21 +8,14 @@ from pathlib import Path
 from ..errors import InputError, QuantizeError
 from ..fsutil import atomic_output
 from ..llamacpp import runtime
+from ..lora.shared_base import once
 from ..quantize import ENGINE_VERSION, FORMATS, Options, TensorCache, cache_dir, quantize_formats, why_unsupported
 from ..quantize import imatrix as imx
 from ..quantize.cache import trim
-from ..resources import cpu_budget
+from ..resources import cpu_budget, thread_plan
 from .base import Artifact, StageContext, StageResult
 from .convert import validate
 from .merge import adapter_dir_for
-
-
-def thread_plan(n_formats: int, budget: int, parallel: int = 0) -> tuple[int, int]:
-    """(formats at once, threads each): never more busy threads than the budget."""
-    if parallel <= 0:
-        parallel = max(1, min(n_formats, budget // 4 or 1))
-    parallel = max(1, min(parallel, n_formats, budget))
-    return parallel, max(1, budget // parallel)
 
 
 def engine_options(q) -> Options:
@@ -109,6 +102,12 @@ class QuantizeStage:
         return Artifact.of(dst, "gguf" if key == fmt else "gguf_twin", fmt)
 
     def run(self, ctx: StageContext) -> StageResult:
+        if ctx.paths.shared_base is None:
+            return self._run(ctx)
+        inputs = {k: v for k, v in self.inputs(ctx).items() if k != "imatrix"}  # adapter mode: once per base
+        return once(ctx.paths.shared_base, "quantize", inputs, ctx.model_name, lambda: self._run(ctx), StageResult, ctx.log)
+
+    def _run(self, ctx: StageContext) -> StageResult:
         src_art = self._source(ctx)
         src = Path(src_art.path)
         if not src.is_file():

@@ -26,7 +26,9 @@ def _candidates(ctx: StageContext):
                 seen[fmt] = a
     if serve not in seen:
         raise InputError(f"model {ctx.model_name} has no {serve} GGUF to verify", hint="run the quantize stage first")
-    cands = [Candidate(f, f, Path(a.path), a.sha256) for f, a in seen.items()]
+    lora = next(iter(ctx.upstream_artifacts("convert", "lora")), None)  # adapter mode
+    lora_path = Path(lora.path) if lora is not None else None
+    cands = [Candidate(f, f, Path(a.path), a.sha256, lora=lora_path) for f, a in seen.items()]
     for a in ctx.upstream_artifacts("convert", "base_gguf"):
         cands.append(Candidate("base", (a.format or "F16").upper(), Path(a.path), a.sha256, gated=False))
     return cands
@@ -51,7 +53,9 @@ class VerifyStage:
         from ..llamacpp.runtime import llama_cpp_version
 
         v = ctx.cfg.verify
+        lora = [a.sha256 for a in ctx.upstream_artifacts("convert", "lora")]
         return {"ggufs": {c.label: c.sha256 for c in _candidates(ctx)}, "adapter": _adapter_digest(ctx),
+                **({"lora": lora} if lora else {}),
                 "base": ctx.model.base_model, "system_prompt": ctx.model.system_prompt,
                 "calibration": _digest(v.calibration) if v.calibration else _digest(ctx.cfg.evaluation.samples),
                 "verify": v.model_dump(mode="json"), "serve": ctx.cfg.serve_format_for(ctx.model_name),

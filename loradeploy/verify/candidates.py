@@ -40,11 +40,13 @@ class Candidate:
     sha256: Optional[str] = None
     gated: bool = True
     variant: Optional[str] = None
+    lora: Optional[Path] = None        # adapter mode: this LoRA GGUF applied at run time to ``path``
 
     def to_dict(self) -> dict:
         return {"label": self.label, "format": self.fmt, "path": str(self.path), "sha256": self.sha256,
                 "gated": self.gated, "variant": self.variant, "size": self.path.stat().st_size
-                if self.path.is_file() else None}
+                if self.path.is_file() else None, "lora": str(self.lora) if self.lora else None,
+                "mode": "adapter" if self.lora else "merged"}
 
 
 def with_imatrix_twins(cands: Sequence[Candidate]) -> list[Candidate]:
@@ -80,8 +82,9 @@ def score_candidate(cand: Candidate, cal: Calibration, ref: ReferenceRun, *, thr
     out: dict = {**cand.to_dict()}
     n_ctx = _n_ctx(cal, ref.generations if behaviour else (), cases)
     n_threads = threads_for(cand.path.stat().st_size, threads or 1)
+    lora = {"lora_path": str(cand.lora)} if cand.lora else {}
     llm = runtime.load(cand.path, n_ctx=n_ctx, n_batch=min(512, n_ctx), logits_all=True,
-                       n_threads=n_threads, n_threads_batch=n_threads, seed=0)
+                       n_threads=n_threads, n_threads_batch=n_threads, seed=0, **lora)
     try:
         if llm.n_vocab() != ref.vocab:
             out["error"] = (f"vocabulary differs: the GGUF has {llm.n_vocab()} tokens, the reference "

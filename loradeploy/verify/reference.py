@@ -90,7 +90,6 @@ def _device_dtype(want: str):
 
 def load_reference(base_dir: Path, adapter_dir: Path, *, device: str = "auto"):
     """base + adapter through peft, unmerged, in eval mode; returns (model, device, dtype name)."""
-    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

@@ -1,14 +1,28 @@
-"""The embedded target: llama-cpp-python's OpenAI-compatible server on the model's port."""
+"""The embedded target: a llama.cpp server on the model's port (its own, or in adapter mode the shared
+server of its base)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional
 
 from ... import serving
 from ...serving.launch import settings_hash
+from ...serving.shared import switch_adapter
+from ...serving.switch import switch
 
 if TYPE_CHECKING:
     from ...config import Config
     from ..versions import Version
+
+
+def serve_version(cfg: "Config", model: str, v: "Version",
+                  progress: Optional[Callable[[str, float, float], None]] = None) -> dict:
+    """Make the model's port serve version ``v``: its own server (merged), or its adapter on the
+    shared server of its base (adapter mode)."""
+    if v.mode == "adapter":
+        return switch_adapter(cfg, model, lora=v.path, lora_sha=v.sha256, version=v.version, fmt=v.format,
+                              base=Path(v.base_path), base_sha=v.base_sha256, progress=progress)
+    return switch(cfg, model, gguf=v.path, version=v.version, fmt=v.format, sha256=v.sha256, progress=progress)
 
 
 class LlamaCppTarget:
@@ -16,8 +30,7 @@ class LlamaCppTarget:
 
     def deploy(self, cfg: "Config", model: str, version: "Version",
                progress: Callable[[str, float, float], None] | None = None) -> dict:
-        return serving.switch.switch(cfg, model, gguf=version.path, version=version.version, fmt=version.format,
-                            sha256=version.sha256, progress=progress)
+        return serve_version(cfg, model, version, progress=progress)
 
     def check(self, cfg: "Config", model: str, sha256: str) -> tuple[bool, str]:
         entry = serving.registry_entry(cfg, model)
