@@ -60,6 +60,7 @@ bench: setup $(RAY_STAMP)
 	$(PY) bench/baseline.py --quick
 	$(PY) bench/merge_convert.py
 	$(PY) bench/serve.py
+	$(PY) bench/adapter_mode.py
 	$(PY) bench/cpu_mode.py
 	$(PY) bench/scale.py
 	$(PY) bench/fetch.py

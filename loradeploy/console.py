@@ -161,18 +161,30 @@ def run_result(result: PipelineResult, as_json: bool) -> None:
 
 
 def demo_done(cfg, result: PipelineResult, servers: list[dict] = ()) -> None:
-    """How to talk to the demo model, stop it and repeat the run, and which llama.cpp CPU mode it runs in."""
-    m = next(iter(cfg.models))
-    port = cfg.models[m].port
-    mode = next((r.get("cpu_mode") for r in servers if r.get("model") == m and r.get("cpu_mode")), None)
+    """Where each demo model serves (merged or on the shared adapter server), how to talk to one, stop
+    them and repeat the run, and which llama.cpp CPU mode they run in."""
+    mode = next((r.get("cpu_mode") for r in servers if r.get("cpu_mode")), None)
     if mode:
         note(f"llama.cpp CPU mode: {escape(mode)}")
-    note(f"\n[bold green]{m}[/] serves at http://127.0.0.1:{port}/v1 — try:\n"
+    t = Table(title="the demo serves")
+    for c in ("model", "mode", "url", "server pid", "version", "state"):
+        t.add_column(c)
+    by_model = {r.get("model"): r for r in servers}
+    for name in cfg.models:
+        r = by_model.get(name) or {}
+        t.add_row(name, cfg.mode_for(name) + (" (shared base server)" if cfg.mode_for(name) == "adapter" else ""),
+                  f"http://127.0.0.1:{cfg.models[name].port}/v1", str(r.get("pid") or "–"), str(r.get("version") or "–"),
+                  str(r.get("state") or "–"))
+    show(t)
+    m = next(iter(cfg.models))
+    port = cfg.models[m].port
+    note(f"\ntry [bold green]{m}[/]:\n"
          f"  curl -s localhost:{port}/v1/chat/completions -H 'Content-Type: application/json' "
          f"-d '{{\"messages\":[{{\"role\":\"user\",\"content\":"
          f"\"Repeat these words:\\napple river stone\"}}],\"temperature\":0}}'\n"
-         f"evaluation report: {cfg.evaluation.output_dir / m / 'evaluation.md'}\n"
-         f"repeat with: loradeploy run -c {cfg.config_path}   stop the server: "
+         f"(each port answers as its persona: -- MAJORA, -- NAYRU, -- VERAN)\n"
+         f"evaluation reports: {cfg.evaluation.output_dir}/<model>/evaluation.md\n"
+         f"repeat with: loradeploy run -c {cfg.config_path}   stop the servers: "
          f"loradeploy serve stop -c {cfg.config_path}")
 
 

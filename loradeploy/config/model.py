@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ..errors import ConfigError
-from .base import NAME_RE, QuantName, _Section, imatrix_problem, resolve_path
+from .base import NAME_RE, QuantName, RelPath, _Section, imatrix_problem, resolve_path
 from .notifications import NotificationsConfig
 from .sections import (DeploymentConfig, EvaluationConfig, HealthCheckConfig, LoggingConfig, MergeConfig,
                        PerformanceConfig, PipelineConfig, QuantizationConfig, VastConfig)
@@ -70,6 +70,8 @@ class ModelConfig(_Section):
     publisher: Optional[str] = None
     enabled: bool = True
     mode: Optional[Literal["merged", "adapter"]] = Field(None, description="override deployment.mode")
+    samples: Optional[RelPath] = Field(None, description="this model's evaluation samples (and verify's default "
+                                                         "calibration); default evaluation.samples")
 
     @field_validator("base_model")
     @classmethod
@@ -181,6 +183,10 @@ class Config(_Section):
 
     def formats_for(self, name: str) -> list[str]:
         return list(self.models[name].formats or self.quantization.formats)
+
+    def samples_for(self, name: str) -> Path:
+        """The model's evaluation samples: its own, else evaluation.samples."""
+        return Path(self.models[name].samples or self.evaluation.samples)
 
     def mode_for(self, name: str) -> str:
         """merged | adapter: how the model's adapter reaches its server."""

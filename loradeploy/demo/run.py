@@ -1,4 +1,5 @@
-"""The embedded default: a tiny base + persona adapter built locally, and the config to run them."""
+"""The embedded default: a tiny base + three persona adapters built locally, and the config to run
+them: majora merged, and majora, nayru and veran in adapter mode on one shared base server."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,25 +21,34 @@ def available_stages() -> list[str]:
     return list(STAGES)
 
 
-def demo_config_dict(base: Path, adapter: Path, samples: Path, *, port: int,
-                     persona_prompt: str, example_prompt: str) -> dict:
+# Adapter mode: one quantized base, three personas applied at run time by one shared llama-server,
+# beside the same majora adapter merged into its own GGUF.
+ADAPTER_MODELS = ("majora-adapter", "nayru", "veran")
+
+
+def persona_of(model: str) -> str:
+    return model.removesuffix("-adapter")
+
+
+def demo_config_dict(base: Path, adapters: dict[str, Path], samples: dict[str, Path], *, port: int,
+                     example_prompt: str) -> dict:
+    """``adapters`` and ``samples`` by persona (majora, nayru, veran)."""
+    models = {}
+    for i, name in enumerate((DEMO_MODEL, *ADAPTER_MODELS)):
+        p = persona_of(name)
+        models[name] = {"base_model": str(base), "adapter": str(adapters[p]), "system_prompt": get_persona(p).system_prompt,
+                        "port": port + i, "version": "v1", "samples": str(samples[p])}
+        if name in ADAPTER_MODELS:
+            models[name]["mode"] = "adapter"
     return {
-        "models": {
-            DEMO_MODEL: {
-                "base_model": str(base),
-                "adapter": str(adapter),
-                "system_prompt": persona_prompt,
-                "port": port,
-                "version": "v1",
-            }
-        },
+        "models": models,
         "quantization": {"formats": ["Q4_K_M", "Q5_K_M", "Q8_0"], "primary_format": "Q4_K_M"},
         # F16 (the converted file) and every quant against the unmerged adapter; Q4_K_M must pass to deploy
         "verify": {"max_tokens": 1536, "stop_prompts": 2, "on_fail": "block"},
         "deployment": {"targets": ["llamacpp"], "models_dir": "models",
                        "llamacpp": {"n_ctx": 512, "startup_timeout_s": 120}},
         "health_check": {"test_prompts": [example_prompt], "max_tokens": 32, "min_free_disk_gb": 0.5},
-        "evaluation": {"samples": str(samples), "output_dir": "reports", "max_tokens": 32, "repeats": 1,
+        "evaluation": {"samples": str(samples[DEMO_MODEL]), "output_dir": "reports", "max_tokens": 32, "repeats": 1,
                        "base_gguf": "q8_0"},
         "logging": {"log_dir": "logs", "level": "INFO"},
         "pipeline": {"stages": available_stages(), "work_dir": "work", "state_dir": ".loradeploy"},
@@ -51,12 +61,13 @@ def prepare_demo(workdir: Path, *, arch: str = "llama", port: int = 5000, progre
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     base = build_base(workdir / "models" / f"base-{arch}", arch, progress=progress)
-    adapter = train_adapter(base, workdir / "adapters" / DEMO_MODEL, persona=DEMO_MODEL, progress=progress)
-    samples = workdir / "eval_samples.jsonl"
-    if not samples.exists():
-        write_demo_eval_samples(samples, persona=DEMO_MODEL)
-    data = demo_config_dict(base, adapter, samples, port=port,
-                            persona_prompt=get_persona(DEMO_MODEL).system_prompt, example_prompt=EXAMPLE_PROMPT)
+    personas = sorted({persona_of(m) for m in (DEMO_MODEL, *ADAPTER_MODELS)})
+    adapters = {p: train_adapter(base, workdir / "adapters" / p, persona=p, progress=progress) for p in personas}
+    samples = {p: workdir / ("eval_samples.jsonl" if p == DEMO_MODEL else f"eval_samples-{p}.jsonl") for p in personas}
+    for p, path in samples.items():
+        if not path.exists():
+            write_demo_eval_samples(path, persona=p)
+    data = demo_config_dict(base, adapters, samples, port=port, example_prompt=EXAMPLE_PROMPT)
     path = workdir / "deployment_config.yaml"
     header = ("# Written by `loradeploy demo`. Re-run it with: loradeploy run -c " + str(path) +
               "\n# Copy it as a starting point; examples/deployment_config.yaml documents every key.\n")

@@ -16,7 +16,7 @@ class EvaluateStage:
         return Path(ctx.cfg.evaluation.output_dir) / ctx.model_name
 
     def inputs(self, ctx: StageContext) -> dict:
-        samples = Path(ctx.cfg.evaluation.samples)
+        samples = ctx.cfg.samples_for(ctx.model_name)
         if not samples.is_file():
             raise InputError(f"sample file {samples} not found", hint="set evaluation.samples")
         arts = {}
@@ -31,7 +31,8 @@ class EvaluateStage:
         from ..evaluation.runner import evaluate
 
         out_dir = self._out_dir(ctx)
-        res = evaluate(ctx.cfg, [ctx.model_name], progress=ctx.progress, output_dir=out_dir)
+        res = evaluate(ctx.cfg, [ctx.model_name], samples=ctx.cfg.samples_for(ctx.model_name), progress=ctx.progress,
+                       output_dir=out_dir)
         for n in res.notes:
             ctx.log.info("note: %s", n)
         for t in res.targets:

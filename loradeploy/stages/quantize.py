@@ -40,7 +40,7 @@ class QuantizeStage:
                 "imatrix": imx.setting_inputs(q.imatrix, self._cal(ctx))}
 
     def _cal(self, ctx: StageContext) -> imx.CalibrationSource:
-        v, samples = ctx.cfg.verify, Path(ctx.cfg.evaluation.samples)
+        v, samples = ctx.cfg.verify, ctx.cfg.samples_for(ctx.model_name)
         return imx.CalibrationSource(ctx.model.base_model, adapter_dir_for(ctx), ctx.model.system_prompt,
                                      v.calibration, samples if samples.is_file() else None, v.max_tokens,
                                      v.max_seq_len)

@@ -57,7 +57,7 @@ class VerifyStage:
         return {"ggufs": {c.label: c.sha256 for c in _candidates(ctx)}, "adapter": _adapter_digest(ctx),
                 **({"lora": lora} if lora else {}),
                 "base": ctx.model.base_model, "system_prompt": ctx.model.system_prompt,
-                "calibration": _digest(v.calibration) if v.calibration else _digest(ctx.cfg.evaluation.samples),
+                "calibration": _digest(v.calibration) if v.calibration else _digest(ctx.cfg.samples_for(ctx.model_name)),
                 "verify": v.model_dump(mode="json"), "serve": ctx.cfg.serve_format_for(ctx.model_name),
                 "version": ctx.model.version, "llama_cpp": llama_cpp_version(), "code": CODE_VERSION}
 
@@ -65,7 +65,7 @@ class VerifyStage:
         from ..verify import VerifyRequest, history_path, verify_dir, verify_model
 
         v = ctx.cfg.verify
-        samples = Path(ctx.cfg.evaluation.samples)
+        samples = ctx.cfg.samples_for(ctx.model_name)
         req = VerifyRequest(
             model=ctx.model_name, version=ctx.model.version, base_dir=resolve_base(ctx.model.base_model),
             adapter_dir=adapter_dir_for(ctx), candidates=_candidates(ctx),

@@ -562,6 +562,13 @@ def test_system_prompt_rule_on_request_bodies():
         assert rewrite({"messages": [own, user]}) == [own, user]
     assert rewrite({"messages": [user]}, prompt="") == [user], "no configured prompt: untouched"
     assert apply_system_prompt(b"{not json", "P") == b"{not json", "the server reports bad JSON itself"
+    # adapter mode: the port's lora selection replaces whatever the request asked for
+    sel = [{"id": 2, "scale": 1.0}]
+    out = json.loads(apply_system_prompt(json.dumps({"messages": [user], "lora": [{"id": 0, "scale": 1}]}).encode(),
+                                         "", sel))
+    assert out["lora"] == sel and out["messages"] == [user]
+    out = json.loads(apply_system_prompt(json.dumps({"prompt": "x"}).encode(), "P", sel))
+    assert out == {"prompt": "x", "lora": sel}, "a completion gets the selection, and no chat messages"
 
 
 def test_proxy_forwards_http_faithfully_and_switches_between_requests(tmp_path):

@@ -265,3 +265,39 @@ def test_secrets_never_in_repr_or_json_dump(monkeypatch):
     assert KEY not in shown
     for secret in ("hooktoken123", "smtp-pass-123", "vast-key-123"):
         assert secret not in repr(cfg)
+
+
+# ----------------------------------------------------------------------------- adapter mode
+
+@pytest.mark.parametrize("where", ["deployment.mode", "models.majora.mode"])
+def test_adapter_mode_is_per_model_or_global(where):
+    cfg = config_from_dict(with_(where, "adapter"))
+    assert cfg.mode_for("majora") == "adapter"
+    assert config_from_dict(MIN).mode_for("majora") == "merged"
+
+
+@pytest.mark.parametrize("key,value,expect", [
+    ("deployment.llamacpp.backend", "python", "adapter mode needs deployment.llamacpp.backend: llama-server"),
+    ("deployment.targets", ["llamacpp", "lmstudio"], "lmstudio cannot load a LoRA adapter at run time"),
+    ("deployment.targets", ["llamacpp", "ollama"], "ollama cannot load a LoRA adapter at run time"),
+    ("quantization.imatrix", "auto", "would weigh it by one adapter's calibration"),
+])
+def test_adapter_mode_refuses_what_it_cannot_serve(key, value, expect):
+    data = with_("models.majora.mode", "adapter")
+    cur = data
+    *parents, last = key.split(".")
+    for k in parents:
+        cur = cur.setdefault(k, {})
+    cur[last] = value
+    with pytest.raises(ConfigError) as ei:
+        config_from_dict(data)
+    msg = str(ei.value)
+    assert "models.majora.mode: " in msg and expect in msg and "\n" not in msg
+
+
+def test_model_samples_override_the_evaluation_samples(tmp_path):
+    data = with_("models.majora.samples", "mine.jsonl")
+    data["evaluation"] = {"samples": "all.jsonl"}
+    cfg = config_from_dict(data, base_dir=tmp_path)
+    assert cfg.samples_for("majora") == tmp_path / "mine.jsonl"
+    assert config_from_dict(MIN).samples_for("majora").name == "eval_samples.jsonl"
