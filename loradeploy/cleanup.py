@@ -1,7 +1,8 @@
 """Temporaries: what a run may drop once later stages no longer need it, and `loradeploy clean`.
 
 One set of rules for both: merged HF folders (unless merge.save_merged_hf), F16 GGUFs (unless
-quantization.keep_f16, or a quantized format of the same name is served from them), and — for
+quantization.keep_f16, or a quantized format of the same name is served from them, or the model is
+in adapter mode, where the F16 base is shared), and — for
 `clean` only — partial files left by killed runs. Never a live or backed-up model.
 """
 from __future__ import annotations
@@ -30,7 +31,9 @@ def temporaries(cfg: Config, rec: RunRecord, *, after_run: bool = False) -> list
     if not cfg.merge.save_merged_hf and (not after_run or (rec.finished("convert") and rec.intact("convert"))):
         merged = [Path(a.path) for a in rec.artifacts("merge", "merged_hf")] or [work / "merged"]
         out += [Temporary(p, "merged HF folder", "merge") for p in merged if p.exists()]
-    if not cfg.quantization.keep_f16 and (not after_run or (rec.finished("quantize") and rec.intact("quantize"))):
+    # adapter mode: the F16 base is shared by every adapter on it (and their verify runs): kept
+    shared = rec.model in cfg.models and cfg.mode_for(rec.model) == "adapter"
+    if not cfg.quantization.keep_f16 and not shared and (not after_run or (rec.finished("quantize") and rec.intact("quantize"))):
         served = {a.format for a in rec.artifacts("quantize")}
         out += [Temporary(Path(a.path), "converted GGUF", "convert") for a in rec.artifacts("convert", "gguf")
                 if Path(a.path).exists() and a.format not in served]

@@ -81,6 +81,8 @@ def build_targets(cfg: Config, models: Optional[Sequence[str]] = None,
             notes.append(f"{name}: adapter mode, but no LoRA GGUF recorded; its quantized base is not evaluated")
         for row in rows:
             row.mode = mode
+            if mode == "adapter":
+                row.label += " (adapter)"
         for a in rec.artifacts("quantize", "gguf") if mode == "merged" or lora else ():
             fmt = a.format
             if fmt in covered or (fmts and fmt not in fmts):
@@ -88,7 +90,8 @@ def build_targets(cfg: Config, models: Optional[Sequence[str]] = None,
             if not Path(a.path).is_file():
                 notes.append(f"{name} {fmt}: quantized file {a.path} is missing; skipped")
                 continue
-            rows.append(EvalTarget(f"{name} {fmt}", name, fmt, gguf_path=a.path, n_ctx=n_ctx,
+            label = f"{name} {fmt}" + (" (adapter)" if lora else "")
+            rows.append(EvalTarget(label, name, fmt, gguf_path=a.path, n_ctx=n_ctx,
                                    sha256=a.sha256, version=cfg.models[name].version, system_prompt=sp,
                                    lora_path=lora.path if lora else None, mode=mode))
             covered.add(fmt)

@@ -24,6 +24,8 @@ WEIGHTS = "adapter_model.safetensors"
 PICKLED = "adapter_model.bin"
 PREFIX = "base_model.model."
 _PAIR = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+# PEFT LoRA options that change the forward pass beyond scale * B(A(x)) (PEFT 0.21's LoraConfig)
+VARIANTS = ("use_qalora", "use_bdlora", "kasa_config", "monteclora_config", "arrow_config", "target_parameters")
 MERGE_HINT = "deploy it merged instead (the merge stage handles it)"
 
 
@@ -83,6 +85,10 @@ def _check_config(cfg: dict, where: Path) -> None:
                      ("layer_replication", "replicated layers, which llama.cpp cannot build from an adapter")):
         if cfg.get(key):
             raise InputError(f"{where} uses {key}: {why}", hint=MERGE_HINT)
+    variants = [k for k in VARIANTS if cfg.get(k)]
+    if variants:
+        raise InputError(f"{where} uses {', '.join(variants)}: a LoRA variant whose forward pass llama.cpp "
+                         "does not implement (it applies plain B·A·x only)", hint=MERGE_HINT)
     r = cfg.get("r")
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise InputError(f"{where}: r = {r!r} is not a positive rank", hint="re-save the adapter with peft")

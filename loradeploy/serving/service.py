@@ -62,6 +62,7 @@ def serve_status(cfg: "Config") -> list[dict]:
             "uptime": round(now - backend["started_at"], 1) if running and backend.get("started_at") else None,
             "sha256": entry.get("sha256"), "gguf": entry.get("gguf"),
             "cpu_mode": (entry.get("cpu_mode") or {}).get("describe"),
+            "mode": entry.get("mode") or "merged", "shared_server": entry.get("group"),
         })
     return rows
 

@@ -302,3 +302,13 @@ def test_refuses_missing_folders_and_files(tmp_path, base):
     refused(a, base, "no adapter_model.safetensors")
     (a / "adapter_config.json").write_text("{not json")
     refused(a, base, "not valid JSON")
+
+
+@pytest.mark.parametrize("key,value", [("use_qalora", True), ("target_parameters", ["experts.down_proj"]),
+                                       ("kasa_config", {"r": 4})])
+def test_refuses_lora_variants_llama_cpp_lacks(tmp_path, base, key, value):
+    refused(make_adapter(tmp_path / "a", **{key: value}), base, key, "does not implement")
+
+
+def test_refuses_fan_in_fan_out(tmp_path, base):
+    refused(make_adapter(tmp_path / "a", fan_in_fan_out=True), base, "fan_in_fan_out")

@@ -102,7 +102,8 @@ def _within(name: str, pkg: str) -> bool:
 
 
 LOWER = ["loradeploy.serving", "loradeploy.tools", "loradeploy.llamacpp", "loradeploy.fetch", "loradeploy.merge",
-         "loradeploy.gguf", "loradeploy.evaluation", "loradeploy.health", "loradeploy.testing"]
+         "loradeploy.gguf", "loradeploy.evaluation", "loradeploy.health", "loradeploy.testing", "loradeploy.lora",
+         "loradeploy.verify", "loradeploy.quantize"]
 UPPER = ["loradeploy.stages", "loradeploy.deploy", "loradeploy.cli", "loradeploy.pipeline"]
 
 
