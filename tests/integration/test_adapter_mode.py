@@ -110,8 +110,8 @@ def test_three_personas_on_one_base_server_and_v2_of_one_adapter_under_load(pers
         q = {m: res.models[m].stages["quantize"] for m in MODELS}
         firsts = [m for m in MODELS if "base_from" not in (q[m].info or {})]
         assert len(firsts) == 1, {m: q[m].info.get("base_from") for m in MODELS}
-        shas = {m: {a["format"]: a["sha256"] for a in res.models[m].artifacts if a["kind"] == "gguf"} for m in MODELS}
-        assert len({s["Q4_K_M"] for s in shas.values()}) == 1
+        q4 = {m: next(a["sha256"] for a in q[m].artifacts if a.get("format") == "Q4_K_M") for m in MODELS}
+        assert len(set(q4.values())) == 1, q4
 
         reg = registry.read_registry(cfg)
         backends = {reg["models"][m]["backend"]["pid"] for m in MODELS}
