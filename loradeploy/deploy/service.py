@@ -82,11 +82,34 @@ def deploy_model(cfg: "Config", model: str, *, gguf: Path | str | None = None,
     """Library entry for `loradeploy deploy`: takes the model lock, then deploy_file."""
     cfg.model(model)
     with ModelLock(cfg.pipeline.state_dir, model, purpose="deploy"):
+        if cfg.mode_for(model) == "adapter":
+            return _deploy_adapter(cfg, model, gguf, progress)
         if gguf is not None:
             return deploy_file(cfg, model, Path(gguf), progress=progress)
         art = recorded_gguf(cfg, model)
         return deploy_file(cfg, model, Path(art.path), fmt=art.format, sha256=art.sha256 if art.intact() else None,
                            progress=progress)
+
+
+def _deploy_adapter(cfg: "Config", model: str, lora: Path | str | None, progress: Optional[Progress]) -> dict:
+    """Adapter mode: ``lora`` (default: the recorded LoRA GGUF) on the recorded quantized base."""
+    from ..lora import lora_gguf_info
+
+    base = recorded_gguf(cfg, model)
+    if lora is None:
+        rec = RunRecord.load(cfg.pipeline.state_dir, model)
+        art = next((a for a in rec.artifacts("convert", "lora") if Path(a.path).is_file()), None)
+        if art is None:
+            raise InputError(f"model {model} is in adapter mode and has no LoRA GGUF from a convert run",
+                             hint=f"run `loradeploy run --model {model}` first")
+        lora, sha = Path(art.path), art.sha256 if art.intact() else None
+    else:
+        lora, sha = Path(lora), None
+        if not lora.is_file() or lora_gguf_info(lora).get("adapter_type") != "lora":
+            raise InputError(f"model {model} is in adapter mode, and {lora} is not a LoRA GGUF",
+                             hint="give the LoRA GGUF (convert_lora_to_gguf.py output) or omit --gguf")
+    return deploy_file(cfg, model, lora, fmt=base.format, sha256=sha, base=(Path(base.path), base.sha256),
+                       progress=progress)
 
 
 def rollback(cfg: "Config", model: str, to_version: str | None = None,

@@ -286,11 +286,21 @@ def read_tensor_infos(r: Reader, n_tensors: int, probs: ProblemList) -> list[Ten
     infos: list[TensorInfo] = []
     seen: set[bytes] = set()
     for i in range(n_tensors):
-        raw = r.string_bytes(f"tensor #{i} name", MAX_KEPT_STRING)
-        name = _decode(raw)
-        if len(raw) >= MAX_TENSOR_NAME:
-            probs.error("tensor_name", f"tensor #{i} name is {len(raw)} bytes; llama.cpp allows "
+        n = r._string_length(f"tensor #{i} name", MAX_KEPT_STRING)
+        if n >= MAX_TENSOR_NAME:
+            # a corrupt length can make the "name" a big slice of the file: only its start is read
+            # (every message below names the tensor), the rest is skipped unread
+            probs.error("tensor_name", f"tensor #{i} name is {n} bytes; llama.cpp allows "
                                        f"at most {MAX_TENSOR_NAME - 1}")
+            j = r.need(MAX_TENSOR_NAME, f"tensor #{i} name")
+            raw = r.buf[j:j + MAX_TENSOR_NAME] + b"%d" % n
+            name = _decode(raw[:MAX_TENSOR_NAME]) + f"...({n} bytes)"
+            r.pos += n
+        else:
+            j = r.need(n, f"tensor #{i} name")
+            raw = r.buf[j:j + n]
+            r.pos += n
+            name = _decode(raw)
         if raw in seen:
             probs.error("duplicate_tensor", f"duplicate tensor name {name!r}")
         seen.add(raw)

@@ -169,3 +169,36 @@ def test_three_personas_on_one_base_server_and_v2_of_one_adapter_under_load(pers
     finally:
         for m in MODELS:
             stop_model_servers(cfg, m)
+
+
+def test_verify_covers_adapter_mode_beside_merged(personas, tmp_path):
+    """The same adapter merged and in adapter mode, both verified against the unmerged PEFT model: adapter
+    mode's F16 (base F16 + LoRA GGUF) is as faithful as the merged F16, and its Q4_K_M (only the base
+    quantized; the LoRA stays F16) is no further from the reference than the merged Q4_K_M (a stated
+    tolerance: 10 % of the merged KLD, for the two runs' float rounding)."""
+    from loradeploy.demo import write_demo_eval_samples
+
+    base, trained = personas
+    samples = write_demo_eval_samples(tmp_path / "eval_samples.jsonl", persona="majora")
+    prompt = get_persona("majora").system_prompt
+    models = {name: {"base_model": str(base), "adapter": str(trained["majora"]), "port": free_port(),
+                     "system_prompt": prompt, "mode": mode}
+              for name, mode in (("majora", "merged"), ("majora-adapter", "adapter"))}
+    cfg = config_from_dict({
+        "models": models, "quantization": {"formats": ["Q4_K_M"]},
+        "verify": {"max_tokens": 768, "stop_prompts": 2}, "evaluation": {"samples": str(samples)},
+        "deployment": {"targets": ["llamacpp"], "models_dir": str(tmp_path / "models")},
+        "pipeline": {"stages": ["merge", "convert", "quantize", "verify"], "work_dir": str(tmp_path / "work"),
+                     "state_dir": str(tmp_path / "state")},
+        "logging": {"log_dir": str(tmp_path / "logs")}, "performance": {"min_free_disk_gb": 0.1}})
+    res = run_pipeline(cfg, [])
+    assert res.ok, res.to_dict()
+    merged, adapter = (res.models[m].stages["verify"].info["formats"] for m in ("majora", "majora-adapter"))
+    report = json.loads(Path(res.models["majora-adapter"].stages["verify"].info["report"]).read_text())
+    assert {e["mode"] for e in report["formats"].values()} == {"adapter"}
+    for fmts in (merged, adapter):
+        assert fmts["F16"]["kld_mean"] < 1e-3 and fmts["F16"]["passed"], fmts
+        assert fmts["Q4_K_M"]["passed"], fmts
+    print(f"\nQ4_K_M mean KLD vs PEFT: merged {merged['Q4_K_M']['kld_mean']:.5f}, "
+          f"adapter {adapter['Q4_K_M']['kld_mean']:.5f}")
+    assert adapter["Q4_K_M"]["kld_mean"] <= merged["Q4_K_M"]["kld_mean"] * 1.1, (merged, adapter)

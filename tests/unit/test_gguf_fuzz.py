@@ -202,7 +202,9 @@ def run_fuzz(targets: list[Target], cases: int, workdir: Path, seed: int = SEED,
             peak = tracemalloc.get_traced_memory()[1] - base
             out.max_case_seconds = max(out.max_case_seconds, elapsed)
             out.max_case_peak = max(out.max_case_peak, peak)
-            assert peak < CASE_PEAK_BYTES, f"case {i} ({target.name}, {ops}) traced {peak} bytes"
+            if peak >= CASE_PEAK_BYTES:
+                _keep(case_path, workdir, i)
+                pytest.fail(f"case {i} ({target.name}, {ops}) traced {peak} bytes")
             out.cases += 1
             if report is not None:
                 out.valid += 1
