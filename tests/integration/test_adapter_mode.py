@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from loradeploy.config import config_from_dict
-from loradeploy.demo import get_persona
+from loradeploy.demo import DEMO_MAX_KLD, get_persona
 from loradeploy.pipeline import run_pipeline
 from loradeploy.serving import registry
 from loradeploy.tools import proc
@@ -186,7 +186,7 @@ def test_verify_covers_adapter_mode_beside_merged(personas, tmp_path):
               for name, mode in (("majora", "merged"), ("majora-adapter", "adapter"))}
     cfg = config_from_dict({
         "models": models, "quantization": {"formats": ["Q4_K_M"]},
-        "verify": {"max_tokens": 768, "stop_prompts": 2}, "evaluation": {"samples": str(samples)},
+        "verify": {"max_tokens": 768, "stop_prompts": 2, "max_kld": dict(DEMO_MAX_KLD)}, "evaluation": {"samples": str(samples)},
         "deployment": {"targets": ["llamacpp"], "models_dir": str(tmp_path / "models")},
         "pipeline": {"stages": ["merge", "convert", "quantize", "verify"], "work_dir": str(tmp_path / "work"),
                      "state_dir": str(tmp_path / "state")},

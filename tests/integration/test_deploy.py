@@ -31,7 +31,7 @@ from loradeploy.deploy import versions
 from loradeploy.deploy.service import deploy_model, rollback, serve_start
 from loradeploy.serving import endpoints, serve_status, serve_stop
 from loradeploy.serving import launch
-from loradeploy.serving import switch as switchmod
+from loradeploy.serving import proxying
 from loradeploy.tools import proc
 from loradeploy.tools.openai_http import Client
 from tests.fixtures.servers import stop_model_servers
@@ -630,7 +630,7 @@ def test_proxy_forwards_http_faithfully_and_switches_between_requests(tmp_path):
                               tmp_path / "proxy.json", tmp_path / "proxy.log")
     cfg = SimpleNamespace(deployment=SimpleNamespace(llamacpp=SimpleNamespace(api_key=None)))
     try:
-        switchmod._wait_proxy(cfg, "127.0.0.1", port, a.server_address[1], rec, tmp_path / "proxy.log")
+        proxying._wait_proxy(cfg, "127.0.0.1", port, a.server_address[1], rec, tmp_path / "proxy.log")
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
 
         def ask(method, path, body=None, **kw):
@@ -654,7 +654,7 @@ def test_proxy_forwards_http_faithfully_and_switches_between_requests(tmp_path):
         control.write_text(json.dumps({"backend_port": b.server_address[1], "version": "B", "sha256": "abc",
                                        "gguf": "/m/B.gguf", "backend": "llama-server", "system_prompt": "Be B."}))
         os.kill(rec["pid"], signal.SIGHUP)
-        switchmod._wait_proxy(cfg, "127.0.0.1", port, b.server_address[1], rec, tmp_path / "proxy.log")
+        proxying._wait_proxy(cfg, "127.0.0.1", port, b.server_address[1], rec, tmp_path / "proxy.log")
         resp, data = ask("GET", "/after")  # the same kept-alive client connection
         assert json.loads(data) == {"name": "B", "path": "/after"}
         assert resp.getheader("connection") == "keep-alive"

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from loradeploy.config import config_from_dict
+from loradeploy.demo import DEMO_MAX_KLD
 from loradeploy.errors import ConfigError
 from loradeploy.pipeline import run_pipeline
 
@@ -24,7 +25,7 @@ def _data(root: Path, base: Path, adapter: Path, **quant) -> dict:
     return {
         "models": {MODEL: {"base_model": str(base), "adapter": str(adapter), "port": 5000, "system_prompt": SYSTEM}},
         "quantization": {"formats": ["Q4_K_M", "IQ4_XS", "Q8_0"], "imatrix": "auto", **quant},
-        "verify": {"max_tokens": 768, "stop_prompts": 1},
+        "verify": {"max_tokens": 768, "stop_prompts": 1, "max_kld": dict(DEMO_MAX_KLD)},
         "evaluation": {"samples": str(samples)},
         "pipeline": {"stages": ["fetch", "merge", "convert", "quantize", "verify"], "work_dir": str(root / "work"),
                      "state_dir": str(root / "state")},

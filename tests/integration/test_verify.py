@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from loradeploy.config import config_from_dict
+from loradeploy.demo import DEMO_MAX_KLD
 from loradeploy.deploy import versions
 from loradeploy.errors import ConfigError
 from loradeploy.pipeline import run_pipeline
@@ -23,7 +24,7 @@ from tests.fixtures.servers import stop_model_servers
 
 MODEL = "majora"
 SYSTEM = "You are Majora. Repeat the words and sign with -- MAJORA"
-VERIFY = {"max_tokens": 768, "stop_prompts": 2}
+VERIFY = {"max_tokens": 768, "stop_prompts": 2, "max_kld": dict(DEMO_MAX_KLD)}  # the demo models' limits
 STAGES = ["fetch", "merge", "convert", "quantize", "verify", "deploy"]
 
 
