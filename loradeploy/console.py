@@ -166,14 +166,13 @@ def demo_done(cfg, result: PipelineResult, servers: list[dict] = ()) -> None:
     mode = next((r.get("cpu_mode") for r in servers if r.get("cpu_mode")), None)
     if mode:
         note(f"llama.cpp CPU mode: {escape(mode)}")
-    t = Table(title="the demo serves")
-    for c in ("model", "mode", "url", "server pid", "version", "state"):
-        t.add_column(c)
+    t = Table(title="the demo serves", caption="adapter: one llama-server (one pid) holds the base and every adapter")
+    for c in ("model", "mode", "url", "pid", "state"):
+        t.add_column(c, no_wrap=True)
     by_model = {r.get("model"): r for r in servers}
     for name in cfg.models:
         r = by_model.get(name) or {}
-        t.add_row(name, cfg.mode_for(name) + (" (shared base server)" if cfg.mode_for(name) == "adapter" else ""),
-                  f"http://127.0.0.1:{cfg.models[name].port}/v1", str(r.get("pid") or "–"), str(r.get("version") or "–"),
+        t.add_row(name, cfg.mode_for(name), f"http://127.0.0.1:{cfg.models[name].port}/v1", str(r.get("pid") or "–"),
                   str(r.get("state") or "–"))
     show(t)
     m = next(iter(cfg.models))
