@@ -7,7 +7,7 @@ one backend and then the other (order alternating between rounds). Reported per
 backend: aggregate completion tokens/s over the whole wave, p50/p95 request latency and time to
 first token, and whether every request succeeded; then the ratio llama-server / python.
 
-    .venv/bin/python bench/serve.py [--params 350e6] [--clients 8] [--rounds 2] [--max-tokens 64] [--json]
+    .venv/bin/python bench/serve.py [--params 350e6] [--clients 8] [--rounds 4] [--max-tokens 64] [--json]
 """
 from __future__ import annotations
 
@@ -174,7 +174,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent / "out" / "serve")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=1, help="requests per client per round")
-    ap.add_argument("--rounds", type=int, default=2, help="rounds; each measures both backends, order alternating")
+    ap.add_argument("--rounds", type=int, default=4, help="rounds; each measures both backends, order alternating")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--parallel", type=int, default=0, help="llama-server slots (default: one per client)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
