@@ -160,9 +160,22 @@ class Spawned:
     pid: int
     create_time: float
     log_path: Optional[Path] = None
+    start_ticks: Optional[int] = None
 
     def as_record(self) -> dict:
-        return {"pid": self.pid, "create_time": self.create_time}
+        return {"pid": self.pid, "create_time": self.create_time, "start_ticks": self.start_ticks}
+
+
+def start_ticks(pid: int) -> Optional[int]:
+    """When the process started, in clock ticks since boot (/proc/PID/stat field 22): unlike psutil's
+    create_time (boot time from the wall clock + this), it does not move when the wall clock is
+    stepped, so a record still names its process after an NTP or VM clock jump."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def spawn(args: Sequence[str | os.PathLike], *, log_path: Path, env: Mapping[str, str] | None = None,
@@ -190,7 +203,7 @@ def spawn(args: Sequence[str | os.PathLike], *, log_path: Path, env: Mapping[str
         ctime = psutil.Process(proc.pid).create_time()
     except psutil.NoSuchProcess:
         ctime = 0.0
-    return Spawned(proc.pid, ctime, Path(log_path))
+    return Spawned(proc.pid, ctime, Path(log_path), start_ticks(proc.pid))
 
 
 def _rec(p: "Spawned | Mapping | None") -> tuple[int, float]:
@@ -199,6 +212,11 @@ def _rec(p: "Spawned | Mapping | None") -> tuple[int, float]:
     if isinstance(p, Spawned):
         return p.pid, p.create_time
     return int(p.get("pid") or 0), float(p.get("create_time") or 0.0)
+
+
+def _ticks(p: "Spawned | Mapping | None") -> Optional[int]:
+    t = p.start_ticks if isinstance(p, Spawned) else (p or {}).get("start_ticks")
+    return int(t) if t is not None else None
 
 
 def alive(p: "Spawned | Mapping | None") -> bool:
@@ -213,8 +231,12 @@ def alive(p: "Spawned | Mapping | None") -> bool:
         child.poll()  # collects our own exited child's status (no zombie) and keeps its returncode
     try:
         proc = psutil.Process(pid)
-        if ctime and abs(proc.create_time() - ctime) > 1.0:
-            return False  # the pid now belongs to another process
+        want, now = _ticks(p), None
+        if want is not None and (now := start_ticks(pid)) is not None:
+            if now != want:
+                return False  # the pid now belongs to another process
+        elif ctime and abs(proc.create_time() - ctime) > 1.0:
+            return False  # (no /proc: the wall-clock start time, which a clock step can move)
         return proc.status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return False
