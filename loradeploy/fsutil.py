@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import queue
@@ -75,6 +76,20 @@ def atomic_output(final: Path, *, is_dir: bool = False) -> Iterator[Path]:
     except BaseException:
         remove_path(tmp)
         raise
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive flock on ``lock_file`` (created, with its folder) for the block; other
+    processes, and other threads opening it, wait. The kernel releases it if the holder dies."""
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a+") as lk:
+        fcntl.flock(lk.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lk.fileno(), fcntl.LOCK_UN)
 
 
 def atomic_write_text(final: Path, text: str) -> None:

@@ -8,8 +8,6 @@ has a manifest.json and is reused in seconds, and the venv links to it (tools.ve
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import re
@@ -19,10 +17,10 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 from ..errors import LlamaRuntimeError
-from ..fsutil import atomic_symlink, atomic_write_text
+from ..fsutil import atomic_symlink, atomic_write_text, exclusive_lock
 from . import runtime, tools
 
 Progress = Callable[[str, Optional[int], Optional[int]], None]
@@ -43,16 +41,9 @@ def _note(progress: Optional[Progress], msg: str, done: Optional[int] = None, to
         progress(msg, done, total)
 
 
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
+def _locked(folder: Path):
     # Two setups at once (two terminals, parallel CI jobs) build once; the second waits and reuses it.
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "a+") as lk:
-        fcntl.flock(lk.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lk.fileno(), fcntl.LOCK_UN)
+    return exclusive_lock(folder.parent / f".{folder.name}.lock")
 
 
 def _sha256(path: Path) -> str:

@@ -14,7 +14,6 @@ bench) all ask ``decide()``; a server launched in a mode gets ``server_settings(
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import hashlib
 import json
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import LlamaRuntimeError, ProcError
+from ..fsutil import atomic_write_text, exclusive_lock
 
 PROBE_VERSION = 1           # bump when the probe model or procedure changes: old verdicts are re-probed
 DEFAULT_TIMEOUT_S = 120.0   # per mode; a cold import of llama_cpp on a loaded 2-core box takes seconds
@@ -185,8 +185,6 @@ def _from_cache(path: Path, fp: dict) -> Optional[Mode]:
 
 
 def _save(path: Path, mode: Mode) -> None:
-    from ..fsutil import atomic_write_text
-
     atomic_write_text(path, json.dumps({"mode": mode.name, "why": mode.why, "decided_at": mode.decided_at,
                                         "attempts": [asdict(a) for a in mode.attempts],
                                         "fingerprint": mode.fingerprint}, indent=2))
@@ -209,17 +207,12 @@ def decide(*, refresh: bool = False, timeout: float = DEFAULT_TIMEOUT_S, directo
     memo = str(path)
     if not refresh and memo in _DECIDED:
         return _DECIDED[memo]
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / "llamacpp-probe.lock", "a+") as lock:
-        # One probe per machine at a time: a second process waits, then reads the first one's verdict.
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:
-            mode = None if refresh else _from_cache(path, fp)
-            if mode is None:
-                mode = _decide_by_probe(fp, directory, timeout, progress)
-                _save(path, mode)
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    # One probe per machine at a time: a second process waits, then reads the first one's verdict.
+    with exclusive_lock(directory / "llamacpp-probe.lock"):
+        mode = None if refresh else _from_cache(path, fp)
+        if mode is None:
+            mode = _decide_by_probe(fp, directory, timeout, progress)
+            _save(path, mode)
     _DECIDED[memo] = mode
     return mode
 

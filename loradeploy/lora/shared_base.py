@@ -6,25 +6,16 @@ mismatch) and takes them as its own artifacts.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
-from ..fsutil import atomic_write_text, sha256_file
+from ..fsutil import atomic_write_text, exclusive_lock, sha256_file
 
 
-@contextlib.contextmanager
-def locked(folder: Path) -> Iterator[None]:
+def locked(folder: Path):
     """One model at a time makes a base's files (other processes and threads wait)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a+") as lk:
-        fcntl.flock(lk.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lk.fileno(), fcntl.LOCK_UN)
+    return exclusive_lock(Path(folder) / ".lock")
 
 
 def _memo(folder: Path, stage: str, key: str) -> Path:

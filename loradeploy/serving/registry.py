@@ -5,7 +5,6 @@ The registry outlives loradeploy (servers are detached); status reconciles it wi
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import time
@@ -13,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
-from ..fsutil import atomic_write_text
+from ..fsutil import atomic_write_text, exclusive_lock
 from ..tools.proc import describe_exit, exit_status
 
 if TYPE_CHECKING:
@@ -58,16 +57,11 @@ def read_registry(cfg: "Config") -> dict:
 def locked_registry(cfg: "Config") -> Iterator[dict]:
     """Read-modify-write the registry under an exclusive lock; written only if the block succeeds."""
     path = registry_path(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name("servers.lock"), "a+") as lk:
-        fcntl.flock(lk.fileno(), fcntl.LOCK_EX)
-        try:
-            data = read_registry(cfg)
-            yield data
-            data["updated_at"] = time.time()
-            atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True))
-        finally:
-            fcntl.flock(lk.fileno(), fcntl.LOCK_UN)
+    with exclusive_lock(path.with_name("servers.lock")):
+        data = read_registry(cfg)
+        yield data
+        data["updated_at"] = time.time()
+        atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def registry_entry(cfg: "Config", model: str) -> dict | None:

@@ -14,14 +14,13 @@ For the length of the switch two servers of the base are in memory.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
+from ..fsutil import exclusive_lock
 from ..paths import group_dir
 from ..tools import proc
 from .launch import settings_hash, start_backend, threads
@@ -46,17 +45,9 @@ def backend_settings(cfg: "Config") -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-@contextlib.contextmanager
-def group_lock(cfg: "Config", key: str) -> Iterator[None]:
+def group_lock(cfg: "Config", key: str):
     """Deploys of different models on one base take turns (each holds only its own model lock)."""
-    d = group_dir(cfg, key)
-    d.mkdir(parents=True, exist_ok=True)
-    with open(d / "lock", "a+") as lk:
-        fcntl.flock(lk.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lk.fileno(), fcntl.LOCK_UN)
+    return exclusive_lock(group_dir(cfg, key) / "lock")
 
 
 def _members(cfg: "Config", reg: dict, key: str, group: dict, skip: str) -> dict[str, dict]:
