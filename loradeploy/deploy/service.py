@@ -108,7 +108,8 @@ def _deploy_adapter(cfg: "Config", model: str, lora: Path | str | None, progress
         if not lora.is_file() or lora_gguf_info(lora).get("adapter_type") != "lora":
             raise InputError(f"model {model} is in adapter mode, and {lora} is not a LoRA GGUF",
                              hint="give the LoRA GGUF (convert_lora_to_gguf.py output) or omit --gguf")
-    return deploy_file(cfg, model, lora, fmt=base.format, sha256=sha, base=(Path(base.path), base.sha256),
+    base_sha = base.sha256 if base.intact() else sha256_file(Path(base.path))
+    return deploy_file(cfg, model, lora, fmt=base.format, sha256=sha, base=(Path(base.path), base_sha),
                        progress=progress)
 
 
