@@ -143,7 +143,7 @@ class Config(_Section):
             self._imatrix_for(f"models.{name}.formats", m.formats)
             if self.deployment.format and self.deployment.format not in fmts:
                 raise ValueError(f"deployment.format {self.deployment.format} is not quantized for model {name}")
-            if (m.mode or self.deployment.mode) == "adapter":
+            if self.mode_for(name) == "adapter":
                 self._adapter_mode_for(name)
         self._imatrix_for("evaluation.formats", self.evaluation.formats)
         return self

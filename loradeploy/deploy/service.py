@@ -38,8 +38,7 @@ def deploy_file(cfg: "Config", model: str, gguf: Path, *, fmt: Optional[str] = N
         raise InputError(f"GGUF {gguf} does not exist", hint="run the quantize stage or give an existing file")
     report = check_gguf(gguf)
     if base is not None:
-        base_report = check_gguf(base[0])
-        fmt = fmt or base_report.quant or base_report.file_type_name or "unknown"
+        report = check_gguf(base[0])  # the served format is the base's
     fmt = fmt or report.quant or report.file_type_name or "unknown"
     sha256 = sha256 or sha256_file(gguf)
     base_version = cfg.models[model].version

@@ -66,23 +66,20 @@ def build_targets(cfg: Config, models: Optional[Sequence[str]] = None,
         sp = cfg.models[name].system_prompt or None
         rows: list[EvalTarget] = []
         covered: set[Optional[str]] = set()
+        mode = cfg.mode_for(name)
+        tag = " (adapter)" if mode == "adapter" else ""
         for ep in (e for e in live_eps if e.model == name):
             if fmts and ep.format not in fmts:
                 continue
-            label = f"{name} {ep.format or 'live'}"
+            label = f"{name} {ep.format or 'live'}{tag}"
             rows.append(EvalTarget(label, name, ep.format, base_url=ep.base_url,
                                    gguf_path=str(ep.gguf_path) if ep.gguf_path else None, pid=ep.pid, n_ctx=n_ctx,
-                                   live=True, sha256=ep.sha256, version=ep.version, system_prompt=sp))
+                                   live=True, sha256=ep.sha256, version=ep.version, system_prompt=sp, mode=mode))
             covered.add(ep.format)
         rec = RunRecord.load(cfg.pipeline.state_dir, name)
-        mode = cfg.mode_for(name)
         lora = next(iter(rec.artifacts("convert", "lora")), None) if mode == "adapter" else None
         if mode == "adapter" and lora is None:
             notes.append(f"{name}: adapter mode, but no LoRA GGUF recorded; its quantized base is not evaluated")
-        for row in rows:
-            row.mode = mode
-            if mode == "adapter":
-                row.label += " (adapter)"
         for a in rec.artifacts("quantize", "gguf") if mode == "merged" or lora else ():
             fmt = a.format
             if fmt in covered or (fmts and fmt not in fmts):
@@ -90,8 +87,7 @@ def build_targets(cfg: Config, models: Optional[Sequence[str]] = None,
             if not Path(a.path).is_file():
                 notes.append(f"{name} {fmt}: quantized file {a.path} is missing; skipped")
                 continue
-            label = f"{name} {fmt}" + (" (adapter)" if lora else "")
-            rows.append(EvalTarget(label, name, fmt, gguf_path=a.path, n_ctx=n_ctx,
+            rows.append(EvalTarget(f"{name} {fmt}{tag}", name, fmt, gguf_path=a.path, n_ctx=n_ctx,
                                    sha256=a.sha256, version=cfg.models[name].version, system_prompt=sp,
                                    lora_path=lora.path if lora else None, mode=mode))
             covered.add(fmt)

@@ -32,8 +32,7 @@ def serve_stop(cfg: "Config", models: Optional[Sequence[str]] = None) -> list[di
             if entry.get("group"):  # adapter mode: the base's server stops with its last model
                 proc.stop(entry.get("proxy"))
                 update_entry(cfg, name, state="stopped", stopped_at=time.time())
-                shared = release_member(cfg, name, entry["group"])
-                update_entry(cfg, name, group=entry["group"])  # serve start rejoins it
+                shared = release_member(cfg, name, entry["group"])  # the entry keeps its group: serve start rejoins
             else:
                 for key in ("proxy", "backend", "pending_backend"):
                     proc.stop(entry.get(key))

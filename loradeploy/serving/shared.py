@@ -98,7 +98,7 @@ def switch_adapter(cfg: "Config", model: str, *, lora: Path, lora_sha: str, vers
         else:
             taken = {e.get("backend", {}).get("port") for e in reg["models"].values()}
             taken |= {g.get("backend", {}).get("port") for g in (reg.get("groups") or {}).values()}
-            started = start_backend(cfg, f"base-{key[:12]}", base, log_path=group_dir(cfg, key) / "server.log",
+            started = start_backend(cfg, f"base-{key[:12]}", base, log_path=group_log(cfg, key),
                                     conf_dir=group_dir(cfg, key), taken=taken - {None}, version=version,
                                     fmt=fmt, sha256=base_sha, loras=[Path(members[m]["lora"]) for m in order])
             backend, mode = started.record, started.mode
@@ -112,7 +112,7 @@ def switch_adapter(cfg: "Config", model: str, *, lora: Path, lora_sha: str, vers
                 e = reg["models"].get(m) if m != model else entry
                 m_ours = ours if m == model else check_live_port(cfg, m, e)
                 doc = _control(cfg, m, members[m], i, backend["port"], str(base), base_sha)
-                pointed.append((point_proxy(cfg, m, e, m_ours, doc, group_dir(cfg, key) / "server.log"), e))
+                pointed.append((point_proxy(cfg, m, e, m_ours, doc, group_log(cfg, key)), e))
         except BaseException:
             for p, e in reversed(pointed):
                 undo_proxy(cfg, p, e)
@@ -131,7 +131,7 @@ def switch_adapter(cfg: "Config", model: str, *, lora: Path, lora_sha: str, vers
                     sha256=a["sha256"], base_gguf=str(base), base_sha256=base_sha, mode="adapter", group=key,
                     lora_id=i, settings_hash=settings_hash(cfg, m), proxy=p.proxy, backend=backend,
                     pending_backend=None, state="running", backend_kind="llama-server",
-                    url=f"http://{client_host(s.host)}:{cfg.models[m].port}", log=str(group_dir(cfg, key) / "server.log"),
+                    url=f"http://{client_host(s.host)}:{cfg.models[m].port}", log=str(group_log(cfg, key)),
                     switched_at=now, cpu_mode=mode.as_dict() if mode else previous[m].get("cpu_mode"),
                     started_at=previous[m].get("started_at") or now)
             r.setdefault("groups", {})[key] = {
@@ -181,17 +181,7 @@ def release_member(cfg: "Config", model: str, key: str) -> Optional[dict]:
                 g.get("adapters", {}).pop(model, None)
                 if not left:
                     r["groups"].pop(key)
-            e = r["models"].get(model)
-            if e is not None and e.get("group") == key:
-                e["group"] = None
         return {"group": key, "stopped": not left, "left": sorted(left)}
-
-
-def group_of(cfg: "Config", model: str) -> Optional[dict]:
-    """The shared server record a model is served from, if any."""
-    reg = read_registry(cfg)
-    key = (reg["models"].get(model) or {}).get("group")
-    return (reg.get("groups") or {}).get(key) if key else None
 
 
 def group_log(cfg: "Config", key: str) -> Path:

@@ -66,9 +66,10 @@ class ConvertStage:
         outtype = ctx.cfg.quantization.convert_type
         out = ctx.paths.gguf(outtype.upper())
         name = f"{ctx.model_name}-{ctx.model.version}"
-        if self._path(ctx) == ADAPTER:
+        path = self._path(ctx)
+        if path == ADAPTER:
             return self._adapter(ctx, outtype)
-        if self._path(ctx) == FUSED:
+        if path == FUSED:
             plan = plan_for(ctx)
             ctx.progress(f"merging into {outtype.upper()}", 0, 0)
             # no vocab-only preflight here: in-process, the converter checks architecture and
@@ -103,29 +104,24 @@ class ConvertStage:
     def _adapter(self, ctx: StageContext, outtype: str) -> StageResult:
         """Adapter mode: the base once per base (shared by every adapter on it), and this model's
         adapter as a LoRA GGUF."""
-        from ..lora import convert_adapter, shared_base
-        from ..state import inputs_hash
+        from ..lora import convert_adapter
+        from ..lora.shared_base import once
 
         base_dir, out = resolve_base(ctx.model.base_model), ctx.paths.gguf(outtype.upper())
-        key = inputs_hash({"base": merge_inputs(ctx)["base_files"], "outtype": outtype,
-                           "converter": converter.converter_version()})
-        with shared_base.locked(out.parent):
-            hit = shared_base.recall(out.parent, "convert", key)
-            if hit:
-                ctx.log.info("base %s: %s already converted by model %s", base_dir.name, out.name, hit["model"])
-                sha, info = hit["files"][0]["sha256"], {**hit["info"], "base_from": hit["model"]}
-            else:
-                ctx.progress(f"converting the base model to {outtype.upper()} (once per base)", 0, 0)
-                with atomic_output(out) as tmp:
-                    written = converter.write_gguf(base_dir, tmp, outtype=outtype, model_name=base_dir.name,
-                                                   log=ctx.log)
-                    info = {"path": ADAPTER, **written, **validate(tmp, ctx.log)}
-                sha = info.pop("sha256")
-                shared_base.remember(out.parent, "convert", key, [{"path": out, "sha256": sha}], info, ctx.model_name)
+
+        def convert_base() -> StageResult:
+            ctx.progress(f"converting the base model to {outtype.upper()} (once per base)", 0, 0)
+            with atomic_output(out) as tmp:
+                written = converter.write_gguf(base_dir, tmp, outtype=outtype, model_name=base_dir.name, log=ctx.log)
+                info = {"path": ADAPTER, **written, **validate(tmp, ctx.log)}
+            return StageResult([Artifact.of(out, "gguf", outtype.upper(), sha256=info.pop("sha256"))], info)
+
+        inputs = {"base": merge_inputs(ctx)["base_files"], "outtype": outtype, "converter": converter.converter_version()}
+        base = once(out.parent, "convert", inputs, ctx.model_name, convert_base, StageResult, ctx.log)
+        info = dict(base.info)
         ctx.progress("converting the adapter to a LoRA GGUF", 0, 0)
         lora = convert_adapter(adapter_dir_for(ctx), base_dir, ctx.paths.lora, outtype="f16", log_path=ctx.log_path)
-        arts = [Artifact.of(out, "gguf", outtype.upper(), sha256=sha),
-                Artifact.of(ctx.paths.lora, "lora", "F16", sha256=lora["sha256"])]
+        arts = [*base.artifacts, Artifact.of(ctx.paths.lora, "lora", "F16", sha256=lora["sha256"])]
         if self._base_type(ctx):
             info["base_gguf"] = str(out)  # evaluation's base row: the very base the adapters run on
         return StageResult(arts, {**info, "path": ADAPTER, "mode": "adapter", "base_gguf_shared": str(out),

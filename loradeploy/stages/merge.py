@@ -33,12 +33,11 @@ def merge_inputs(ctx: StageContext) -> dict:
     adir = adapter_dir_for(ctx)
     fetched = {a.path: a.sha256 for a in ctx.upstream_artifacts("fetch", "adapter")}
     m = ctx.cfg.merge
+    sources = {"base": ctx.model.base_model, "base_files": stat_fingerprint(resolve_base(ctx.model.base_model)),
+               "adapter": fetched or stat_fingerprint(adir)}
     if ctx.cfg.mode_for(ctx.model_name) == "adapter":  # nothing merged: the adapter and base as they are
-        return {"mode": "adapter", "base": ctx.model.base_model,
-                "base_files": stat_fingerprint(resolve_base(ctx.model.base_model)),
-                "adapter": fetched or stat_fingerprint(adir)}
-    return {"base": ctx.model.base_model, "base_files": stat_fingerprint(resolve_base(ctx.model.base_model)),
-            "adapter": fetched or stat_fingerprint(adir), "strategy": m.strategy, "dtype": m.dtype,
+        return {"mode": "adapter", **sources}
+    return {**sources, "strategy": m.strategy, "dtype": m.dtype,
             "device": m.device, "save_merged_hf": m.save_merged_hf,
             "convert_follows": "convert" in ctx.cfg.pipeline.stages}
 
