@@ -22,7 +22,8 @@ from .pipeline import PipelineResult, Reporter, StageOutcome
 err_console = Console(stderr=True)
 out_console = Console()
 
-STATUS_STYLE = {"done": "green", "skipped": "cyan", "failed": "bold red", "unavailable": "yellow",
+STATUS_STYLE = {"done": "green", "skipped": "cyan", "failed": "bold red", "degraded": "bold yellow",
+                "unavailable": "yellow",
                 "not_run": "dim", "planned": "magenta"}
 
 

@@ -60,12 +60,15 @@ class Status(str, Enum):
     UNAVAILABLE = "unavailable"
     NOT_RUN = "not_run"
     RUNNING = "running"
+    DEGRADED = "degraded"      # ran to its end, with a part down or below its threshold: not ok, redone next run
 
     def __str__(self) -> str:
         return self.value
 
 
 FINISHED = (Status.DONE, Status.SKIPPED)
+# a stage whose later stages may still run (a degraded health still lets evaluate measure what is up)
+COMPLETED = FINISHED + (Status.DEGRADED,)
 
 
 class RunRecord:

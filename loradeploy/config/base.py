@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo, model_validator
 
 STAGES: tuple[str, ...] = ("fetch", "merge", "convert", "quantize", "verify", "deploy", "health", "evaluate")
 Stage = Literal["fetch", "merge", "convert", "quantize", "verify", "deploy", "health", "evaluate"]
@@ -61,6 +61,21 @@ def is_loopback(host: str) -> bool:
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sections_from_data(cls, data: object) -> object:
+        """A section left out (or written empty) is validated from ``{}`` like one written out, so its
+        default paths resolve against the config's folder too; a ``default_factory`` would build it
+        without the loader's context and leave them relative to whatever folder the process runs in."""
+        if not isinstance(data, dict):
+            return data
+        filled = dict(data)
+        for name, field in cls.model_fields.items():
+            sub = field.annotation
+            if isinstance(sub, type) and issubclass(sub, _Section) and filled.get(name) is None:
+                filled[name] = {}
+        return filled
 
 
 def resolve_path(p: Path | None, info: ValidationInfo) -> Path | None:

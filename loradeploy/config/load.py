@@ -53,6 +53,9 @@ def config_from_dict(data: Any, *, base_dir: Path | None = None, source: str = "
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: top level must be a mapping of sections")
     data = expand_env(data)
+    # every relative path, written or default, resolves once, here: against the config's folder, or the
+    # folder this process runs in for a config given as data; records, servers and children get absolute paths
+    base_dir = Path(base_dir if base_dir is not None else Path.cwd()).resolve()
     try:
         cfg = Config.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:

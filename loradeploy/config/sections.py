@@ -178,12 +178,15 @@ class DeploymentConfig(_Section):
 
 class HealthCheckConfig(_Section):
     enabled: bool = True
-    timeout_s: float = Field(30, gt=0)
+    timeout_s: Optional[float] = Field(None, gt=0, description="whole-request deadline; default: scaled to "
+                                                               "the model's size and the cores (30 s at least)")
     test_prompts: list[str] = Field(default_factory=lambda: ["Say hello in one short sentence."])
     min_response_length: int = Field(1, ge=0)
     max_tokens: int = Field(64, ge=1)
-    max_latency_s: float = Field(10.0, gt=0, description="slower than this is degraded")
-    min_tokens_per_s: float = Field(1.0, ge=0, description="slower than this is degraded")
+    max_latency_s: Optional[float] = Field(None, gt=0, description="slower than this is degraded; default: 3x "
+                                                                   "the expected answer time (10 s at least)")
+    min_tokens_per_s: Optional[float] = Field(None, ge=0, description="slower than this is degraded; default: a "
+                                                                      "fifth of the expected rate (at most 1)")
     min_free_disk_gb: float = Field(5.0, ge=0)
     min_free_memory_gb: float = Field(1.0, ge=0)
     max_gpu_memory_fraction: float = Field(0.95, gt=0, le=1)
@@ -226,7 +229,8 @@ class EvaluationConfig(_Section):
     repeats: int = Field(1, ge=1)
     max_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.0, ge=0)
-    timeout_s: float = Field(60, gt=0)
+    timeout_s: Optional[float] = Field(None, gt=0, description="per request; default: scaled to the model's "
+                                                               "size, the cores and concurrency (60 s at least)")
     include_base: bool = True
     base_gguf: Literal["none", "q8_0", "f16"] = Field(
         "none", description="also convert the base model (no adapter) for the base reference row")

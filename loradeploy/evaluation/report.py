@@ -128,7 +128,8 @@ def render_markdown(result: EvalResult, charts: dict[str, str], fidelity: Sequen
     out += ["## Comparison", ""]
     rows = []
     for r in result.comparison:
-        rows.append([_cell(_label(r)), r["status"], _f(r["quality"], pct=True), _delta(r["delta_vs_best"]),
+        status = f"{r['status']}: {_cell(r['reason'], 120)}" if r.get("reason") else r["status"]
+        rows.append([_cell(_label(r)), status, _f(r["quality"], pct=True), _delta(r["delta_vs_best"]),
                      _delta(r["delta_vs_base"]), _f(r["exact"], pct=True), _f(r["contains"], pct=True),
                      _f(r["rouge_l"], pct=True), _f(r["chrf"], pct=True), _f(r["latency_p50_s"]),
                      _f(r["ttft_p50_s"]), _f(r["gen_tokens_per_s"], 1), _f(r["file_mib"], 1),

@@ -69,7 +69,20 @@ class EvalResult:
 
     @property
     def ok(self) -> bool:
+        """Something was measured (at least one target answered)."""
         return any(t.status in ("ok", "partial") for t in self.targets)
+
+    @property
+    def failures(self) -> list[str]:
+        """Every target that is down or failed requests, with why: the run is then not ok."""
+        out = []
+        for t in self.targets:
+            if t.status in ("down", "failed"):
+                out.append(f"{t.target.label} {t.status}" + (f" ({t.error})" if t.error else ""))
+            elif t.status == "partial":
+                out.append(f"{t.target.label} partial ({t.aggregates.get('errors', 0)} of "
+                           f"{t.aggregates.get('requests', 0)} requests failed)")
+        return out
 
     def target(self, label: str) -> TargetResult:
         for t in self.targets:
@@ -163,7 +176,7 @@ def compare(targets: list[TargetResult]) -> list[dict]:
             mem = a.get("memory", {})
             row = {
                 "label": t.target.label, "model": model, "format": t.target.format, "is_base": t.target.is_base,
-                "live": t.target.live, "status": t.status, "errors": a.get("errors", 0),
+                "live": t.target.live, "status": t.status, "reason": t.error, "errors": a.get("errors", 0),
                 "requests": a.get("requests", 0),
                 "quality": q.get("quality"), "exact": q.get("exact"), "contains": q.get("contains"),
                 "rouge_l": q.get("rouge_l"), "chrf": q.get("chrf"),

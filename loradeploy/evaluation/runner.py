@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence
 
 from ..config import Config
 from ..errors import EvalError, InputError
+from ..expectations import cores, eval_timeout, model_bytes
 from ..serving import registry_entry
 from ..serving.ports import pid_listening_on
 from . import metrics
@@ -121,9 +122,10 @@ class _TargetRun:
         return key.get_secret_value() if key is not None and self.t.live else None
 
     def _serve(self, api_url: str, pid: Optional[int]) -> tuple[list[SampleResult], Optional[str]]:
-        api = Api(api_url, self.ev.timeout_s, api_key=self._api_key())
+        timeout = eval_timeout(self.ev, model_bytes(self.t.gguf_path, self.t.lora_path), cores())
+        api = Api(api_url, timeout, api_key=self._api_key())
         try:
-            api.probe(timeout=min(10.0, self.ev.timeout_s))
+            api.probe(timeout=min(10.0, timeout))
         except EvalError as exc:
             return self._error_rows(exc.one_line()), exc.one_line()
         if pid is None and api.host in ("127.0.0.1", "localhost", "::1"):
@@ -176,7 +178,7 @@ def _config_summary(cfg: Config, samples_path: Optional[str], n_samples: int) ->
     ev = cfg.evaluation
     return {"samples": samples_path, "n_samples": n_samples, "concurrency": ev.concurrency, "warmup": ev.warmup,
             "repeats": ev.repeats, "max_tokens": ev.max_tokens, "temperature": ev.temperature,
-            "timeout_s": ev.timeout_s, "n_ctx": cfg.deployment.llamacpp.n_ctx,
+            "timeout_s": ev.timeout_s or "auto", "n_ctx": cfg.deployment.llamacpp.n_ctx,
             "n_gpu_layers": cfg.deployment.llamacpp.n_gpu_layers, "include_base": ev.include_base,
             "quality": "mean of the metrics a sample has: exact, contains, ROUGE-L F1, chrF (each 0..1)"}
 

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
+from ..expectations import cores, health_limits, model_bytes
 from ..serving import endpoints as deployed
 from ..verify.report import health_check as served_fidelity
 from .api import client_for, model_checks, models_check, port_check
@@ -97,7 +98,9 @@ def exit_code(report: HealthReport) -> int:
 def probe(endpoint: EndpointLike, hc: "HealthCheckConfig", *, prompts: Optional[Sequence[str]] = None,
           files: bool = True, api_key: Optional[str] = None) -> list[Check]:
     """Every per-endpoint check; ``prompts=[]`` skips the model test (a bare readiness probe),
-    ``files=False`` skips hashing the GGUF, ``api_key`` is sent as ``Authorization: Bearer``."""
+    ``files=False`` skips hashing the GGUF, ``api_key`` is sent as ``Authorization: Bearer``.
+    Limits left at ``auto`` are set for the served file's size and this machine's cores."""
+    hc = health_limits(hc, model_bytes(endpoint.gguf_path, getattr(endpoint, "lora_path", None)), cores())
     checks = file_checks(endpoint) if files else []
     client = client_for(endpoint, api_key)
     port = port_check(client, endpoint, hc)

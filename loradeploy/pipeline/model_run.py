@@ -13,7 +13,7 @@ from ..logsetup import pipeline_logger, stage_logger
 from ..resources import PeakRSS
 from ..stages import get_stage
 from ..stages.base import StageContext
-from ..state import FINISHED, RunRecord, Status, inputs_hash
+from ..state import COMPLETED, FINISHED, RunRecord, Status, inputs_hash
 from .outcomes import ModelOutcome, Reporter, StageOutcome
 from .plan import NEEDS, NO_RETRY, model_paths
 
@@ -113,17 +113,24 @@ class ModelRun:
             # a stage run elsewhere reports the memory it took there; this process's would say nothing
             peak_mib = peak.peak_mib if ran.peak_rss_mib is None else ran.peak_rss_mib
             start_mib = round(peak.start / 2**20, 1) if ran.start_rss_mib is None else ran.start_rss_mib
-            out = StageOutcome(stage, Status.DONE, secs, peak_mib, start_mib, note=ran.note,
-                               artifacts=[a.to_dict() for a in result.artifacts], info=result.info)
+            status = Status.DEGRADED if result.degraded else Status.DONE
+            out = StageOutcome(stage, status, secs, peak_mib, start_mib, note=ran.note,
+                               error=result.degraded, artifacts=[a.to_dict() for a in result.artifacts],
+                               info=result.info)
             self.record.set_stage(stage, {
-                "status": str(Status.DONE), "inputs_hash": h, "artifacts": out.artifacts, "info": result.info,
+                "status": str(status), "inputs_hash": h, "artifacts": out.artifacts, "info": result.info,
                 "started_at": started, "ended_at": time.time(), "seconds": round(secs, 3),
-                "peak_rss_mib": peak_mib,
+                "peak_rss_mib": peak_mib, **({"error": result.degraded} if result.degraded else {}),
             })
             self.record.save()
-            log.info("%s: done in %.1fs, peak RSS %.0f MiB", stage, secs, peak_mib)
-            if stage == "health" and self.notifier and result.info.get("status") == "degraded":
-                self.notifier.health(self.name, "degraded", result.info.get("warnings"))
+            log.info("%s: %s in %.1fs, peak RSS %.0f MiB", stage, status, secs, peak_mib)
+            if result.degraded:
+                log.warning("%s degraded: %s", stage, result.degraded)
+                if self.notifier:
+                    if stage == "health":
+                        self.notifier.health(self.name, "degraded", result.info.get("warnings"))
+                    else:
+                        self.notifier.stage_failed(self.name, stage, f"degraded: {result.degraded}", str(log_path))
             self.reporter.stage_finished(self.name, stage, out)
             return out
         raise AssertionError("unreachable")
@@ -135,7 +142,7 @@ class ModelRun:
             if self.record.stage(up).get("cleaned") and not self.record.intact(up):
                 log.info("%s needs %s outputs, which were cleaned up: rebuilding them", stage, up)
                 out = self.run_stage(up, reason="needed again by " + stage, rebuild=True)
-                if out.status not in FINISHED:
+                if out.status not in COMPLETED:
                     raise LoradeployError(f"could not rebuild {up} outputs needed by {stage}: {out.error}")
                 self.outcome.stages[up] = out
                 rebuilt = True

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from ..state import FINISHED
+from ..state import FINISHED, Status
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -45,8 +45,13 @@ class ModelOutcome:
     def ok(self) -> bool:
         return all(s.status in FINISHED for s in self.stages.values())
 
+    @property
+    def degraded(self) -> dict[str, str]:
+        """Stages that ran to their end but not ok, with why (an evaluation target down, a slow health)."""
+        return {k: s.error or "degraded" for k, s in self.stages.items() if s.status == Status.DEGRADED}
+
     def to_dict(self) -> dict:
-        return {"ok": self.ok, "stages": {k: v.to_dict() for k, v in self.stages.items()},
+        return {"ok": self.ok, "degraded": self.degraded, "stages": {k: v.to_dict() for k, v in self.stages.items()},
                 "artifacts": self.artifacts}
 
 
@@ -61,8 +66,12 @@ class PipelineResult:
     def ok(self) -> bool:
         return all(m.ok for m in self.models.values())
 
+    @property
+    def degraded(self) -> bool:
+        return any(m.degraded for m in self.models.values())
+
     def to_dict(self) -> dict:
-        return {"ok": self.ok, "dry_run": self.dry_run, "seconds": round(self.seconds, 3), "stages": self.stages,
+        return {"ok": self.ok, "degraded": self.degraded, "dry_run": self.dry_run, "seconds": round(self.seconds, 3), "stages": self.stages,
                 "models": {k: v.to_dict() for k, v in self.models.items()}}
 
 

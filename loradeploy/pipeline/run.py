@@ -144,6 +144,6 @@ def run_pipeline(cfg: Config, models: Sequence[str], *, from_stage: str | None =
     write_summary(cfg, result)
     if notifier.channels():
         rows = [{"model": n, "stage": st, "status": str(o.status), "seconds": f"{o.seconds:.1f}",
-                 "peak MiB": f"{o.peak_rss_mib:.0f}"} for n, mo in result.models.items() for st, o in mo.stages.items()]
+                 "peak MiB": f"{o.peak_rss_mib:.0f}", "note": (o.error or "")[:200]} for n, mo in result.models.items() for st, o in mo.stages.items()]
         notifier.run_finished(rows, result.ok)
     return result

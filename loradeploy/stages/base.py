@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
 from ..paths import ModelPaths  # noqa: F401  (stages read their paths from here)
 from ..state import Artifact, RunRecord  # noqa: F401  (stages build and return artifacts)
@@ -24,6 +24,9 @@ def no_progress(description: str, completed: float, total: float) -> None:
 class StageResult:
     artifacts: list[Artifact] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    # why the stage ran to its end but is not ok (an evaluation target down, a degraded health): the
+    # run then reports ok: false and the stage "degraded", and the next run does it again
+    degraded: Optional[str] = None
 
 
 @dataclass

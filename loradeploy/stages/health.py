@@ -68,4 +68,5 @@ class HealthStage:
         model = report.models.get(ctx.model_name)
         info = {"status": status, "metrics": model.metrics if model else {},
                 "warnings": [f"{c.name}: {c.detail}" for _, c in report.warnings()], "report": str(path)}
-        return StageResult([Artifact.of(path, "report", hash_file=False)], info)
+        why = "; ".join(info["warnings"])[:300] or "degraded" if status == DEGRADED else None
+        return StageResult([Artifact.of(path, "report", hash_file=False)], info, degraded=why)

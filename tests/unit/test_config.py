@@ -213,7 +213,8 @@ def test_formats_that_need_an_imatrix_load_with_one(path, value, imatrix):
     data = with_(path, value)
     data.setdefault("quantization", {})["imatrix"] = imatrix
     cfg = config_from_dict(data)
-    assert cfg.quantization.imatrix == ("auto" if imatrix == "auto" else Path(imatrix))
+    # a relative path in a config given as data resolves against the working folder, once, at load
+    assert cfg.quantization.imatrix == ("auto" if imatrix == "auto" else Path.cwd().resolve() / imatrix)
 
 
 def test_quantize_cannot_be_reached_with_an_iq_format(tmp_path):
