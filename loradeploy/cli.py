@@ -250,6 +250,7 @@ def evaluate(config, models, samples, formats, as_json):
         console.emit_json(res.to_dict())
     else:
         console.show(render(res))
+    return 1 if res.failures() else 0  # a target down or failing requests is never reported as ok
 
 
 @main.group()

@@ -72,7 +72,6 @@ class EvalResult:
         """Something was measured (at least one target answered)."""
         return any(t.status in ("ok", "partial") for t in self.targets)
 
-    @property
     def failures(self) -> list[str]:
         """Every target that is down or failed requests, with why: the run is then not ok."""
         out = []
@@ -95,6 +94,7 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         return {"schema_version": self.schema_version, "created_at": self.created_at,
+                "ok": not self.failures(), "failures": self.failures(),
                 "seconds": round(self.seconds, 3), "config": self.config, "samples_path": self.samples_path,
                 "n_samples": len(self.samples), "notes": self.notes, "reports": self.reports,
                 "targets": [t.to_dict() for t in self.targets], "comparison": self.comparison,

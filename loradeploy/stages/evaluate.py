@@ -50,6 +50,6 @@ class EvaluateStage:
         info = {"report": res.reports["markdown"], "targets": len(res.targets), "errors": res.errors,
                 "comparison": [{k: r[k] for k in ("label", "status", "quality", "delta_vs_best", "delta_vs_base",
                                                    "latency_p50_s", "gen_tokens_per_s")} for r in res.comparison]}
-        down = res.failures  # a target down or with failed requests: the run is not ok
+        down = res.failures()  # a target down or with failed requests: the run is not ok
         why = f"{len(down)} of {len(res.targets)} targets failed: {'; '.join(down)}" if down else None
         return StageResult([Artifact.of(p, "report") for p in paths], info, degraded=why)
