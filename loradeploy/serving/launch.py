@@ -23,7 +23,7 @@ from ..tools import proc
 from ..tools.openai_http import Client
 from .backends import LABELS, backend_conf, extra_model_settings, threads
 from .ports import pick_spare
-from .registry import ended_how, exit_path
+from .registry import ended_how, exit_path, server_path
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -52,9 +52,10 @@ def spawn_worker(kind: str, conf: dict, conf_path: Path, log_path: Path) -> dict
     backend that worker is the supervisor of the real server."""
     atomic_write_text(conf_path, json.dumps(conf, indent=2))
     exit_path(conf_path).unlink(missing_ok=True)  # a verdict left by an earlier server on this port
+    server_path(conf_path).unlink(missing_ok=True)
     child = proc.spawn([sys.executable, "-m", WORKER, kind, str(conf_path)], log_path=log_path,
                        env=worker_env(), cwd=conf_path.parent, replace_env=True)
-    return {**child.as_record(), "config": str(conf_path)}
+    return {**child.as_record(), "config": str(conf_path), "server_record": str(server_path(conf_path))}
 
 
 def log_tail(path: Path, lines: int = 50, since: int = 0) -> str:

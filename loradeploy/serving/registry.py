@@ -105,6 +105,13 @@ def exit_path(conf_path: Path | str) -> Path:
     return conf_path.with_name(conf_path.stem + ".exit.json")
 
 
+def server_path(conf_path: Path | str) -> Path:
+    """Where a backend's supervisor records its server (pid, start times): proc.stop() of the
+    supervisor's record (its ``server_record``) stops a server that outlived the supervisor."""
+    conf_path = Path(conf_path)
+    return conf_path.with_name(conf_path.stem + ".server.json")
+
+
 def recorded_exit(rec: dict | None) -> Optional[str]:
     """"killed by SIGSEGV" / "exited with code 1" for a backend that ended, if its supervisor said so."""
     if not rec or not rec.get("config"):

@@ -16,9 +16,9 @@ def _supervise_backend(conf_path: Path, conf: dict) -> int:
     from ..fsutil import atomic_write_text
     from ..tools.proc import describe_exit, supervise
     from .backends import child_argv
-    from .registry import exit_path
+    from .registry import exit_path, server_path
 
-    code = supervise(child_argv(conf, conf_path))
+    code = supervise(child_argv(conf, conf_path), record_path=server_path(conf_path))
     atomic_write_text(exit_path(conf_path), json.dumps({"code": code, "how": describe_exit(code), "at": time.time()}))
     print(f"backend {describe_exit(code)}", file=sys.stderr, flush=True)
     return code if code >= 0 else 128 - code

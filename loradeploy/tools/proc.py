@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import collections
 import os
+import json
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
-from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
 
 from ..errors import ProcError
+from .procid import Spawned, record_pid, record_ticks, identify, start_ticks
 
 TAIL_LINES = 30
 
@@ -153,39 +155,12 @@ def kill_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float =
 _CHILDREN: dict[int, subprocess.Popen] = {}  # our own children, reaped here so none lingers as a zombie
 
 
-@dataclass(frozen=True)
-class Spawned:
-    """A detached process: pid plus its start time, so a reused pid is never mistaken for it."""
-
-    pid: int
-    create_time: float
-    log_path: Optional[Path] = None
-    start_ticks: Optional[int] = None
-
-    def as_record(self) -> dict:
-        return {"pid": self.pid, "create_time": self.create_time, "start_ticks": self.start_ticks}
-
-
-def start_ticks(pid: int) -> Optional[int]:
-    """When the process started, in clock ticks since boot (/proc/PID/stat field 22): unlike psutil's
-    create_time (boot time from the wall clock + this), it does not move when the wall clock is
-    stepped, so a record still names its process after an NTP or VM clock jump."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        return int(stat[stat.rindex(b")") + 2:].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def spawn(args: Sequence[str | os.PathLike], *, log_path: Path, env: Mapping[str, str] | None = None,
           cwd: Path | None = None, replace_env: bool = False) -> Spawned:
     """Start ``args`` detached (own session, stdin closed), stdout+stderr appended to ``log_path``.
 
     The process outlives this one; follow it with alive() / exit_signal() / stop().
     """
-    import psutil
-
     argv = [os.fspath(a) for a in args]
     full_env = dict(env or {}) if replace_env else {**os.environ, **(env or {})}
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
@@ -199,31 +174,14 @@ def spawn(args: Sequence[str | os.PathLike], *, log_path: Path, env: Mapping[str
             raise ProcError(f"{Path(argv[0]).name}: command not found: {argv[0]}", command=argv,
                             returncode=127, hint="install it or put it on PATH") from exc
     _CHILDREN[proc.pid] = proc
-    try:
-        ctime = psutil.Process(proc.pid).create_time()
-    except psutil.NoSuchProcess:
-        ctime = 0.0
-    return Spawned(proc.pid, ctime, Path(log_path), start_ticks(proc.pid))
-
-
-def _rec(p: "Spawned | Mapping | None") -> tuple[int, float]:
-    if p is None:
-        return 0, 0.0
-    if isinstance(p, Spawned):
-        return p.pid, p.create_time
-    return int(p.get("pid") or 0), float(p.get("create_time") or 0.0)
-
-
-def _ticks(p: "Spawned | Mapping | None") -> Optional[int]:
-    t = p.start_ticks if isinstance(p, Spawned) else (p or {}).get("start_ticks")
-    return int(t) if t is not None else None
+    return identify(proc.pid, Path(log_path))
 
 
 def alive(p: "Spawned | Mapping | None") -> bool:
     """True when the process exists, is the same one (start time), and is not a zombie."""
     import psutil
 
-    pid, ctime = _rec(p)
+    pid, ctime = record_pid(p)
     if not pid:
         return False
     child = _CHILDREN.get(pid)
@@ -231,12 +189,12 @@ def alive(p: "Spawned | Mapping | None") -> bool:
         child.poll()  # collects our own exited child's status (no zombie) and keeps its returncode
     try:
         proc = psutil.Process(pid)
-        want, now = _ticks(p), None
+        want, now = record_ticks(p), None
         if want is not None and (now := start_ticks(pid)) is not None:
             if now != want:
                 return False  # the pid now belongs to another process
         elif ctime and abs(proc.create_time() - ctime) > 1.0:
-            return False  # (no /proc: the wall-clock start time, which a clock step can move)
+            return False  # no /proc (macOS): psutil's create_time, fixed at start there
         return proc.status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return False
@@ -245,7 +203,7 @@ def alive(p: "Spawned | Mapping | None") -> bool:
 def exit_status(p: "Spawned | Mapping | None") -> Optional[int]:
     """The exit code of a child this process started and that has ended (negative: killed by that
     signal); None while it runs or when another process started it."""
-    pid, _ = _rec(p)
+    pid, _ = record_pid(p)
     child = _CHILDREN.get(pid)
     return None if child is None else child.poll()
 
@@ -261,32 +219,46 @@ def describe_exit(code: Optional[int]) -> str:
     return f"exited with code {code}"
 
 
+def _server_of(p: "Spawned | Mapping | None") -> Optional[dict]:
+    """The record a supervisor wrote of its server (``server_record`` in ``p``: see supervise())."""
+    path = p.get("server_record") if isinstance(p, Mapping) else None
+    if not path:
+        return None
+    try:
+        rec = json.loads(Path(path).read_text())
+        return rec if isinstance(rec, dict) and rec.get("pid") else None
+    except (OSError, ValueError):
+        return None
+
+
 def stop(p: "Spawned | Mapping | None", grace: float = 30.0) -> None:
-    """SIGTERM the process group (it may finish work in flight), SIGKILL after ``grace`` seconds."""
-    pid, _ = _rec(p)
-    if not alive(p):
-        _CHILDREN.pop(pid, None)
-        return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-        end = time.monotonic() + wait
-        while time.monotonic() < end and alive(p):
-            time.sleep(0.05)
-        if not alive(p):
-            break
+    """SIGTERM the process group (it may finish work in flight), SIGKILL after ``grace`` seconds.
+    A supervisor's record also names its server: that is stopped too if it outlived the supervisor."""
+    pid, _ = record_pid(p)
+    server = _server_of(p)
+    if alive(p):
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+            end = time.monotonic() + wait
+            while time.monotonic() < end and alive(p):
+                time.sleep(0.05)
+            if not alive(p):
+                break
     child = _CHILDREN.pop(pid, None)
     if child is not None:
         try:
             child.wait(timeout=1)
         except subprocess.TimeoutExpired:
             pass
+    if server is not None and alive(server):
+        stop(server, grace=min(grace, 5.0))
 
 
 def _die_with_parent() -> None:
-    """In a supervised child before exec: be killed when the supervisor dies, even by SIGKILL."""
+    """In a supervised child before exec (Linux): be killed when the supervisor dies, even by SIGKILL."""
     import ctypes
 
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -294,28 +266,77 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def supervise(args: Sequence[str | os.PathLike], *, env: Mapping[str, str] | None = None) -> int:
+class _DeathWatch:
+    """Where there is no PR_SET_PDEATHSIG (macOS): a watchdog process (tools/deathwatch.py) holds
+    a pipe only this process writes to; the server writes its pid into it before exec. The pipe
+    closing without ``done`` — this process died, however — makes the watchdog SIGKILL the server."""
+
+    def __init__(self) -> None:
+        self.parent = os.getpid()
+        r, self.w = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", str(Path(__file__).with_name("deathwatch.py")), str(r)],
+                pass_fds=(r,), stdin=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            os.close(r)
+
+    def preexec(self) -> None:
+        os.write(self.w, f"{os.getpid()}\n".encode())
+        if os.getppid() != self.parent:  # the supervisor died after the fork: the watchdog kills us
+            os._exit(1)
+
+    def release(self) -> None:
+        """The server ended (or never started): the watchdog leaves without killing anything."""
+        try:
+            os.write(self.w, b"done\n")
+        finally:
+            os.close(self.w)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def supervise(args: Sequence[str | os.PathLike], *, env: Mapping[str, str] | None = None,
+              record_path: Path | None = None) -> int:
     """Run ``args`` as a child sharing this process's stdout/stderr, pass SIGTERM/SIGINT/SIGHUP on to
     it, and return its exit status (negative: the signal that killed it). For a worker that must
     report how the real server ended, which only a parent can know.
 
     The child has its own process group, so a signal to the supervisor's group reaches it once
     (forwarded), not twice: llama-server takes a second SIGTERM as "exit now". It dies with the
-    supervisor (PR_SET_PDEATHSIG), so a supervisor killed outright leaves no server behind."""
+    supervisor, so a supervisor killed outright leaves no server behind: PR_SET_PDEATHSIG on Linux,
+    a watchdog process elsewhere (_DeathWatch). ``record_path`` gets the child's record (pid, start
+    times), so stop() of a record naming it as ``server_record`` stops a server that outlived us."""
     argv = [os.fspath(a) for a in args]
-    child = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL,
-                             process_group=0, preexec_fn=_die_with_parent)
+    watch = None if sys.platform.startswith("linux") else _DeathWatch()
+    try:
+        child = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL,
+                                 process_group=0, preexec_fn=watch.preexec if watch else _die_with_parent)
+    except BaseException:
+        if watch:
+            watch.release()
+        raise
+    try:
+        if record_path is not None:
+            from ..fsutil import atomic_write_text
 
-    def forward(signum, _frame):
-        try:
-            child.send_signal(signum)
-        except ProcessLookupError:
-            pass
+            atomic_write_text(Path(record_path), json.dumps(identify(child.pid).as_record()))
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
-    while True:
-        try:
-            return child.wait()
-        except InterruptedError:
-            continue
+        def forward(signum, _frame):
+            try:
+                child.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, forward)
+        while True:
+            try:
+                return child.wait()
+            except InterruptedError:
+                continue
+    finally:
+        if watch:
+            watch.release()
