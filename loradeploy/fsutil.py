@@ -31,10 +31,31 @@ def fsync_path(path: Path) -> None:
         _fsync_file(path)
 
 
+def datasync(fd: int) -> None:
+    """Write a file's data back (fdatasync); os.fsync where there is no fdatasync (macOS)."""
+    if hasattr(os, "fdatasync"):
+        os.fdatasync(fd)
+    else:
+        os.fsync(fd)
+
+
+def full_sync(fd: int) -> None:
+    """Make a file durable before it is renamed into place. On macOS fsync only hands the data to
+    the drive, whose cache can still lose it on power loss: F_FULLFSYNC flushes that too (falling
+    back to fsync where the filesystem refuses it, as some network ones do)."""
+    if hasattr(fcntl, "F_FULLFSYNC"):
+        try:
+            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+            return
+        except OSError:
+            pass
+    os.fsync(fd)
+
+
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        full_sync(fd)
     finally:
         os.close(fd)
 

@@ -94,7 +94,7 @@ def _one_round(t: SshTarget, cfg: "Config", model: str, plan: Plan, staging: Pat
                     log_path=log_path)
     names = files_to_fetch(listing, t, log)
     if not how:
-        how["tool"], how["zstd"] = choose_tool(cfg, listing, log, log_path, t)
+        how.update(choose_tool(cfg, listing, log, log_path, t))
         log.info("fetching %s from %s:%s with %s%s", model, t.describe(), listing.run_dir, how["tool"],
                  " (zstd)" if how["zstd"] else "")
     check_disk(cfg, model, staging, listing, names)
@@ -108,8 +108,7 @@ def _one_round(t: SshTarget, cfg: "Config", model: str, plan: Plan, staging: Pat
     report = lambda done: progress(f"fetch {model}", done, total)  # noqa: E731
     try:
         move = transfer_rsync if how["tool"] == "rsync" else transfer_scp
-        watcher = move(t, listing, names, staging, report, stats, zstd=how["zstd"], cfg=cfg, log_path=log_path,
-                       log=log)
+        watcher = move(t, listing, names, staging, report, stats, how=how, cfg=cfg, log_path=log_path, log=log)
     except (LoradeployError, OSError) as exc:
         transfer_error = exc
     remote: dict[str, RemoteHash] = {}

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ..fsutil import datasync
 from ..tools.ssh_transfer import PARTIAL_DIR
 from .staging import RESUME_DIR, SCP_PARTIAL
 
@@ -98,7 +99,7 @@ class Watcher:
             tail.offset += len(block)
             if tail.offset - tail.synced >= SYNC_EVERY:
                 # Write back while the transfer runs, so the fsync before the swap finds little left.
-                os.fdatasync(fd)
+                datasync(fd)
                 tail.synced = tail.offset
 
     def _close(self, name: str) -> None:

@@ -15,6 +15,7 @@ import os
 import re
 import shlex
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,11 @@ class SshTarget:
     def is_loopback(self) -> bool:
         h = self.bare_host.lower()
         return h in ("localhost", "::1") or h.startswith("127.")
+
+
+def install_hint(package: str) -> str:
+    """How to install a system package here: Homebrew on macOS, apt-get elsewhere."""
+    return f"brew install {package}" if sys.platform == "darwin" else f"apt-get install {package}"
 
 
 def ssh_options(t: SshTarget) -> list[str]:
@@ -189,7 +195,7 @@ def run_remote(t: SshTarget, script: str, args: list[str], *, log_path: Path | N
                        input_bytes=script.encode())
     except ProcError as exc:
         if exc.returncode == 127 and not exc.stderr_tail:
-            raise FetchError("ssh is not installed", hint="apt-get install openssh-client") from None
+            raise FetchError("ssh is not installed", hint=install_hint("openssh-client")) from None
         raise (classify_failure(exc.stderr_tail, t)
                or FetchError(f"{what} on {t.describe()} timed out after {timeout:.0f}s",
                              hint="check the connection, or raise vast.connect_timeout_s")) from None

@@ -18,6 +18,9 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 PROBE_SCRIPT = r'''
 say() { printf '@@LD %s\n' "$*"; }
+# size and mtime: GNU stat, or BSD stat (macOS), which has -f FORMAT where GNU has -c
+if stat -c %s / >/dev/null 2>&1; then st() { stat -L -c '%s %Y' -- "$1" 2>/dev/null; }
+else st() { stat -L -f '%z %m' -- "$1" 2>/dev/null; }; fi
 out=$1 run=$2 dir=$3
 shift 3
 if [ -z "$dir" ]; then
@@ -45,7 +48,7 @@ for n in "$@"; do
   fi
   [ -e "$n" ] || continue
   if [ -f "$n" ]; then
-    s=$(stat -L -c '%s %Y' -- "$n" 2>/dev/null) || { say UNREADABLE "$n"; continue; }
+    s=$(st "$n") || { say UNREADABLE "$n"; continue; }
     say F "$s" "$n"
   else
     say NOTFILE "$n"
@@ -114,6 +117,9 @@ def probe(t: SshTarget, *, out_dir: str, run: str, run_dir: str, names: list[str
 
 HASH_SCRIPT = r'''
 say() { printf '@@LD %s\n' "$*"; }
+# size and mtime: GNU stat, or BSD stat (macOS), which has -f FORMAT where GNU has -c
+if stat -c %s / >/dev/null 2>&1; then st() { stat -L -c '%s %Y' -- "$1" 2>/dev/null; }
+else st() { stat -L -f '%z %m' -- "$1" 2>/dev/null; }; fi
 cd -P -- "$1" 2>/dev/null || { say ERR nodir "$1"; exit 0; }
 shift
 hasher=
@@ -123,14 +129,14 @@ done
 if [ -z "$hasher" ]; then say ERR nohasher; exit 0; fi
 say HASHER "$hasher"
 for n in "$@"; do
-  a=$(stat -L -c '%s %Y' -- "$n" 2>/dev/null) || a="-1 -1"
+  a=$(st "$n") || a="-1 -1"
   case $hasher in
     openssl) s=$(openssl dgst -sha256 -r "$n" 2>/dev/null) ;;
     sha256sum) s=$(sha256sum -- "$n" 2>/dev/null) ;;
     shasum) s=$(shasum -a 256 -- "$n" 2>/dev/null) ;;
     python3) s=$(python3 -c 'import hashlib,sys; print(hashlib.sha256(open(sys.argv[1],"rb").read()).hexdigest())' "$n" 2>/dev/null) ;;
   esac
-  b=$(stat -L -c '%s %Y' -- "$n" 2>/dev/null) || b="-1 -1"
+  b=$(st "$n") || b="-1 -1"
   s=${s%% *}
   say H "${s:--}" $a $b "$n"
 done

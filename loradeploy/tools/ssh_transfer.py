@@ -2,8 +2,10 @@
 and running a transfer with its failure mapped to a one-line error."""
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -11,7 +13,7 @@ from typing import Callable, Optional
 from ..errors import FetchError, ProcError
 from ..tally import Tally
 from . import proc
-from .ssh import SshTarget, ssh_failed, ssh_options
+from .ssh import SshTarget, install_hint, ssh_failed, ssh_options
 
 PARTIAL_DIR = ".rsync-partial"
 
@@ -33,7 +35,14 @@ def scp_argv(t: SshTarget, remote_path: str, local: Path, *, legacy: bool = Fals
 
 # ----------------------------------------------------------------------------- rsync capabilities
 
+MIN_RSYNC = (3, 0, 0)    # -s (--protect-args) and --append-verify came with 3.0
+# Homebrew's rsync (Apple Silicon, then Intel): macOS's own is 2.6.9, or openrsync from 15.4 on
+HOMEBREW_RSYNC = ("/opt/homebrew/bin/rsync", "/usr/local/bin/rsync")
+
+
 def parse_rsync_version(lines: list[str]) -> tuple[Optional[tuple[int, ...]], frozenset[str]]:
+    """(version, compress list) from ``rsync --version``. openrsync prints "openrsync: protocol version
+    29" and then "rsync version 2.6.9 compatible": the version it reads is that 2.6.9."""
     version = None
     compress: set[str] = set()
     for i, line in enumerate(lines):
@@ -45,14 +54,41 @@ def parse_rsync_version(lines: list[str]) -> tuple[Optional[tuple[int, ...]], fr
     return version, frozenset(compress)
 
 
-def local_rsync_caps(log_path: Path | None = None) -> tuple[Optional[tuple[int, ...]], frozenset[str]]:
-    try:
-        res = proc.run(["rsync", "--version"], log_path=log_path, timeout=20, check=False)
-    except ProcError:
-        return None, frozenset()
-    if res.returncode != 0:
-        return None, frozenset()
-    return parse_rsync_version(res.stdout.splitlines())
+def rsync_usable(version: Optional[tuple[int, ...]]) -> bool:
+    return version is not None and version >= MIN_RSYNC
+
+
+@dataclass(frozen=True)
+class LocalRsync:
+    """The rsync this machine runs: ``path`` None when there is none of version >= 3; ``rejected``
+    names each one found too old ("/usr/bin/rsync (openrsync)")."""
+
+    path: Optional[str]
+    version: Optional[tuple[int, ...]] = None
+    compress: frozenset[str] = frozenset()
+    rejected: tuple[str, ...] = ()
+
+
+def local_rsync(log_path: Path | None = None) -> LocalRsync:
+    """PATH's rsync when it is >= 3, else Homebrew's."""
+    rejected: list[str] = []
+    seen: set[str] = set()
+    for path in (shutil.which("rsync"), *HOMEBREW_RSYNC):
+        if not path or not os.access(path, os.X_OK) or os.path.realpath(path) in seen:
+            continue
+        seen.add(os.path.realpath(path))
+        try:
+            res = proc.run([path, "--version"], log_path=log_path, timeout=20, check=False)
+        except ProcError:
+            continue
+        lines = res.stdout.splitlines()
+        version, compress = parse_rsync_version(lines) if res.returncode == 0 else (None, frozenset())
+        if rsync_usable(version):
+            return LocalRsync(path, version, compress, tuple(rejected))
+        what = "openrsync" if any("openrsync" in ln for ln in lines) else \
+            f"version {'.'.join(map(str, version))}" if version else "no version"
+        rejected.append(f"{path} ({what})")
+    return LocalRsync(None, rejected=tuple(rejected))
 
 
 # ----------------------------------------------------------------------------- rsync stats
@@ -78,7 +114,7 @@ def parse_rsync_stats(output: str) -> RsyncStats:
 
 
 def rsync_argv(t: SshTarget, run_dir: str, files_from: Path, dest: Path, *, compress: bool,
-               io_timeout: int, append: bool = False) -> list[str]:
+               io_timeout: int, append: bool = False, rsync: str = "rsync") -> list[str]:
     """rsync from the run folder into ``dest``.
 
     ``append`` is for resuming: files in ``dest`` are prefixes kept from an interrupted transfer
@@ -88,7 +124,7 @@ def rsync_argv(t: SshTarget, run_dir: str, files_from: Path, dest: Path, *, comp
     a folder that holds nothing but such prefixes, never on finished files.
     """
     args = [
-        "rsync",
+        rsync,
         "-s",                          # remote path goes over the protocol, not through a shell
         "-t",                          # keep mtimes: the quick check then skips finished files on resume
         "--copy-links",                # in-folder links only; the probe refused any leading outside
@@ -117,7 +153,8 @@ def run_transfer(argv: list[str], t: SshTarget, *, log_path: Path | None, timeou
         res = proc.run(argv, log_path=log_path, timeout=timeout, check=False, what=what, on_line=on_line)
     except ProcError as exc:
         if exc.returncode == 127 and "command not found" in exc.message:
-            raise FetchError(f"{argv[0]} is not installed locally", hint=f"apt-get install {argv[0]}") from None
+            name = Path(argv[0]).name
+            raise FetchError(f"{name} is not installed locally", hint=install_hint(name)) from None
         raise FetchError(f"{what} from {t.describe()} timed out after {timeout:.0f}s",
                          hint="raise vast.fetch_timeout_s; run again to resume") from None
     if check and res.returncode != 0:
