@@ -337,6 +337,9 @@ def supervise(args: Sequence[str | os.PathLike], *, env: Mapping[str, str] | Non
                 return child.wait()
             except InterruptedError:
                 continue
+    except BaseException:
+        kill_group(child, signal.SIGKILL)   # whatever failed here, the server must not outlive us
+        raise
     finally:
         if watch:
             watch.release()
