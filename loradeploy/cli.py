@@ -128,7 +128,7 @@ def run(config, models, all_models, from_stage, skip, only, dry_run, force, inst
     result = _run(cfg, _chosen_models(cfg, models, all_models), as_json=as_json, from_stage=from_stage, skip=skip,
                   only=only, force=force, dry_run=dry_run,
                   options={"instance_id": instance_id} if instance_id else {})
-    return 0 if result.ok or dry_run else 1
+    return 0 if result.ok or dry_run else result.exit_code
 
 
 def _stage_command(stage: str, doc: str):
@@ -140,7 +140,7 @@ def _stage_command(stage: str, doc: str):
     def cmd(config, models, force, as_json, **extra):
         result = _run(_load(config), list(models), as_json=as_json, only=[stage], force=force,
                       options={k: v for k, v in extra.items() if v})
-        return 0 if result.ok else 1
+        return 0 if result.ok else result.exit_code
     return cmd
 
 

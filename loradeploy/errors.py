@@ -42,6 +42,21 @@ class LockError(ResourceError):
     pass
 
 
+class DiskFullError(ResourceError):
+    """The disk (or the user's quota) filled up while an output was being written."""
+
+
+def disk_full(exc: BaseException, path) -> "DiskFullError | None":
+    """The one-line error for an OSError that says the disk or quota is full (ENOSPC, EDQUOT), else None."""
+    import errno
+    if not isinstance(exc, OSError) or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    why = "disk quota exceeded" if exc.errno == errno.EDQUOT else "no space left on the disk"
+    return DiskFullError(f"{why} while writing {path}; the partial file was removed",
+                         hint="free space there (`loradeploy clean` removes temporaries), or point "
+                              "pipeline.work_dir at a larger disk, then run again")
+
+
 class ProcError(LoradeployError):
     """A subprocess failed; carries the command, exit code and stderr tail."""
 

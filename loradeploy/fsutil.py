@@ -11,6 +11,8 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .errors import disk_full
+
 TMP_MARK = ".loradeploy-tmp"
 
 
@@ -77,7 +79,8 @@ def _fsync_dir(path: Path) -> None:
 def atomic_output(final: Path, *, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary path; on success fsync it and rename it to ``final``.
 
-    On any exception the temporary file or folder is removed and ``final`` is untouched.
+    On any exception the temporary file or folder is removed and ``final`` is untouched; a full disk
+    or quota (ENOSPC, EDQUOT) becomes errors.DiskFullError, one line naming the output.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -94,8 +97,11 @@ def atomic_output(final: Path, *, is_dir: bool = False) -> Iterator[Path]:
             remove_path(final)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
-    except BaseException:
+    except BaseException as exc:
         remove_path(tmp)
+        full = disk_full(exc, final)
+        if full is not None:
+            raise full from exc
         raise
 
 

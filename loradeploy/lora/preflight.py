@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
+from ..merge.base_identity import SIZE_HINT, compare, dims_named
+from ..merge.hf_folder import check_lora_numbers
 from ..tools.safetensors_io import read_header, tensor_table
 
 CONFIG = "adapter_config.json"
@@ -89,13 +91,8 @@ def _check_config(cfg: dict, where: Path) -> None:
     if variants:
         raise InputError(f"{where} uses {', '.join(variants)}: a LoRA variant whose forward pass llama.cpp "
                          "does not implement (it applies plain B·A·x only)", hint=MERGE_HINT)
-    r = cfg.get("r")
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise InputError(f"{where}: r = {r!r} is not a positive rank", hint="re-save the adapter with peft")
-    alpha = cfg.get("lora_alpha", 8)   # PEFT's own default when the key is absent
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise InputError(f"{where}: lora_alpha = {alpha!r} is not a number", hint="re-save the adapter with peft")
-    if alpha == 0:
+    check_lora_numbers(cfg, where)
+    if cfg.get("lora_alpha", 8) == 0:   # 8: PEFT's own default when the key is absent
         # PEFT then adds nothing; llama.cpp reads alpha 0 as "no alpha" and applies the adapter at scale 1
         raise InputError(f"{where}: lora_alpha is 0, so the adapter changes nothing under PEFT but llama.cpp "
                          "would apply it at full strength", hint="set the lora_alpha the adapter was trained with")
@@ -224,9 +221,10 @@ def _check_base(pairs: dict, base_dir: Path, base_cfg: dict) -> None:
                              hint=MERGE_HINT if tied else "the adapter was trained for another base model")
         want = [ab["B"][0], ab["A"][1]]
         if list(info[1]["shape"]) != want:
-            raise InputError(f"adapter shape mismatch at {module}: lora_A {ab['A']} / lora_B {ab['B']} do not "
-                             f"fit the base weight {info[1]['shape']}",
-                             hint="the adapter was trained for another base model (different size)")
+            keys = dims_named(base_cfg, list(zip(want, info[1]["shape"])))
+            raise InputError(f"adapter shape mismatch at {module}: {keys + ' (' if keys else ''}lora_A {ab['A']} / "
+                             f"lora_B {ab['B']} do not fit the base weight {info[1]['shape']}{')' if keys else ''}",
+                             hint="the adapter was trained for another base model (different size); " + SIZE_HINT)
 
 
 def _alpha_to_write(cfg: dict, pairs: dict, where: str) -> float:
@@ -274,6 +272,11 @@ def check_adapter(adapter_dir: Path, base_dir: Path) -> LoraPlan:
     weights, header = _load_weights(adapter_dir)
     pairs = _pairs(header, weights)
     _check_tokens(adapter_dir, base_dir, base_cfg)
+    # another size is refused by content, whatever the folders are called (names alone are merge's concern)
+    verdict = compare(str(cfg.get("base_model_name_or_path") or ""), str(base_dir), base_dir, base_cfg,
+                      modules=list(pairs), adapter_cfg=cfg)
+    if verdict.refuse:
+        raise InputError(verdict.refuse, hint=SIZE_HINT)
     _check_base(pairs, base_dir, base_cfg)
     alpha_w = _alpha_to_write(cfg, pairs, adapter_dir.name)
     r, alpha, rslora = cfg["r"], float(cfg.get("lora_alpha", 8)), bool(cfg.get("use_rslora"))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..fsutil import sha256_file
-from ..tools.safetensors_io import DTYPE_BYTES, numel, read_header, tensor_table
+from ..tools.safetensors_io import DTYPE_BYTES, json_kind, numel, read_header, tensor_table
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
@@ -27,9 +27,41 @@ def _read_json(cfg_file: Path, missing: str, hint: str) -> dict:
     if not cfg_file.is_file():
         raise InputError(missing, hint=hint)
     try:
-        return json.loads(cfg_file.read_text())
+        data = json.loads(cfg_file.read_text())
     except ValueError as exc:
         raise InputError(f"{cfg_file} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{cfg_file} holds a JSON {json_kind(data)}, not an object of settings", hint=hint)
+    return data
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def check_lora_numbers(cfg: dict, where) -> None:
+    """r, lora_alpha, rank_pattern and alpha_pattern as PEFT needs them: a positive whole rank, a finite
+    alpha (PEFT's default 8 when absent), patterns that map names to such numbers."""
+    hint = "re-save the adapter with peft (save_pretrained), or fix adapter_config.json"
+    r = cfg.get("r")
+    if not _is_int(r) or r <= 0:
+        raise InputError(f"{where}: r = {r!r} is not a positive rank (adapter_config.json)", hint=hint)
+    if "lora_alpha" in cfg and not _is_number(cfg["lora_alpha"]):
+        raise InputError(f"{where}: lora_alpha = {cfg['lora_alpha']!r} is not a number (adapter_config.json)",
+                         hint=hint)
+    for key, ok, what in (("rank_pattern", lambda v: _is_int(v) and v > 0, "a positive rank"),
+                          ("alpha_pattern", _is_number, "a number")):
+        pat = cfg.get(key) or {}
+        if not isinstance(pat, dict):
+            raise InputError(f"{where}: {key} is a JSON {json_kind(pat)}, not an object (adapter_config.json)",
+                             hint=hint)
+        bad = next(((k, v) for k, v in pat.items() if not ok(v)), None)
+        if bad:
+            raise InputError(f"{where}: {key}[{bad[0]!r}] = {bad[1]!r} is not {what} (adapter_config.json)", hint=hint)
 
 
 def _first_pickle(folder: Path) -> str | None:
@@ -132,18 +164,20 @@ class AdapterInfo:
                 and not self.unknown and not c.get("layer_replication") and not c.get("use_qalora")
                 and not c.get("lora_bias"))
 
+    def _pattern(self, key: str, module: str):
+        return next((val for pat, val in (self.config.get(key) or {}).items()
+                     if re.match(rf"(.*\.)?({pat})$", module)), None)
+
+    def rank(self, module: str) -> int:
+        """The r PEFT gives ``module``: its rank_pattern entry, else the config's r (checked at load)."""
+        r = self._pattern("rank_pattern", module)
+        return int(self.config["r"] if r is None else r)
+
     def scale(self, module: str) -> float:
         c = self.config
-        r = int(c.get("r", 8))
-        alpha = float(c.get("lora_alpha", r))
-        for pat, val in (c.get("rank_pattern") or {}).items():
-            if re.match(rf"(.*\.)?({pat})$", module):
-                r = int(val)
-                break
-        for pat, val in (c.get("alpha_pattern") or {}).items():
-            if re.match(rf"(.*\.)?({pat})$", module):
-                alpha = float(val)
-                break
+        r = self.rank(module)
+        alpha = self._pattern("alpha_pattern", module)
+        alpha = float(c.get("lora_alpha", 8) if alpha is None else alpha)   # 8: PEFT's default
         return alpha / math.sqrt(r) if c.get("use_rslora") else alpha / r
 
 
@@ -160,6 +194,8 @@ def load_adapter_info(path: Path) -> AdapterInfo:
             raise InputError(f"adapter {path} holds pickle weights ({pickle}); loradeploy refuses to unpickle them",
                              hint="re-save the adapter with save_pretrained(safe_serialization=True)")
         raise InputError(f"adapter {path} has no adapter_model.safetensors")
+    if str(config.get("peft_type", "LORA")).upper() == "LORA":
+        check_lora_numbers(config, f"adapter {path.name}")
     header = read_header(weights)
     info = AdapterInfo(path, config, weights, header)
     halves: dict[str, dict[str, tuple[str, list[int]]]] = {}

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from ..errors import MergeError
+from ..errors import InputError, MergeError
 from ..resources import memory_budget_bytes, require_disk, require_memory
+from .base_identity import SIZE_HINT, compare, dims_named
 from .hf_folder import AdapterInfo, BaseModelInfo, load_adapter_info, load_base_info, resolve_base
 
 if TYPE_CHECKING:
@@ -54,24 +55,23 @@ def merge_path(strategy: str, merge: "MergeConfig", stages: Sequence[str]) -> st
     return TWO_STEP
 
 
-def _same_base(a: str, b: str) -> bool:
-    def norm(s: str) -> str:
-        s = s.rstrip("/").lower()
-        return s.rsplit("/", 1)[-1]
-    return bool(a) and norm(a) == norm(b)
-
-
 def check_adapter_against_base(adapter: AdapterInfo, base: BaseModelInfo, configured_base: str,
                                *, allow_mismatch: bool) -> list[str]:
-    """Raise MergeError when the adapter cannot apply to this base; return warnings otherwise."""
+    """Raise InputError when the adapter cannot apply to this base; return warnings otherwise.
+
+    The base is judged by content (base_identity): any folder name, and re-upload aliases, pass when
+    config and shapes agree; merge.allow_base_mismatch accepts a name mismatch, never another size."""
     warnings: list[str] = []
     named = adapter.base_name
-    if named and not (_same_base(named, configured_base) or _same_base(named, str(base.path))):
-        msg = f"adapter was trained on {named!r} but the configured base is {configured_base!r}"
+    verdict = compare(named, configured_base, base.path, base.config, modules=list(adapter.pairs),
+                      adapter_cfg=adapter.config)
+    if verdict.refuse:
+        raise InputError(verdict.refuse, hint=SIZE_HINT)
+    if verdict.mismatch:
         if not allow_mismatch:
-            raise MergeError(msg, hint="fix models.<name>.base_model, or set merge.allow_base_mismatch: true "
-                                       "if it is the same model under another name")
-        warnings.append(msg)
+            raise InputError(verdict.mismatch, hint="fix models.<name>.base_model, or set merge.allow_base_mismatch: "
+                                                    "true if it is the same model under another name")
+        warnings.append(verdict.mismatch)
     for module, pair in sorted(adapter.pairs.items()):
         wkey = f"{module}.weight"
         if wkey not in base.tensors:
@@ -88,9 +88,15 @@ def check_adapter_against_base(adapter: AdapterInfo, base: BaseModelInfo, config
             out_f, in_f = (shape[1], shape[0]) if fan else (shape[0], shape[1])
             want_a, want_b = [r_a, in_f], [out_f, r_b]
         if list(pair.a_shape) != want_a or list(pair.b_shape) != want_b or r_a != r_b:
-            raise MergeError(
-                f"adapter shape mismatch at {module}: lora_A {pair.a_shape} / lora_B {pair.b_shape} do not fit the "
-                f"base weight {shape}", hint="the adapter was trained for another base model (different size)")
+            keys = dims_named(base.config, list(zip(pair.a_shape + pair.b_shape, want_a + want_b)))
+            raise InputError(
+                f"adapter shape mismatch at {module}: {keys + ' (' if keys else ''}lora_A {pair.a_shape} / lora_B "
+                f"{pair.b_shape} do not fit the base weight {shape}{')' if keys else ''}",
+                hint="the adapter was trained for another base (different size); " + SIZE_HINT)
+        if r_a != adapter.rank(module):
+            raise InputError(f"adapter {adapter.path.name}: {module} has rank {r_a} in the weights but "
+                             f"{adapter.rank(module)} in adapter_config.json (r / rank_pattern)",
+                             hint="the config does not belong to these weights; save them together again")
     for tname, key in adapter.full_tensors.items():
         bshape = base.tensors.get(tname, (None, {"shape": None}))[1]["shape"]
         ashape = adapter.header[key]["shape"]

@@ -26,11 +26,14 @@ def merge_folder(plan: MergePlan, out: Path, merge: "MergeConfig", progress: Cal
     through transformers, so their folder is read back to be hashed."""
     # torch is imported only here: preflight and folder reading stay light for the other stages
     from .peft import peft_merge, unsloth_merge
-    from .stream import output_dtype, stream_merge
+    from .stream import _TensorFile, output_dtype, require_finite, stream_merge
 
     base, adapter = plan.base, plan.adapter
     dtype = output_dtype(merge.dtype, base.dtype)
     known: dict[str, str] = {}
+    if plan.strategy != "stream":   # the stream merge checks its adapter as it opens it
+        with _TensorFile(adapter.weights, adapter.header) as weights:
+            require_finite(weights)
     with atomic_output(out, is_dir=True) as tmp:
         if plan.strategy == "stream":
             info = stream_merge(base, adapter, tmp, dtype=dtype, progress=progress, check=abort_on(preflight))

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from ..errors import InputError
 from ..tools.safetensors_io import read_header, write_streaming
 from .hf_folder import AdapterInfo, BaseModelInfo
 
@@ -73,6 +74,22 @@ def torch_dtype(st_dtype: str) -> torch.dtype:
     return TORCH_DTYPES.get(st_dtype) or _INT_DTYPES[st_dtype]
 
 
+def require_finite(weights: _TensorFile) -> None:
+    """Refuse an adapter holding NaN or Inf before anything is written, naming the tensor: merged, one
+    such value spreads through every layer after it (the adapter is small; reading it twice is cheap)."""
+    for key, info in weights.header.items():
+        if key == "__metadata__" or info["dtype"] not in TORCH_DTYPES:
+            continue
+        t = weights.get(key)
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            nan, bad = int(torch.isnan(t).sum()), int((~finite).sum())
+            what = "NaN" if nan == bad else "Inf" if nan == 0 else "NaN and Inf"
+            raise InputError(f"adapter tensor {key} holds {what} ({bad} of {t.numel()} values): "
+                             f"{weights.path.name} is not a usable adapter",
+                             hint="the training diverged or the file is damaged; use an earlier checkpoint")
+
+
 def _to_bytes(t: torch.Tensor) -> bytes:
     return t.contiguous().view(torch.uint8).numpy().tobytes()
 
@@ -98,6 +115,11 @@ class LoraMerger:
 
     def __enter__(self) -> "LoraMerger":
         self._adapter = _TensorFile(self.adapter.weights, self.adapter.header)
+        try:
+            require_finite(self._adapter)
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:

@@ -120,10 +120,13 @@ class ModelRun:
             self.record.set_stage(stage, {
                 "status": str(status), "inputs_hash": h, "artifacts": out.artifacts, "info": result.info,
                 "started_at": started, "ended_at": time.time(), "seconds": round(secs, 3),
-                "peak_rss_mib": peak_mib, **({"error": result.degraded} if result.degraded else {}),
+                "peak_rss_mib": peak_mib, "estimated_peak_mib": result.info.get("estimated_peak_mib"),
+                **({"error": result.degraded} if result.degraded else {}),
             })
             self.record.save()
-            log.info("%s: %s in %.1fs, peak RSS %.0f MiB", stage, status, secs, peak_mib)
+            est = result.info.get("estimated_peak_mib")
+            log.info("%s: %s in %.1fs, peak RSS %.0f MiB%s", stage, status, secs, peak_mib,
+                     f" (estimated {est:.0f} MiB)" if est else "")
             if result.degraded:
                 log.warning("%s degraded: %s", stage, result.degraded)
                 if self.notifier:
@@ -154,7 +157,7 @@ class ModelRun:
         tail = getattr(exc, "stderr_tail", "")
         if tail:
             log.error("output tail:\n%s", tail)
-        out = StageOutcome(stage, Status.FAILED, secs, peak, error=msg)
+        out = StageOutcome(stage, Status.FAILED, secs, peak, error=msg, exit_code=exc.exit_code)
         self._store(stage, out)
         self.reporter.stage_finished(self.name, stage, out)
         if self.notifier:

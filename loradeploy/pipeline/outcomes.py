@@ -23,6 +23,7 @@ class StageOutcome:
     note: Optional[str] = None
     artifacts: list[dict] = field(default_factory=list)
     info: dict = field(default_factory=dict)
+    exit_code: int = 0           # a failed stage: its error's exit code (errors.py; 3 = disk, memory, lock)
 
     def to_dict(self) -> dict:
         d = {"status": str(self.status), "seconds": round(self.seconds, 3), "peak_rss_mib": self.peak_rss_mib,
@@ -69,6 +70,15 @@ class PipelineResult:
     @property
     def degraded(self) -> bool:
         return any(m.degraded for m in self.models.values())
+
+    @property
+    def exit_code(self) -> int:
+        """README "Exit codes": 0 ok; 3 when every failed stage ran out of a resource (disk, memory, a
+        lock); 1 for any other failure."""
+        if self.ok:
+            return 0
+        codes = [s.exit_code for m in self.models.values() for s in m.stages.values() if s.status == Status.FAILED]
+        return 3 if codes and all(c == 3 for c in codes) else 1
 
     def to_dict(self) -> dict:
         return {"ok": self.ok, "degraded": self.degraded, "dry_run": self.dry_run, "seconds": round(self.seconds, 3), "stages": self.stages,

@@ -34,15 +34,52 @@ def read_header(path: Path) -> dict:
     except (OSError, ValueError) as exc:
         raise InputError(f"{path} is not a readable safetensors file: {exc}",
                          hint="re-export the weights with safe_serialization=True") from None
+    hint = "the file is damaged or not safetensors: fetch or export it again (safe_serialization=True)"
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: the safetensors header is a JSON {json_kind(header)}, not an object of "
+                         "tensors", hint=hint)
     meta = header.pop("__metadata__", None)
+    if meta is not None and not isinstance(meta, dict):
+        raise InputError(f"{path}: the safetensors __metadata__ is not an object", hint=hint)
     for name, info in header.items():
-        b, e = info.get("data_offsets", (0, 0))
-        if e > size - 8 - n or b > e:
+        problem = _entry_problem(info)
+        if problem:
+            raise InputError(f"{path}: tensor {name!r} {problem}", hint=hint)
+        b, e = info["data_offsets"]
+        if e > size - 8 - n:
             raise InputError(f"{path}: tensor {name} lies past the end of the file (truncated download?)",
                              hint="fetch the file again")
     if meta is not None:
         header["__metadata__"] = meta
     return header
+
+
+def json_kind(value) -> str:
+    """How a person would call a JSON value's type: list, string, number, ..."""
+    return {list: "list", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _entry_problem(info) -> str | None:
+    """Why one header entry is not {dtype, shape, data_offsets} as the format defines it, or None."""
+    if not isinstance(info, dict):
+        return f"is a JSON {json_kind(info)}, not an object with its dtype, shape and data_offsets"
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str):
+        return f"has no dtype (dtype = {dtype!r})"
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        return f"has no valid shape (shape = {shape!r})"
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets) \
+            or offsets[0] > offsets[1]:
+        return f"has no valid data_offsets ({offsets!r})"
+    if dtype in DTYPE_BYTES and offsets[1] - offsets[0] != numel(shape) * DTYPE_BYTES[dtype]:
+        return (f"holds {offsets[1] - offsets[0]} bytes, but a {dtype} tensor of shape {shape} needs "
+                f"{numel(shape) * DTYPE_BYTES[dtype]}")
+    return None
 
 
 def tensor_table(folder: Path) -> dict[str, tuple[Path, dict]]:

@@ -76,12 +76,13 @@ def test_adapter_for_another_base_shape_mismatch(llama_pair, tmp_path):
 
 
 def test_adapter_names_another_base(llama_pair, tmp_path):
+    # shapes that fit decide only while the name does not contradict them: a Qwen named, a Llama configured
     base, adapter = llama_pair
     other = _copy_editing_json(adapter, tmp_path / "other", "adapter_config.json",
-                               lambda c: c.update(base_model_name_or_path="meta-llama/Llama-3.1-8B"))
+                               lambda c: c.update(base_model_name_or_path="Qwen/Qwen2.5-7B"))
     cfg = make_cfg(tmp_path, base, other, stages=["fetch", "merge"])
     err = _fail(run_pipeline(cfg, ["majora"]))
-    assert "Llama-3.1-8B" in err and "allow_base_mismatch" in err
+    assert "Qwen2.5-7B" in err and "allow_base_mismatch" in err
 
 
 def test_pickle_adapter_refused(llama_pair, tmp_path):
