@@ -23,8 +23,9 @@ class VerifyConfig(_Section):
     calibration: Optional[RelPath] = Field(
         None, description="text or JSONL calibration file; default: the evaluation samples (references as "
                           "assistant turns) plus a little built-in general text")
-    max_tokens: int = Field(2048, ge=16, le=1_000_000,
-                            description="calibration tokens scored per GGUF (a 7B on CPU: minutes)")
+    max_tokens: Union[Literal["auto"], int] = Field(
+        "auto", description="calibration tokens scored per GGUF; auto: 2048 up to ~1.5B parameters, fewer above "
+                            "(a 7B: 512), so the float32 reference takes minutes on a few cores")
     max_seq_len: int = Field(512, ge=16, le=32768, description="longest calibration sequence (longer text is split)")
     formats: Optional[list[QuantName]] = Field(None, description="GGUFs to verify; default every one produced "
                                                                  "(the served format is always verified)")
@@ -38,7 +39,8 @@ class VerifyConfig(_Section):
     behaviour: bool = Field(True, description="check the chat template, BOS and stopping on end-of-turn")
     stop_prompts: int = Field(3, ge=0, le=32, description="calibration prompts generated greedily for the stop check")
     max_new_tokens: int = Field(128, ge=4, le=4096, description="generation budget of the reference per prompt")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="reference model device (cuda: 16-bit)")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="reference model device (cuda: 16-bit; auto never picks mps: float32 on the CPU)")
     threads: int = Field(0, ge=0, description="llama.cpp / torch threads; 0 = the CPU budget")
 
     _kld = field_validator("max_kld", mode="before")(classmethod(lambda cls, v: _per_format(v) if v else {}))
@@ -49,6 +51,13 @@ class VerifyConfig(_Section):
         bad = [k for k, x in v.items() if not x > 0]
         if bad:
             raise ValueError(f"must be above 0 for {', '.join(bad)}")
+        return v
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _tokens(cls, v):
+        if v != "auto" and not 16 <= int(v) <= 1_000_000:
+            raise ValueError("is auto or a number of tokens from 16 to 1000000")
         return v
 
     @field_validator("min_top1", mode="before")

@@ -10,7 +10,7 @@ from ..resources import cpu_budget
 from .base import Artifact, StageContext, StageResult
 from .merge import adapter_dir_for
 
-CODE_VERSION = 1  # bump when what verify measures changes: old verdicts are redone
+CODE_VERSION = 2  # bump when what verify measures changes: old verdicts are redone
 
 
 def _candidates(ctx: StageContext):
@@ -73,7 +73,8 @@ class VerifyStage:
             samples=samples if samples.is_file() else None, settings=v,
             out_dir=verify_dir(ctx.cfg.pipeline.work_dir, ctx.model_name),
             history=history_path(ctx.state_dir, ctx.model_name),
-            threads=v.threads or cpu_budget(ctx.cfg.performance.max_cpu_threads))
+            threads=v.threads or cpu_budget(ctx.cfg.performance.max_cpu_threads),
+            max_memory_gb=ctx.cfg.performance.max_memory_gb)
         data = verify_model(req, log=ctx.log, progress=ctx.progress)
         keys = ("kld_mean", "kld_p99", "top1", "rms_dp", "noise_to_signal", "passed", "sha256")
         info = {"formats": {k: {m: e.get(m) for m in keys} for k, e in data["formats"].items()},

@@ -7,9 +7,11 @@ for system + user + assistant and for system + user + generation prompt. BOS mus
 neither by llama-cpp-python (which adds none to a templated prompt) nor by llama.cpp's own server
 (which adds one when the GGUF says ``add_bos_token`` and then reads the template's own).
 
-Stop: a few calibration prompts are generated greedily by the reference, which must end its turn
-within the budget; each GGUF, through ``create_chat_completion`` (the server's code path), must
-finish with ``stop`` on the same token the reference ended with.
+Stop, by teacher forcing (no generation: a streamed reference would re-read every layer per token):
+where each calibration assistant turn ends, the end-of-turn token must be the reference's top-1 and
+each GGUF's, and the GGUF's vocabulary must mark it end-of-generation (else the server runs on past
+it). The rows are those the KLD is computed on. A reference that does not end its own turns (random
+weights never do) makes the check inconclusive, never failed: there is nothing to hold the GGUF to.
 """
 from __future__ import annotations
 
@@ -18,22 +20,8 @@ from typing import Optional, Sequence
 
 from .calibration import Conversation, chat_ids
 
-STOP_MARGIN = 16       # extra tokens a GGUF may take over the reference's answer length
 FALLBACK_USER = "Hello! Please introduce yourself in one sentence."
 FALLBACK_ANSWER = "Hello, I am a helpful assistant."
-
-
-@dataclass
-class Generation:
-    messages: tuple[dict, ...]
-    n_tokens: int                    # generated, the end-of-turn token included
-    finish_reason: str               # "stop" | "length"
-    stop_token: Optional[int]
-    text: str
-
-    def to_dict(self) -> dict:
-        return {"finish_reason": self.finish_reason, "stop_token": self.stop_token, "n_tokens": self.n_tokens,
-                "text": self.text[:200]}
 
 
 @dataclass
@@ -46,22 +34,12 @@ class TemplateCase:
 
 @dataclass
 class Verdict:
-    ok: bool
+    ok: Optional[bool]               # None: inconclusive
     problems: list[str] = field(default_factory=list)
     details: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"ok": self.ok, "problems": self.problems, **self.details}
-
-
-def stop_conversations(convs: Sequence[Conversation], n: int, system_prompt: str = "") -> list[Conversation]:
-    """The ``n`` prompts with the shortest references: a short answer makes a cheap, decisive test.
-    Plain-text calibration has no prompts: a generic one then still shows whether the turn ends."""
-    if not convs and n:
-        sys_msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        convs = [Conversation(tuple(sys_msgs + [{"role": "user", "content": FALLBACK_USER}]))]
-    ranked = sorted(convs, key=lambda c: (c.reference is None, len(c.reference or "")))
-    return ranked[:n]
 
 
 def template_cases(tok, system_prompt: str, convs: Sequence[Conversation]) -> list[TemplateCase]:
@@ -74,26 +52,6 @@ def template_cases(tok, system_prompt: str, convs: Sequence[Conversation]) -> li
     return [TemplateCase("system+user+assistant", full, False, chat_ids(tok, full, add_generation_prompt=False)),
             TemplateCase("system+user, generation prompt", prompt, True,
                          chat_ids(tok, prompt, add_generation_prompt=True))]
-
-
-def reference_generations(model, tok, convs: list[Conversation], eos: list[int], budget: int,
-                          device: str) -> list[Generation]:
-    """Greedy answers of the reference (torch) to each prompt, and the token each one ended on."""
-    import torch
-
-    out = []
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0)
-    for c in convs:
-        ids = chat_ids(tok, c.messages, add_generation_prompt=True)
-        inp = torch.tensor([ids], device=device)
-        gen = model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), max_new_tokens=budget,
-                             do_sample=False, eos_token_id=eos or None, pad_token_id=pad,
-                             temperature=None, top_p=None, top_k=None)
-        new = gen[0, len(ids):].tolist()
-        stopped = bool(new) and new[-1] in eos
-        out.append(Generation(c.messages, len(new), "stop" if stopped else "length", new[-1] if stopped else None,
-                              tok.decode(new, skip_special_tokens=True)))
-    return out
 
 
 def _special_text(llm, token: int) -> str:
@@ -143,30 +101,36 @@ def check_template(llm, cases: Sequence[TemplateCase]) -> Verdict:
     return Verdict(not problems, problems, details)
 
 
-def check_stop(llm, gens: Sequence[Generation]) -> Verdict:
-    """Greedy chat completions on the GGUF finish with ``stop`` on the reference's end-of-turn token."""
-    if not gens:
-        return Verdict(True, [], {"cases": [], "note": "no calibration prompt to generate from"})
+def stop_summary(turn_ends: Sequence[dict]) -> dict:
+    """The reference's side of the stop check, for verify.json."""
+    ended = sum(1 for t in turn_ends if t["ends"])
+    return {"turns": len(turn_ends), "ended": ended,
+            "conclusive": ended > 0, "cases": [dict(t) for t in turn_ends[:16]]}
+
+
+def check_stop(llm, turn_ends: Sequence[dict], cand_tops: dict[int, int]) -> Verdict:
+    """``cand_tops``: index into ``turn_ends`` -> the GGUF's top-1 on that row. ``ok`` None: inconclusive."""
+    import llama_cpp
+
+    conclusive = [(i, t) for i, t in enumerate(turn_ends) if t["ends"]]
+    if not conclusive:
+        why = ("no calibration assistant turn to check" if not turn_ends else
+               f"the reference ends none of its {len(turn_ends)} assistant turns (its top-1 there is not an "
+               "end-of-turn token), so there is nothing to hold the GGUF to")
+        return Verdict(None, [], {"inconclusive": why, "cases": []})
     problems, rows = [], []
-    for i, g in enumerate(gens):
-        if g.finish_reason != "stop":
-            problems.append(f"prompt {i}: the reference itself did not end its turn within {g.n_tokens} tokens")
-            rows.append({"reference": g.to_dict()})
-            continue
-        resp = llm.create_chat_completion(messages=[dict(m) for m in g.messages], temperature=0.0,
-                                          max_tokens=g.n_tokens + STOP_MARGIN, repeat_penalty=1.0, seed=0)
-        choice = resp["choices"][0]
-        finish = choice.get("finish_reason")
-        # greedy: the token that ended the answer is the argmax after the last evaluated one
-        last = int(llm.scores[llm.n_tokens - 1].argmax()) if llm.n_tokens else None
-        row = {"reference": g.to_dict(), "finish_reason": finish, "stop_token": last,
-               "text": (choice.get("message") or {}).get("content", "")[:200]}
-        if finish != "stop":
-            problems.append(f"prompt {i}: generation did not stop within {g.n_tokens + STOP_MARGIN} tokens "
-                            f"(finish_reason {finish}); the reference ended after {g.n_tokens}")
-        elif last != g.stop_token:
-            problems.append(f"prompt {i}: stopped on token {last} "
-                            f"({_special_text(llm, last) if last is not None else '?'!r}), the fine-tune ends its "
-                            f"turn with {g.stop_token} ({_special_text(llm, g.stop_token)!r})")
-        rows.append(row)
-    return Verdict(not problems, problems, {"cases": rows})
+    vocab = llm._model.vocab
+    for i, t in conclusive:
+        top = cand_tops.get(i)
+        eog = bool(llama_cpp.llama_vocab_is_eog(vocab, t["top1"]))
+        rows.append({"sequence": t["sequence"], "position": t["position"], "reference": t["top1"], "gguf": top,
+                     "eog": eog})
+        if top != t["top1"]:
+            problems.append(f"turn end at sequence {t['sequence']} position {t['position']}: the GGUF's top-1 is "
+                            f"{top} ({_special_text(llm, top) if top is not None else '?'!r}) where the fine-tune "
+                            f"ends its turn with {t['top1']} ({_special_text(llm, t['top1'])!r})")
+        elif not eog:
+            problems.append(f"the GGUF does not mark {t['top1']} ({_special_text(llm, t['top1'])!r}) as end of "
+                            "generation: a server would run on past the end of the turn")
+    return Verdict(not problems, problems[:4], {"cases": rows[:16], "checked": len(rows),
+                                                "failed": len(problems)})

@@ -58,6 +58,8 @@ class Calibration:
     kinds: list[str]                                    # "chat" | "text", per sequence
     conversations: list[Conversation] = field(default_factory=list)
     source: str = ""
+    # (sequence, position, token): where an assistant turn ends; the row before predicts that token
+    turn_ends: list[tuple[int, int, int]] = field(default_factory=list)
 
     @property
     def n_tokens(self) -> int:
@@ -72,13 +74,16 @@ class Calibration:
     def longest(self) -> int:
         return max((len(s) for s in self.sequences), default=0)
 
-    def add(self, ids: list[int], kind: str, *, max_seq_len: int, up_to: int) -> None:
+    def add(self, ids: list[int], kind: str, *, max_seq_len: int, up_to: int, ends: Sequence[int] = ()) -> None:
         """Append ``ids`` in sequences of at most ``max_seq_len`` while the set holds under ``up_to`` tokens
-        (the last one cut to fit; a piece of one token is dropped)."""
+        (the last one cut to fit; a piece of one token is dropped). ``ends``: indexes in ``ids`` of
+        end-of-turn tokens, kept where a token before them in the same piece can predict them."""
         used = self.n_tokens
-        for piece in _chunks(ids, max_seq_len):
-            piece = piece[: max(0, up_to - used)]
+        for start in range(0, len(ids), max_seq_len):
+            piece = ids[start:start + max_seq_len][: max(0, up_to - used)]
             if len(piece) > 1:
+                self.turn_ends += [(len(self.sequences), e - start, ids[e]) for e in ends
+                                   if 1 <= e - start < len(piece)]
                 self.sequences.append(piece)
                 self.kinds.append(kind)
                 used += len(piece)
@@ -109,9 +114,18 @@ def chat_ids(tok, messages: Sequence[dict], *, add_generation_prompt: bool) -> l
     return [int(i) for i in out]
 
 
-def _chunks(ids: list[int], size: int) -> list[list[int]]:
-    # a piece of one token scores nothing (no next token to predict)
-    return [ids[i:i + size] for i in range(0, len(ids), size) if len(ids[i:i + size]) > 1]
+def assistant_turn_ends(tok, messages: Sequence[dict], ids: list[int], eos: Sequence[int]) -> list[int]:
+    """Indexes in ``ids`` (the rendered conversation) of the token that ends each assistant turn: the
+    first end-of-turn id after the turn's prompt, as the template renders it for generation."""
+    out = []
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant" or not eos:
+            continue
+        start = len(chat_ids(tok, messages[:k], add_generation_prompt=True))
+        end = next((i for i in range(start, len(ids)) if ids[i] in eos), None)
+        if end is not None:
+            out.append(end)
+    return out
 
 
 def _read_file(path: Path) -> tuple[list[Conversation], list[str]]:
@@ -147,8 +161,12 @@ def _from_samples(path: Path) -> list[Conversation]:
 
 
 def build_calibration(tok, *, system_prompt: str, calibration: Optional[Path], samples: Optional[Path],
-                      max_tokens: int, max_seq_len: int) -> Calibration:
-    """Render, tokenize and cap the calibration set (conversations first, general text after)."""
+                      max_tokens, max_seq_len: int, eos: Sequence[int] = (),
+                      base_dir: Optional[Path] = None) -> Calibration:
+    """Render, tokenize and cap the calibration set (conversations first, general text after).
+    ``max_tokens`` "auto" is sized by the base's parameter count (``base_dir``, else the tokenizer's folder)."""
+    if max_tokens == "auto":
+        max_tokens = auto_tokens(Path(base_dir or getattr(tok, "name_or_path", "") or "."))
     if calibration is not None:
         convs, texts = _read_file(Path(calibration))
         source = str(calibration)
@@ -166,7 +184,9 @@ def build_calibration(tok, *, system_prompt: str, calibration: Optional[Path], s
     for c in convs:
         msgs = list(c.messages) + ([{"role": "assistant", "content": c.reference}] if c.reference else [])
         gen = msgs[-1]["role"] != "assistant"
-        cal.add(chat_ids(tok, msgs, add_generation_prompt=gen), "chat", max_seq_len=max_seq_len, up_to=chat_budget)
+        ids = chat_ids(tok, msgs, add_generation_prompt=gen)
+        cal.add(ids, "chat", max_seq_len=max_seq_len, up_to=chat_budget,
+                ends=assistant_turn_ends(tok, msgs, ids, eos))
         if cal.n_tokens >= chat_budget:
             break
     for t in texts:
@@ -178,6 +198,16 @@ def build_calibration(tok, *, system_prompt: str, calibration: Optional[Path], s
         raise InputError(f"no calibration tokens from {source}",
                          hint="set verify.calibration to a text or JSONL file, or evaluation.samples")
     return cal
+
+
+def auto_tokens(base_dir: Path) -> int:
+    from ..merge.hf_folder import load_base_info
+    from .memory import AUTO_TOKENS_MAX, token_budget
+
+    try:
+        return token_budget("auto", load_base_info(base_dir).param_count)
+    except InputError:  # a tokenizer from the adapter's folder: no weights there to count
+        return AUTO_TOKENS_MAX
 
 
 def _text_tokens(tok, texts: list[str]) -> int:

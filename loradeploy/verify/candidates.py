@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .behaviour import STOP_MARGIN, Generation, TemplateCase, check_stop, check_template
+from .behaviour import TemplateCase, check_stop, check_template
 from .calibration import Calibration
 from .metrics import PositionStats
 from .reference import ReferenceRun, threads_for
@@ -66,9 +66,8 @@ def with_imatrix_twins(cands: Sequence[Candidate]) -> list[Candidate]:
     return out
 
 
-def _n_ctx(cal: Calibration, gens: Sequence[Generation], cases: Sequence[TemplateCase]) -> int:
+def n_ctx_for(cal: Calibration, cases: Sequence[TemplateCase]) -> int:
     need = [cal.longest] + [len(c.hf_ids) for c in cases]
-    need += [sum(len(m["content"]) for m in g.messages) // 2 + g.n_tokens + STOP_MARGIN + 64 for g in gens]
     return max(64, -(-max(need) // 32) * 32)
 
 
@@ -80,7 +79,7 @@ def score_candidate(cand: Candidate, cal: Calibration, ref: ReferenceRun, *, thr
 
     t0 = time.monotonic()
     out: dict = {**cand.to_dict()}
-    n_ctx = _n_ctx(cal, ref.generations if behaviour else (), cases)
+    n_ctx = n_ctx_for(cal, cases)
     n_threads = threads_for(cand.path.stat().st_size, threads or 1)
     lora = {"lora_path": str(cand.lora)} if cand.lora else {}
     llm = runtime.load(cand.path, n_ctx=n_ctx, n_batch=min(512, n_ctx), logits_all=True,
@@ -91,6 +90,7 @@ def score_candidate(cand: Candidate, cal: Calibration, ref: ReferenceRun, *, thr
                             f"{ref.vocab}; its logits cannot be compared")
             return out
         stats = PositionStats()
+        tops: dict[int, int] = {}   # turn end -> the GGUF's top-1 there, from the same logits as the KLD
         fd = os.open(ref.logprobs_path, os.O_RDONLY)
         try:
             for i, seq in enumerate(cal.sequences):
@@ -100,15 +100,17 @@ def score_candidate(cand: Candidate, cal: Calibration, ref: ReferenceRun, *, thr
                 llm.eval(seq)
                 n = len(seq) - 1
                 stats.add(ref.rows(fd, ref.offsets[i], n), llm.scores[:n], np.asarray(seq[1:]))
+                tops.update((k, int(llm.scores[t["position"] - 1].argmax()))
+                            for k, t in enumerate(ref.turn_ends) if t["sequence"] == i)
         finally:
             os.close(fd)
         out.update(stats.summary())
         if behaviour:
             if progress:
-                progress(f"{cand.label}: chat template and stop", 0, 0)
+                progress(f"{cand.label}: chat template", 0, 0)
             llm.reset()
             out["template"] = check_template(llm, cases).to_dict()
-            out["stop"] = check_stop(llm, ref.generations).to_dict()
+            out["stop"] = check_stop(llm, ref.turn_ends, tops).to_dict()
     finally:
         del llm
         gc.collect()

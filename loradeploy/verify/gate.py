@@ -11,6 +11,7 @@ wrong prompt or never ends its turn is broken, not degraded.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
@@ -85,7 +86,7 @@ def judge(entry: dict, limits: Limits, signal: Optional[float]) -> list[Failure]
         return [Failure("error", None, None, entry["error"])]
     out: list[Failure] = []
     kld, top1, nts = entry.get("kld_mean"), entry.get("top1"), entry.get("noise_to_signal")
-    if kld is None or kld > limits.max_kld:
+    if kld is None or not math.isfinite(kld) or kld > limits.max_kld:
         out.append(Failure("kld_mean", kld, limits.max_kld, f"kld_mean {_fmt(kld)} > {_fmt(limits.max_kld)}"))
     if top1 is None or top1 < limits.min_top1:
         out.append(Failure("top1", top1, limits.min_top1, f"top1 {_fmt(top1)} < {_fmt(limits.min_top1)}"))
@@ -100,7 +101,7 @@ def judge(entry: dict, limits: Limits, signal: Optional[float]) -> list[Failure]
                                f"{_fmt(kld)} against the adapter's signal {_fmt(signal)})"))
     for check in ("template", "stop"):
         v = entry.get(check)
-        if v is not None and not v.get("ok"):
+        if v is not None and v.get("ok") is False:   # None: inconclusive, which does not fail
             first = (v.get("problems") or ["failed"])[0]
             out.append(Failure(check, None, None, f"{check} check failed: {first}"))
     return out

@@ -1,10 +1,11 @@
 """The reference: the UNMERGED PEFT model (base + adapter), so a merge bug shows as distance too.
 
-fp32 on CPU, 16-bit on CUDA. One pass over the calibration sequences writes the reference's
-log-probabilities of every scored position to a disk memmap (float32, positions x vocabulary), and
-in the same pass, with the adapter switched off (``disable_adapter``), scores the base model against
-them: that distance is the adapter's signal. Only one sequence's logits are in memory at a time,
-and the model is freed before any GGUF is loaded.
+Two ways to run it, with the same output: ``streamed`` (one decoder layer at a time from the
+safetensors, float32; ``streamed.py``), what CPU runs use, and ``memory`` (peft in memory: float32 on
+CPU, 16-bit on CUDA), the oracle the tests hold the streamed one to. Either writes the reference's
+log-probabilities of every scored position to a disk .npy (float32, positions x vocabulary) and, with
+the adapter switched off, scores the base model against them: that distance is the adapter's
+signal. The model is freed before any GGUF is loaded.
 """
 from __future__ import annotations
 
@@ -18,13 +19,11 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..errors import VerifyError
-from .behaviour import Generation, reference_generations
-from .calibration import Calibration, Conversation
-from .metrics import PositionStats
+from .calibration import Calibration
+from .metrics import LOGSOFTMAX_ROWS, PositionStats
 
 Progress = Callable[[str, float, float], None]
 BYTES_PER_THREAD = 64 * 2**20
-LOGSOFTMAX_ROWS = 128
 
 
 def threads_for(nbytes: int, budget: int) -> int:
@@ -46,9 +45,10 @@ class ReferenceRun:
     offsets: list[int]                 # first row of each calibration sequence
     vocab: int
     signal: dict                       # KLD(reference || base) summary, llama.cpp's statistics
-    generations: list[Generation] = field(default_factory=list)
+    turn_ends: list[dict] = field(default_factory=list)   # the reference's top-1 where each assistant turn ends
     device: str = "cpu"
     dtype: str = "float32"
+    mode: str = "memory"               # streamed | memory
     seconds: float = 0.0
 
     def rows(self, fd: int, start: int, n: int) -> np.ndarray:
@@ -75,6 +75,41 @@ def eos_ids(tok, base_dir: Path) -> list[int]:
             if int(i) not in ids:
                 ids.append(int(i))
     return ids
+
+
+class LogprobWriter:
+    """Appends the reference's log-probabilities, block by block in calibration order, to the .npy and
+    scores the base (adapter off) against them: one writer for both ways of running the reference."""
+
+    def __init__(self, path: Path, rows: int, vocab: int):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.rows, self.vocab = Path(path), rows, vocab
+        self.f = open(path, "wb")
+        np.lib.format.write_array_header_1_0(self.f, {"descr": "<f4", "fortran_order": False, "shape": (rows, vocab)})
+        self.header = self.f.tell()
+        self.signal = PositionStats()
+        self.written = 0
+
+    def add(self, ref_logits, base_logits, next_ids: np.ndarray) -> None:
+        """``ref_logits``, ``base_logits``: (n, vocab) torch tensors of raw logits."""
+        import torch
+
+        n = ref_logits.shape[0]
+        ref_lp = np.empty((n, self.vocab), dtype=np.float32)
+        for lo in range(0, n, LOGSOFTMAX_ROWS):  # float64 copies of a few rows only
+            rows = ref_logits[lo:lo + LOGSOFTMAX_ROWS].double()
+            ref_lp[lo:lo + len(rows)] = torch.log_softmax(rows, dim=-1).float().cpu().numpy()
+        if not np.isfinite(ref_lp).all():
+            raise VerifyError("the reference's logits are not finite (NaN or Inf): the adapter or the base "
+                              "holds non-finite weights", hint="check the adapter's tensors; retrain or re-export it")
+        self.f.write(np.ascontiguousarray(ref_lp, dtype="<f4").tobytes())
+        self.signal.add(ref_lp, base_logits.float().cpu().numpy(), np.asarray(next_ids))
+        self.written += n
+
+    def close(self) -> None:
+        self.f.close()
+        if self.written != self.rows:
+            raise VerifyError(f"the reference wrote {self.written} of {self.rows} positions", hint="re-run verify")
 
 
 def _device_dtype(want: str):
@@ -104,9 +139,74 @@ def load_reference(base_dir: Path, adapter_dir: Path, *, device: str = "auto"):
     return model, dev, str(dtype).removeprefix("torch.")
 
 
-def run_reference(base_dir: Path, adapter_dir: Path, tok, cal: Calibration, out_path: Path, *,
-                  device: str = "auto", threads: int = 0, stop_convs: list[Conversation] = (),
-                  max_new_tokens: int = 128, progress: Optional[Progress] = None) -> ReferenceRun:
+def _memory_pass(base_dir: Path, adapter_dir: Path, cal: Calibration, out_path: Path, device: str,
+                 progress: Optional[Progress]) -> tuple[LogprobWriter, str, str]:
+    import torch
+
+    model, dev, dtype = load_reference(base_dir, adapter_dir, device=device)
+    try:
+        w = LogprobWriter(out_path, cal.n_positions, int(model.get_output_embeddings().weight.shape[0]))
+        try:
+            for i, seq in enumerate(cal.sequences):
+                if progress:
+                    progress("reference logits (PEFT, unmerged)", i, len(cal.sequences))
+                ids = torch.tensor([seq], device=dev)
+                logits = model(input_ids=ids).logits[0, :-1]
+                with model.disable_adapter():
+                    base_logits = model(input_ids=ids).logits[0, :-1]
+                w.add(logits, base_logits, np.asarray(seq[1:]))
+                del logits, base_logits
+        finally:
+            w.close()
+    finally:
+        del model
+        gc.collect()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    return w, dev, dtype
+
+
+def _streamed_pass(base_dir: Path, adapter_dir: Path, cal: Calibration, out_path: Path,
+                   progress: Optional[Progress]) -> LogprobWriter:
+    from .streamed import StreamedModel, streamed_hidden
+
+    model = StreamedModel(base_dir, adapter_dir)
+    try:
+        h_on, h_off = streamed_hidden(model, cal.sequences, progress=progress)
+        nxt = np.concatenate([np.asarray(s[1:]) for s in cal.sequences])
+        w = LogprobWriter(out_path, cal.n_positions, model.vocab)
+        try:
+            for lo, ref, base in model.logits(h_on, h_off, progress=progress):
+                w.add(ref, base, nxt[lo:lo + ref.shape[0]])
+        finally:
+            w.close()
+    finally:
+        model.close()
+    return w
+
+
+def turn_end_tops(path: Path, header: int, vocab: int, offsets: list[int], cal: Calibration,
+                  eos: list[int]) -> list[dict]:
+    """Where each calibration assistant turn ends, the reference's top-1 (teacher forced: the same rows
+    the candidates are scored on) and whether that is an end-of-turn token."""
+    out = []
+    run = ReferenceRun(Path(path), header, offsets, vocab, {})
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for seq, pos, token in cal.turn_ends:
+            lp = run.rows(fd, offsets[seq] + pos - 1, 1)[0]
+            top = int(lp.argmax())
+            out.append({"sequence": seq, "position": pos, "token": token, "top1": top, "ends": top in eos,
+                        "p_end": float(np.exp(lp[token]))})
+    finally:
+        os.close(fd)
+    return out
+
+
+def run_reference(base_dir: Path, adapter_dir: Path, cal: Calibration, out_path: Path, *, mode: str = "streamed",
+                  device: str = "auto", threads: int = 0, eos: list[int] = (),
+                  progress: Optional[Progress] = None) -> ReferenceRun:
+    """``mode``: streamed | memory (chosen by ``memory.plan_reference``)."""
     import torch
 
     t0 = time.monotonic()
@@ -115,44 +215,15 @@ def run_reference(base_dir: Path, adapter_dir: Path, tok, cal: Calibration, out_
     prev_grad = torch.is_grad_enabled()  # process-wide too: training after verify (same process) needs it back
     torch.set_grad_enabled(False)
     try:
-        model, dev, dtype = load_reference(base_dir, adapter_dir, device=device)
-    except BaseException:
-        torch.set_grad_enabled(prev_grad)
-        torch.set_num_threads(prev_threads)
-        raise
-    try:
-        vocab = int(model.get_output_embeddings().weight.shape[0])
-        offsets, row = [], 0
-        for s in cal.sequences:
-            offsets.append(row)
-            row += len(s) - 1
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        signal = PositionStats()
-        with open(out_path, "wb") as f:
-            np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (row, vocab)})
-            header = f.tell()
-            for i, seq in enumerate(cal.sequences):
-                if progress:
-                    progress("reference logits (PEFT, unmerged)", i, len(cal.sequences))
-                ids = torch.tensor([seq], device=dev)
-                logits = model(input_ids=ids).logits[0, :-1]
-                ref_lp = np.empty(tuple(logits.shape), dtype=np.float32)
-                for lo in range(0, logits.shape[0], LOGSOFTMAX_ROWS):  # float64 copies of a few rows only
-                    rows = logits[lo:lo + LOGSOFTMAX_ROWS].double()
-                    ref_lp[lo:lo + len(rows)] = torch.log_softmax(rows, dim=-1).float().cpu().numpy()
-                del logits
-                f.write(np.ascontiguousarray(ref_lp, dtype="<f4").tobytes())
-                with model.disable_adapter():
-                    base_logits = model(input_ids=ids).logits[0, :-1].float().cpu().numpy()
-                signal.add(ref_lp, base_logits, np.asarray(seq[1:]))
-                del ref_lp, base_logits
-        gens = reference_generations(model, tok, list(stop_convs), eos_ids(tok, base_dir), max_new_tokens, dev)
+        if mode == "streamed":
+            w, dev, dtype = _streamed_pass(base_dir, adapter_dir, cal, out_path, progress), "cpu", "float32"
+        else:
+            w, dev, dtype = _memory_pass(base_dir, adapter_dir, cal, out_path, device, progress)
     finally:
-        del model
         gc.collect()
         torch.set_num_threads(prev_threads)
         torch.set_grad_enabled(prev_grad)
-        if dev == "cuda":
-            torch.cuda.empty_cache()
-    return ReferenceRun(out_path, header, offsets, vocab, signal.summary(), gens, dev, dtype,
+    offsets = list(np.cumsum([0] + [len(s) - 1 for s in cal.sequences[:-1]]).tolist())
+    ends = turn_end_tops(out_path, w.header, w.vocab, offsets, cal, list(eos))
+    return ReferenceRun(out_path, w.header, offsets, w.vocab, w.signal.summary(), ends, dev, dtype, mode,
                         round(time.monotonic() - t0, 3))

@@ -114,7 +114,10 @@ def test_llama_f16_matches_the_peft_reference_and_the_demo_formats_pass(served_v
     assert info["served_format"] == "Q4_K_M" and info["gate"]["verdict"] == "passed"
     data = json.loads(Path(info["report"]).read_text())
     assert data["calibration"]["tokens"] <= VERIFY["max_tokens"]
-    assert [g["finish_reason"] for g in data["reference"]["generations"]] == ["stop", "stop"]
+    # the stop check, teacher forced: the trained reference ends its assistant turns, and so does each GGUF
+    assert data["reference"]["mode"] == "streamed" and data["reference"]["stop"]["conclusive"] is True
+    assert all(e["stop"]["ok"] is True for e in data["formats"].values() if e.get("gated", True))
+    assert data["memory"]["reference"]["measured_peak_rss_bytes"] > 0
     history = (root / "state" / "verify" / f"{MODEL}.history.jsonl").read_text().splitlines()
     assert {json.loads(line)["format"] for line in history} == {"F16", "Q4_K_M", "Q8_0"}
     live = versions.live_version(cfg, MODEL)
