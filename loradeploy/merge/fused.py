@@ -9,6 +9,7 @@ and the tensors arrive in the order the converter would have read them from the 
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -53,7 +54,8 @@ def fused_convert(plan: MergePlan, out: Path, merge: "MergeConfig", *, outtype: 
     dtype = output_dtype(merge.dtype, base.dtype)
     out = Path(out)
     # beside the output, marked as a temporary so `loradeploy clean` finds one a killed run left
-    with tempfile.TemporaryDirectory(prefix=".fused-", suffix=TMP_MARK, dir=out.parent) as td:
+    # (named with this pid, as every partial file is: the next run removes it once this process is dead)
+    with tempfile.TemporaryDirectory(prefix=".fused-", suffix=f".{os.getpid()}{TMP_MARK}", dir=out.parent) as td:
         side = Path(td) / folder_name
         side.mkdir()
         copy_side_files(base.path, adapter.path, side, dtype)

@@ -46,7 +46,7 @@ def _is_number(v) -> bool:
 def check_lora_numbers(cfg: dict, where) -> None:
     """r, lora_alpha, rank_pattern and alpha_pattern as PEFT needs them: a positive whole rank, a finite
     alpha (PEFT's default 8 when absent), patterns that map names to such numbers."""
-    hint = "re-save the adapter with peft (save_pretrained), or fix adapter_config.json"
+    hint = "re-save the adapter with peft's save_pretrained, or fix adapter_config.json"
     r = cfg.get("r")
     if not _is_int(r) or r <= 0:
         raise InputError(f"{where}: r = {r!r} is not a positive rank (adapter_config.json)", hint=hint)
@@ -55,7 +55,7 @@ def check_lora_numbers(cfg: dict, where) -> None:
                          hint=hint)
     for key, ok, what in (("rank_pattern", lambda v: _is_int(v) and v > 0, "a positive rank"),
                           ("alpha_pattern", _is_number, "a number")):
-        pat = cfg.get(key) or {}
+        pat = {} if cfg.get(key) is None else cfg[key]
         if not isinstance(pat, dict):
             raise InputError(f"{where}: {key} is a JSON {json_kind(pat)}, not an object (adapter_config.json)",
                              hint=hint)

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .. import cleanup
 from ..config import Config
 from ..errors import LoradeployError
 from ..executor import get_executor
@@ -124,6 +125,8 @@ def run_pipeline(cfg: Config, models: Sequence[str], *, from_stage: str | None =
     try:
         for n in names:
             locks.append(ModelLock(cfg.pipeline.state_dir, n).acquire())
+            for item in cleanup.remove_stale(cfg, n):   # a killed run's partial files, now that none can run
+                log.info("%s: removed %s (%s, %d bytes)", n, item["path"], item["what"], item["size"])
         runs = model_runs(notifier)
         executor.start()
         _execute(cfg, names, stages, runs, executor)

@@ -34,7 +34,7 @@ def read_header(path: Path) -> dict:
     except (OSError, ValueError) as exc:
         raise InputError(f"{path} is not a readable safetensors file: {exc}",
                          hint="re-export the weights with safe_serialization=True") from None
-    hint = "the file is damaged or not safetensors: fetch or export it again (safe_serialization=True)"
+    hint = "the file is damaged or not safetensors: fetch it again, or export it with safe_serialization=True"
     if not isinstance(header, dict):
         raise InputError(f"{path}: the safetensors header is a JSON {json_kind(header)}, not an object of "
                          "tensors", hint=hint)

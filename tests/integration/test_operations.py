@@ -120,7 +120,7 @@ def test_logs_command_and_clean_dry_run(llama_pair, tmp_path):
     r = subprocess.run([sys.executable, "-m", "loradeploy.cli", "logs", "-c", str(path), "--model", "nayru",
                         "--stage", "merge"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "no merge log for nayru" in r.stderr
-    stale = tmp_path / "work" / "majora" / "gguf" / ".x.gguf.123.loradeploy-tmp"
+    stale = tmp_path / "work" / "majora" / "gguf" / ".x.gguf.9999999.loradeploy-tmp"
     stale.parent.mkdir(parents=True, exist_ok=True)
     stale.write_bytes(b"x" * 1000)
     r = subprocess.run([sys.executable, "-m", "loradeploy.cli", "clean", "-c", str(path), "--dry-run", "--json"],
