@@ -9,12 +9,17 @@ RAY_STAMP := $(VENV)/.loradeploy-ray-installed
 DEMO_DIR ?= loradeploy-demo
 PYTEST_ARGS ?=
 
-.PHONY: setup sysdeps llama-tools demo test test-fast bench clean-venv
+.PHONY: setup sysdeps sysdeps-debian sysdeps-macos llama-tools demo test test-fast bench clean-venv
 
 setup: sysdeps $(STAMP) llama-tools
 
 # rsync, ssh and sshd are real components in the fetch stage and its tests; cmake and g++ build llama.cpp.
+# Debian/Ubuntu: apt-get. macOS: Xcode's command line tools (the compiler, git) and Homebrew for
+# cmake and rsync >= 3 (the system's rsync is 2.6.9, or openrsync from macOS 15.4 on; ssh and sshd ship).
 sysdeps:
+	@if [ "$$(uname -s)" = Darwin ]; then $(MAKE) --no-print-directory sysdeps-macos; else $(MAKE) --no-print-directory sysdeps-debian; fi
+
+sysdeps-debian:
 	@missing=""; \
 	command -v rsync >/dev/null || missing="$$missing rsync"; \
 	command -v cmake >/dev/null || missing="$$missing cmake"; \
@@ -25,6 +30,28 @@ sysdeps:
 	  echo "installing Debian packages:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+sysdeps-macos:
+	@if ! xcode-select -p >/dev/null 2>&1; then \
+	  echo "Xcode's command line tools are missing (the C++ compiler): run 'xcode-select --install', then 'make setup' again" >&2; \
+	  exit 1; \
+	fi; \
+	rsync3() { for r in "$$(command -v rsync)" /opt/homebrew/bin/rsync /usr/local/bin/rsync; do \
+	  [ -x "$$r" ] && "$$r" --version 2>/dev/null | head -1 | grep -Eq '^rsync +version v?([3-9]|[1-9][0-9])\.' && return 0; \
+	done; return 1; }; \
+	missing=""; \
+	command -v cmake >/dev/null || missing="$$missing cmake"; \
+	rsync3 || missing="$$missing rsync"; \
+	if [ -n "$$missing" ]; then \
+	  brew=$$(command -v brew || ls /opt/homebrew/bin/brew /usr/local/bin/brew 2>/dev/null | head -1); \
+	  if [ -z "$$brew" ]; then \
+	    echo "missing:$$missing (rsync >= 3: macOS's own is 2.6.9 or openrsync). Homebrew is not installed:" \
+	         "install it from https://brew.sh and run 'make setup' again, or install$$missing yourself" >&2; \
+	    exit 1; \
+	  fi; \
+	  echo "installing with Homebrew:$$missing"; \
+	  "$$brew" install$$missing; \
 	fi
 
 $(STAMP): pyproject.toml

@@ -28,7 +28,7 @@ import psutil  # noqa: E402
 from loradeploy.config import config_from_dict  # noqa: E402
 from loradeploy.errors import FetchError  # noqa: E402
 from loradeploy.fetch import fetch_adapter  # noqa: E402
-from loradeploy.testing.sshd import start_sshd  # noqa: E402
+from loradeploy.testing.sshd import start_sshd, throttled_rsync  # noqa: E402
 
 MiB = 1 << 20
 
@@ -92,7 +92,7 @@ def drop_link() -> bool:
 
 def resume_bench(tmp: Path, server, cfg, total: int) -> dict:
     shutil.rmtree(tmp / "work", ignore_errors=True)
-    server.restrict_tools(add={"rsync": '#!/bin/sh\nexec /usr/bin/rsync --bwlimit=65536 "$@"\n'})
+    server.restrict_tools(add={"rsync": throttled_rsync(65536)})
     cut = []
 
     def progress(desc, done, tot):

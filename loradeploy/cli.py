@@ -169,7 +169,8 @@ def status(config, as_json):
 @main.command()
 @click.option("--workdir", default="loradeploy-demo", show_default=True, type=click.Path(path_type=Path))
 @click.option("--arch", type=click.Choice(["llama", "qwen2"]), default="llama", show_default=True)
-@click.option("--port", default=5000, show_default=True, help="port the demo model is served on")
+@click.option("--port", type=int, default=None,
+              help="first of the demo models' ports (default: 5000, 5050 on macOS, moved on while taken)")
 @click.option("--force", is_flag=True, help="redo every stage (the built demo model is reused)")
 @json_opt
 def demo(workdir, arch, port, force, as_json):

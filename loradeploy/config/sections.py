@@ -58,7 +58,8 @@ class VastConfig(_Section):
 class MergeConfig(_Section):
     strategy: Literal["auto", "peft", "unsloth", "stream"] = Field(
         "auto", description="auto = stream (tensor by tensor, low memory) for plain LoRA, else peft")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="peft merge: auto = a CUDA GPU, else Apple's (mps), else the CPU")
     dtype: Literal["auto", "float16", "bfloat16"] = Field(
         "auto", description="16-bit dtype of the merged weights; auto keeps the base's 16-bit dtype")
     save_merged_hf: bool = Field(False, description="keep the merged HF folder after conversion")
@@ -151,7 +152,7 @@ class LMStudioConfig(_Section):
     home: RelPath = Field(Path("~/.lmstudio"), description="LM Studio home (holds models/ and config-presets/)")
     publisher: str = "loradeploy"
     link_mode: Literal["symlink", "hardlink", "copy"] = "symlink"
-    use_cli: bool = Field(True, description="use `lms` when it is on PATH")
+    use_cli: bool = Field(True, description="use `lms` when it is on PATH or in <home>/bin")
     server_port: int = Field(1234, ge=1, le=65535)
 
 

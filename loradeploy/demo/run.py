@@ -2,6 +2,7 @@
 them: majora merged, and majora, nayru and veran in adapter mode on one shared base server."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import yaml
@@ -35,6 +36,33 @@ DEMO_MAX_KLD = {"Q4_K_M": 0.15, "Q4_K_S": 0.18, "Q5_K_M": 0.05, "Q5_K_S": 0.06, 
 ADAPTER_MODELS = ("majora-adapter", "nayru", "veran")
 
 
+# The demo's ports: a block, one per model. 5000 is AirPlay Receiver's on macOS (on by default since
+# macOS 12, as is 7000), so a Mac starts elsewhere; a taken block moves on by PORT_STEP.
+DEMO_PORT, DARWIN_DEMO_PORT, PORT_STEP = 5000, 5050, 10
+
+
+def demo_port(workdir: Path, *, platform: str | None = None, tries: int = 50) -> int:
+    """The first port of the demo's block: the one its config already has (a re-run keeps its own
+    servers' ports), else 5000 (5050 on macOS), moved on while any port of the block is taken.
+    Taken on loopback or on the wildcard: macOS lets a loopback bind shadow AirPlay's *:5000."""
+    from ..serving.ports import port_holder
+
+    def free(port: int) -> bool:
+        return all(port_holder(host, port) is None for host in ("127.0.0.1", "0.0.0.0"))
+
+    try:
+        return int(yaml.safe_load((Path(workdir) / "deployment_config.yaml").read_text())["models"][DEMO_MODEL]["port"])
+    except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
+        pass
+    first = DARWIN_DEMO_PORT if (platform or sys.platform) == "darwin" else DEMO_PORT
+    n = 1 + len(ADAPTER_MODELS)
+    for k in range(tries):
+        start = first + k * PORT_STEP
+        if all(free(start + i) for i in range(n)):
+            return start
+    return first   # all taken: serving names who holds the port
+
+
 def persona_of(model: str) -> str:
     return model.removesuffix("-adapter")
 
@@ -65,10 +93,12 @@ def demo_config_dict(base: Path, adapters: dict[str, Path], samples: dict[str, P
     }
 
 
-def prepare_demo(workdir: Path, *, arch: str = "llama", port: int = 5000, progress=None) -> Config:
-    """Build (or reuse) the demo models in ``workdir`` and write ``workdir/deployment_config.yaml``."""
+def prepare_demo(workdir: Path, *, arch: str = "llama", port: int | None = None, progress=None) -> Config:
+    """Build (or reuse) the demo models in ``workdir`` and write ``workdir/deployment_config.yaml``
+    (``port``: the first of the models' ports; None: demo_port())."""
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    port = demo_port(workdir) if port is None else port
     base = build_base(workdir / "models" / f"base-{arch}", arch, progress=progress)
     personas = sorted({persona_of(m) for m in (DEMO_MODEL, *ADAPTER_MODELS)})
     adapters = {p: train_adapter(base, workdir / "adapters" / p, persona=p, progress=progress) for p in personas}

@@ -2,9 +2,10 @@
 sdist: ``python -m loradeploy.llamacpp.build`` (``make setup`` runs it; safe to run twice).
 
 The sdist is fetched with pip (``pip download --no-binary :all: --no-deps llama-cpp-python==VER``),
-its ``vendor/llama.cpp`` kept as the source, then cmake builds the CPU tools (Release, no curl/TLS, no
-tests or examples, no web UI download). Everything lives under tools.build_dir(); a finished build
-has a manifest.json and is reused in seconds, and the venv links to it (tools.venv_link()).
+its ``vendor/llama.cpp`` kept as the source, then cmake builds the tools (Release, the CPU backend and
+Metal on macOS; no curl/TLS, no tests or examples, no web UI download). Everything lives under
+tools.build_dir(); a finished build has a manifest.json and is reused in seconds, and the venv links
+to it (tools.venv_link()).
 """
 from __future__ import annotations
 
@@ -34,6 +35,19 @@ CMAKE_OPTIONS = ("-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLA
                  "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_SERVER=ON",
                  "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
                  "-DLLAMA_OPENSSL=OFF")
+# macOS: Metal on (llama.cpp's default there, written out), its shaders compiled into the static
+# binaries rather than looked for beside them. Elsewhere the CPU build.
+DARWIN_OPTIONS = ("-DGGML_METAL=ON", "-DGGML_METAL_EMBED_LIBRARY=ON")
+
+
+def cmake_options() -> tuple[str, ...]:
+    return CMAKE_OPTIONS + (DARWIN_OPTIONS if sys.platform == "darwin" else ())
+
+
+def _install_hint() -> str:
+    if sys.platform == "darwin":
+        return "install Xcode's command line tools (xcode-select --install) and cmake (brew install cmake)"
+    return "install cmake and a C++ compiler (Debian: apt-get install cmake g++)"
 
 
 def _note(progress: Optional[Progress], msg: str, done: Optional[int] = None, total: Optional[int] = None) -> None:
@@ -108,7 +122,7 @@ def fetch_source(folder: Path, version: str, log_path: Path, progress: Optional[
 
 def _cmake(folder: Path, commit: str) -> list[str]:
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-    return ["cmake", "-S", str(folder / "src"), "-B", str(folder / "build"), *gen, *CMAKE_OPTIONS,
+    return ["cmake", "-S", str(folder / "src"), "-B", str(folder / "build"), *gen, *cmake_options(),
             "-DGGML_CCACHE=OFF", "-DLLAMA_BUILD_NUMBER=0", f"-DLLAMA_BUILD_COMMIT={commit}"]
 
 
@@ -119,8 +133,7 @@ def compile_tools(folder: Path, commit: str, jobs: int, log_path: Path, progress
     from ..tools.proc import run
 
     if not shutil.which("cmake"):
-        raise LlamaRuntimeError("cmake is not installed: it builds llama.cpp's tools",
-                                hint="install cmake and a C++ compiler (Debian: apt-get install cmake g++)")
+        raise LlamaRuntimeError("cmake is not installed: it builds llama.cpp's tools", hint=_install_hint())
     _note(progress, "configuring llama.cpp (cmake)")
     run(_cmake(folder, commit), log_path=log_path, timeout=1800, error_cls=LlamaRuntimeError, what="cmake configure")
 
@@ -180,7 +193,7 @@ def ensure_built(*, jobs: int = 2, force: bool = False, progress: Optional[Progr
             compile_tools(folder, commit, jobs, log_path, progress)
             manifest = {"llama_cpp_python": version, "sdist": mark["sdist"], "sdist_sha256": mark["sdist_sha256"],
                         "commit": commit, "build_number": 0, "key": key, "compiler": tools.compiler_id(),
-                        "cmake_options": list(CMAKE_OPTIONS), "tools": list(tools.TOOLS),
+                        "cmake_options": list(cmake_options()), "tools": list(tools.TOOLS),
                         "scripts": list(tools.SCRIPTS), "built_at": time.time(),
                         "build_s": round(time.monotonic() - t0, 1), "jobs": jobs}
             atomic_write_text(folder / tools.MANIFEST, json.dumps(manifest, indent=2))

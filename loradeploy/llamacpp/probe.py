@@ -95,8 +95,9 @@ def run(mode: str, gguf_path: Path) -> dict:
 
     apply_mode(mode == "default")
     t0 = time.monotonic()
+    # n_gpu_layers=0: the CPU path the mode is about, also in a Metal or CUDA build of llama.cpp
     llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=128, n_batch=64, n_threads=2, n_threads_batch=2,
-                          verbose=False)
+                          n_gpu_layers=0, verbose=False)
     loaded = time.monotonic() - t0
     _selftest(mode)
     prompt = [1] + [3 + (7 * k) % (N_VOCAB - 3) for k in range(PROMPT_TOKENS - 1)]

@@ -47,7 +47,7 @@ class Mode:
     """The verdict: ``name`` is "default" or "safe"; ``source`` says where it came from."""
 
     name: str
-    source: str                       # "probe" | "cache" | "env"
+    source: str                       # "probe" | "cache" | "env" | "platform"
     why: str
     attempts: tuple[Attempt, ...] = ()
     decided_at: float = 0.0
@@ -62,6 +62,8 @@ class Mode:
         """One truthful line for logs and reports."""
         if self.source == "env":
             return f"{self.name} (set by {MODE_ENV})"
+        if self.source == "platform":
+            return f"{self.name} ({self.why})"
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.decided_at)) if self.decided_at else "?"
         origin = "probed now" if self.source == "probe" else f"cached verdict of {when}"
         return f"{self.name} ({origin}: {self.why})"
@@ -73,7 +75,20 @@ class Mode:
 
 # ----------------------------------------------------------------------------- the machine
 
+def _darwin_cpu() -> str:
+    """macOS has no /proc/cpuinfo: the CPU's name from sysctl ("Apple M2 Pro")."""
+    from ..tools.proc import run
+
+    try:
+        cp = run(["sysctl", "-n", "machdep.cpu.brand_string"], timeout=10, check=False)
+    except ProcError:
+        return ""
+    return cp.stdout.strip() if cp.returncode == 0 else ""
+
+
 def _cpuinfo() -> tuple[str, str]:
+    if sys.platform == "darwin":   # no flags to hash: the key is the CPU's name and platform.machine()
+        return _darwin_cpu() or platform.machine(), ""
     model, flags = platform.processor() or platform.machine(), ""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
@@ -210,7 +225,11 @@ def decide(*, refresh: bool = False, timeout: float = DEFAULT_TIMEOUT_S, directo
     # One probe per machine at a time: a second process waits, then reads the first one's verdict.
     with exclusive_lock(directory / "llamacpp-probe.lock"):
         mode = None if refresh else _from_cache(path, fp)
-        if mode is None:
+        if mode is None and sys.platform == "darwin":
+            # The crashes the probe guards against come from x86 AMX buffer types, which no Mac has:
+            # default mode, unprobed (a server that dies of a signal in it still demotes it to safe).
+            mode = Mode("default", "platform", "macOS: no AMX buffer types to probe", (), time.time(), str(path), fp)
+        elif mode is None:
             mode = _decide_by_probe(fp, directory, timeout, progress)
             _save(path, mode)
     _DECIDED[memo] = mode

@@ -72,8 +72,9 @@ def llama_server_argv(cfg: "Config", alias: str, gguf: Path, port: int, mode: ru
     argv = [str(exe), "-m", str(gguf), "--alias", alias, "--host", "127.0.0.1", "--port", str(port),
             "-c", str(s.n_ctx * s.parallel), "-np", str(s.parallel), "--cont-batching", "-t", n, "-tb", n,
             "-b", str(s.n_batch), "--metrics", "--no-webui"]
-    if s.n_gpu_layers:
-        argv += ["-ngl", "all" if s.n_gpu_layers < 0 else str(s.n_gpu_layers)]
+    # Always written out: a Metal build (macOS) offloads every layer when -ngl is not given, so
+    # n_gpu_layers: 0 must say 0 to mean the CPU there.
+    argv += ["-ngl", "all" if s.n_gpu_layers < 0 else str(s.n_gpu_layers)]
     if not mode.extra_bufts:
         # The flag that clears common_params.no_extra_bufts' default: no repacked/AMX weight buffers.
         argv.append("--no-repack")

@@ -19,8 +19,19 @@ from typing import Optional
 from ..tools.proc import Spawned, alive, run, spawn, stop
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+# Ahead of the system's tools on the "remote box", as on a Mac with Homebrew: macOS's own rsync
+# (2.6.9 / openrsync) is too old for the fetch, Homebrew's is not. /usr/local/bin is Intel Homebrew's.
+HOMEBREW_BIN = ("/opt/homebrew/bin", "/usr/local/bin")
 SFTP_SERVER = next((p for p in ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server",
                                 "/usr/libexec/sftp-server") if os.path.exists(p)), "internal-sftp")
+
+
+def throttled_rsync(kib_per_s: int) -> str:
+    """A "remote box" rsync (for restrict_tools' ``add``) that sends at most ``kib_per_s``: the
+    rsync this machine's fetch runs (>= 3; Homebrew's on a Mac), with --bwlimit."""
+    from ..tools.ssh_transfer import local_rsync
+
+    return f'#!/bin/sh\nexec "{local_rsync().path or "rsync"}" --bwlimit={kib_per_s} "$@"\n'
 
 
 def free_port() -> int:
@@ -79,7 +90,7 @@ class SshServer:
         """Give remote logins a PATH of the system's tools minus ``drop``, plus ``add`` scripts."""
         bin_dir = self.dir / f"bin-{time.monotonic_ns()}"
         bin_dir.mkdir()
-        for d in ("/usr/local/bin", "/usr/bin", "/bin"):
+        for d in HOMEBREW_BIN + ("/usr/bin", "/bin"):
             if not os.path.isdir(d):
                 continue
             for e in os.scandir(d):
@@ -135,7 +146,8 @@ def start_sshd(workdir: Path) -> SshServer:
     wrapper = workdir / "login.sh"
     wrapper.write_text(
         "#!/bin/sh\n"
-        f'if [ -f "{workdir}/remote_path" ]; then PATH=$(cat "{workdir}/remote_path"); export PATH; fi\n'
+        f'if [ -f "{workdir}/remote_path" ]; then PATH=$(cat "{workdir}/remote_path")\n'
+        f'else PATH="{":".join(HOMEBREW_BIN)}:$PATH"; fi\nexport PATH\n'
         'exec /bin/sh -c "$SSH_ORIGINAL_COMMAND"\n')
     wrapper.chmod(0o755)
     # SHLVL=1: bash reads ~/.bashrc for sshd only when not nested. This machine's rc files are not

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from loradeploy.fetch import fetch_adapter, fetch_many
 from loradeploy.stages.base import ModelPaths, StageContext
 from loradeploy.stages.fetch import FetchStage
 from loradeploy.tools.vastai import resolve_instance
-from tests.fixtures.sshd import keygen, vast_instance_row
+from tests.fixtures.sshd import keygen, throttled_rsync, vast_instance_row
 
 ADAPTER_CONFIG = json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16,
                              "base_model_name_or_path": "tiny-base",
@@ -272,7 +273,7 @@ def test_interrupted_transfer_resumes_with_only_the_rest(tmp_path, sshd):
     files = adapter_files(size)
     run = sshd.make_run("r", files)
     # The box sends at 4 MiB/s so the link can be dropped in the middle of the file.
-    sshd.restrict_tools(add={"rsync": '#!/bin/sh\nexec /usr/bin/rsync --bwlimit=4096 "$@"\n'})
+    sshd.restrict_tools(add={"rsync": throttled_rsync(4096)})
     cfg = make_cfg(tmp_path, sshd, sshd.url(run))
     killed = []
 
@@ -299,11 +300,11 @@ def test_interrupted_transfer_resumes_with_only_the_rest(tmp_path, sshd):
     assert (adapter_dir(tmp_path) / "adapter_model.safetensors").read_bytes() == files["adapter_model.safetensors"]
 
 
-# fake sha256sum on the box: hashes, then the training job "rewrites" the weights
+# fake sha256sum on the box (hashlib: no coreutils needed): hashes, then the training job "rewrites" the weights
 CHANGING_HASHER = """#!/bin/sh
-/usr/bin/sha256sum "$@"
-rc=$?
 for f; do :; done
+"{python}" -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest(), sys.argv[1])' "$f"
+rc=$?
 case "$f" in *adapter_model.safetensors)
   if [ ! -e "{flag}" ]; then
     {once}touch "{flag}"
@@ -319,7 +320,7 @@ def test_remote_change_after_hash_listed_is_caught_and_refetched(tmp_path, sshd,
     run = sshd.make_run("r", files)
     flag = tmp_path / "changed-once"
     sshd.restrict_tools(drop=("openssl", "shasum", "python3"),
-                        add={"sha256sum": CHANGING_HASHER.format(flag=flag, once="")})
+                        add={"sha256sum": CHANGING_HASHER.format(flag=flag, once="", python=sys.executable)})
     cfg = make_cfg(tmp_path, sshd, sshd.url(run))
     with caplog.at_level(logging.WARNING):
         meta = fetch_adapter(cfg, "majora")
@@ -334,7 +335,7 @@ def test_remote_that_keeps_changing_fails_with_both_hashes(tmp_path, sshd):
     run = sshd.make_run("r", adapter_files(1 << 20))
     flag = tmp_path / "never-created"
     sshd.restrict_tools(drop=("openssl", "shasum", "python3"),
-                        add={"sha256sum": CHANGING_HASHER.format(flag=flag, once=": ")})
+                        add={"sha256sum": CHANGING_HASHER.format(flag=flag, once=": ", python=sys.executable)})
     cfg = make_cfg(tmp_path, sshd, sshd.url(run))
     with pytest.raises(FetchError, match=r"changed after it was listed.*remote sha256 [0-9a-f]{64}, "
                                          r"local [0-9a-f]{64}.*still wrong after a re-fetch"):
@@ -370,7 +371,7 @@ def small_fs(tmp_path):
 def test_disk_full_during_transfer(tmp_path, sshd, small_fs):
     files = adapter_files(4 << 20)
     run = sshd.make_run("r", files)
-    sshd.restrict_tools(add={"rsync": '#!/bin/sh\nexec /usr/bin/rsync --bwlimit=2048 "$@"\n'})
+    sshd.restrict_tools(add={"rsync": throttled_rsync(2048)})
     cfg = make_cfg(tmp_path, sshd, sshd.url(run))
     cfg = cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(update={"work_dir": small_fs})})
     filled = []

@@ -86,12 +86,16 @@ def test_a_server_that_ends_by_itself_leaves_no_watchdog_and_its_status_is_kept(
 
 
 def test_sigterm_to_the_supervisor_reaches_the_server_once_and_it_ends(tmp_path):
-    mark = tmp_path / "terms"
+    mark, ready = tmp_path / "terms", tmp_path / "ready"
     code = ("import signal, sys, time\n"
             f"signal.signal(signal.SIGTERM, lambda *a: (open({str(mark)!r}, 'a').write('T'), sys.exit(7)))\n"
+            f"open({str(ready)!r}, 'w').close()\n"
             "time.sleep(300)")
     sup, record = _supervised(tmp_path, code)
     server = json.loads(record.read_text())
+    end = time.monotonic() + 30
+    while not ready.exists() and time.monotonic() < end:   # its handler is in place
+        time.sleep(0.05)
     proc.stop(sup, grace=10)                  # SIGTERM to the supervisor's group, forwarded to the server
     assert not proc.alive(sup) and _gone(server, 5)
     assert mark.read_text() == "T"            # the server's own handler ran, once
