@@ -79,16 +79,6 @@ def require_disk(path: Path, need_bytes: int, floor_gb: float, what: str) -> Non
             hint="free space, point pipeline.work_dir elsewhere, or lower performance.min_free_disk_gb")
 
 
-def require_memory(need_bytes: int, budget_bytes: int, what: str) -> None:
-    avail = psutil.virtual_memory().available
-    limit = min(avail, budget_bytes)
-    if need_bytes > limit:
-        raise ResourceError(
-            f"not enough memory for {what}: needs about {need_bytes / GIB:.2f} GiB, "
-            f"{avail / GIB:.2f} GiB available (budget {budget_bytes / GIB:.2f} GiB)",
-            hint="close other programs, raise performance.max_memory_gb, or use merge.strategy: stream")
-
-
 def thread_plan(n_formats: int, budget: int, parallel: int = 0) -> tuple[int, int]:
     """(formats at once, threads each): never more busy threads than the budget."""
     if parallel <= 0:

@@ -1,7 +1,7 @@
 """What each heavy stage asks a Ray cluster for, and whether any node can ever give it.
 
-CPUs come from the same thread plan the stage itself uses; memory from the merge preflight's RAM
-estimate (and like estimates for the other stages), or ``performance.max_memory_gb`` when set;
+CPUs come from the same thread plan the stage itself uses; memory from the same estimate the stage
+checks before it starts (stages.memory, memory_estimate), or ``performance.max_memory_gb`` when set;
 a GPU for the merge paths that run on CUDA. A request no node can satisfy would wait in Ray's
 queue forever, so it is refused before submission, naming the stage, the request and the largest node.
 """
@@ -14,7 +14,6 @@ from typing import Any, Iterable
 
 from ..errors import ResourceError
 from ..resources import GIB, MIB
-from ..merge.preflight import merge_memory
 from ..stages.base import StageContext
 
 # Ray's own resource names; everything else in a node's Resources is a custom resource (or a node:IP label).
@@ -109,11 +108,10 @@ def check_feasible(req: Request, model: str, nodes: list[Node]) -> None:
 # ----------------------------------------------------------------------------- estimates
 
 @functools.lru_cache(maxsize=64)
-def _base_facts(base_model: str) -> tuple[int, int]:
-    """(parameter count, largest tensor in bytes) from the base's safetensors headers (no weights read)."""
+def _params(base_model: str) -> int:
+    """The base's parameter count from its safetensors headers (no weights read)."""
     from ..merge import load_base_info, resolve_base
-    base = load_base_info(resolve_base(base_model))
-    return base.param_count, base.largest_tensor_bytes
+    return load_base_info(resolve_base(base_model)).param_count
 
 
 def _strategy(ctx: StageContext) -> str:
@@ -126,18 +124,15 @@ def _upstream_size(ctx: StageContext, stage: str) -> int:
     return sum(a.size for a in ctx.upstream_artifacts(stage, "gguf"))
 
 
-def estimate(ctx: StageContext, stage: str, n_parallel: int = 1) -> int:
-    """Bytes of RAM ``stage`` is expected to need for this model."""
-    params, largest = _base_facts(ctx.model.base_model)
-    if stage == "merge":
-        return merge_memory(_strategy(ctx), params, largest)
-    if stage == "convert":
-        # the lazy converter holds a few tensors in float32 at a time, plus torch and numpy themselves
-        return largest * 4 + 512 * MIB
-    if stage == "quantize":
-        # each format quantizes tensor by tensor (float32 work copy + output) from a memory-mapped input
-        return n_parallel * largest * 4 + 256 * MIB
+def estimate(ctx: StageContext, stage: str, threads: int = 1) -> int:
+    """Bytes of RAM ``stage`` is expected to need for this model, in a fresh worker: the estimate the
+    stage itself checks before it starts (stages.memory)."""
+    from ..stages.memory import estimate as stage_estimate
+    est = stage_estimate(ctx, stage, threads)
+    if est is not None:
+        return est.peak
     # verify: the unmerged PEFT reference in float32, one GGUF loaded at a time, the runtimes
+    params = _params(ctx.model.base_model)
     return params * 4 + max([a.size for a in ctx.upstream_artifacts("quantize", "gguf")] or [0]) + 1024 * MIB
 
 
@@ -162,7 +157,7 @@ def request_for(ctx: StageContext, stage: str, nodes: list[Node]) -> Request:
     cfg = ctx.cfg
     budget = cpu_budget(ctx, nodes)
     gpus: float = 0
-    parallel = 1
+    threads = 1
     if stage == "merge":
         cpus = budget
         gpus = _gpus(ctx, nodes)
@@ -171,11 +166,11 @@ def request_for(ctx: StageContext, stage: str, nodes: list[Node]) -> Request:
     elif stage == "quantize":
         q = cfg.quantization
         qbudget = min(q.threads, budget) if q.threads else budget
-        parallel, threads = thread_plan(len(cfg.formats_for(ctx.model_name)), qbudget, q.parallel_formats)
-        cpus = parallel * threads
+        parallel, each = thread_plan(len(cfg.formats_for(ctx.model_name)), qbudget, q.parallel_formats)
+        cpus = threads = parallel * each
     else:
         cpus = min(cfg.verify.threads, budget) if cfg.verify.threads else budget
-    need = estimate(ctx, stage, parallel)
+    need = estimate(ctx, stage, threads)
     mx = cfg.performance.max_memory_gb
     memory = int(mx * GIB) if mx else need
     return Request(stage, cpus, memory, gpus, dict(cfg.performance.ray.stage_resources.get(stage, {})), need)

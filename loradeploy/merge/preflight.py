@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from ..errors import InputError, MergeError
-from ..resources import memory_budget_bytes, require_disk, require_memory
+from ..memory_estimate import Estimate, TensorFacts, convert, merge_library, merge_stream, require
+from ..resources import memory_budget_bytes, require_disk
+from ..tools.safetensors_io import numel
 from .base_identity import SIZE_HINT, compare, dims_named
 from .hf_folder import AdapterInfo, BaseModelInfo, load_adapter_info, load_base_info, resolve_base
 
@@ -33,6 +35,7 @@ class MergePlan:
     adapter: AdapterInfo
     strategy: str        # stream | peft | unsloth
     path: str = TWO_STEP  # fused: merge + convert in one pass (merge/fused.py); two-step: merged folder
+    memory: Estimate | None = None  # what this plan's merge (fused: merge + convert) holds at its peak
 
 
 def abort_on(preflight: "Future | None") -> "Callable[[], None] | None":
@@ -120,14 +123,53 @@ def resolve_strategy(choice: str, adapter: AdapterInfo) -> str:
     return choice
 
 
-def merge_memory(strategy: str, params: int, largest_tensor_bytes: int) -> int:
-    """RAM a merge needs: a few float32 tensors at a time when streaming, the whole 16-bit model plus
-    a margin for the library strategies (peft, unsloth). The executor reserves exactly this."""
-    return largest_tensor_bytes * 4 + 256 * 1024 ** 2 if strategy == "stream" else int(params * 2 * 1.3)
+def tensor_facts(base: BaseModelInfo, adapter: AdapterInfo | None = None) -> TensorFacts:
+    """The sizes the merge and convert estimates need, from the two headers."""
+    sizes = {n: numel(i["shape"]) for n, (_, i) in base.tensors.items()}
+    touched = [*(f"{m}.weight" for m in adapter.pairs), *adapter.full_tensors] if adapter else []
+    return TensorFacts(max(sizes.values(), default=0), max((sizes[n] for n in touched if n in sizes), default=0),
+                       sum(sizes.values()))
+
+
+def merge_memory(strategy: str, facts: TensorFacts, *, path: str = TWO_STEP, fresh: bool = False) -> Estimate:
+    """What the merge holds at its peak (memory_estimate has the terms): the library strategies (peft,
+    unsloth) the whole 16-bit model; the stream merge a few tensors; fused, the merge and the
+    converter together. The Ray executor reserves exactly this (``fresh``: in a new worker)."""
+    if strategy != "stream":
+        return merge_library(facts, fresh=fresh)
+    return convert(facts, fused=True, fresh=fresh) if path == FUSED else merge_stream(facts, fresh=fresh)
+
+
+@dataclass(frozen=True)
+class RunWrites:
+    """What the rest of the run writes beside the merge's own output, for the disk estimate."""
+    convert_type: str = "f16"
+    verify_positions: int = 0                  # verify's log-prob memmap: positions x vocabulary x 4 bytes
+    base_gguf: str | None = None               # evaluation's base row, converted beside the merge
+    twins: tuple[str, ...] = ()                # plain twins of imatrix quants (verify measures them)
+    tensor_cache_bytes: int = 0                # performance.tensor_cache_gb: the most the cache may hold
+
+
+def disk_need(base: BaseModelInfo, adapter: AdapterInfo, path: str, formats: Sequence[str], keep_merged: bool,
+              w: RunWrites) -> dict[str, int]:
+    """Bytes the whole run writes into the work folder (and the state folder's tensor cache), by what."""
+    params = base.param_count
+    size = {f: int(params * BPW.get(f.upper(), 8) / 8) for f in {*formats, w.convert_type.upper(), *w.twins}}
+    touched = {f"{m}.weight" for m in adapter.pairs} | set(adapter.full_tensors)
+    untouched = sum(numel(i["shape"]) for n, (_, i) in base.tensors.items() if n not in touched)
+    quants = [f for f in formats if f.upper() != w.convert_type.upper()]
+    vocab = int(base.config.get("vocab_size") or 0)
+    return {"merged folder": params * 2 if path != FUSED or keep_merged else 0,
+            f"{w.convert_type.upper()} GGUF": size[w.convert_type.upper()],
+            "quants": sum(size[f] for f in quants) + sum(size[f] for f in w.twins),
+            "tensor cache": min(w.tensor_cache_bytes, sum(int(untouched * BPW.get(f, 8) / 8) for f in quants)),
+            "verify log-prob memmap": w.verify_positions * vocab * 4,
+            "base GGUF": int(params * BPW.get(w.base_gguf.upper(), 8) / 8) if w.base_gguf else 0}
 
 
 def plan_merge(base_model: str, adapter_dir: Path, *, merge: "MergeConfig", performance: "PerformanceConfig",
-               formats: list[str], work_dir: Path, log: logging.Logger, stages: Sequence[str] = ()) -> MergePlan:
+               formats: list[str], work_dir: Path, log: logging.Logger, stages: Sequence[str] = (),
+               writes: RunWrites = RunWrites()) -> MergePlan:
     """Every check that can fail before the merge starts, from headers only. The converter preflight
     is not here: it runs beside the merge (converter.preflight_beside), off the critical path."""
     base_dir = resolve_base(base_model)
@@ -137,11 +179,10 @@ def plan_merge(base_model: str, adapter_dir: Path, *, merge: "MergeConfig", perf
         log.warning(w)
     strategy = resolve_strategy(merge.strategy, adapter)
     path = merge_path(strategy, merge, stages)
-    # disk: merged folder (unless fused) + F16 GGUF + every quant, all in work_dir
-    params = base.param_count
-    need = params * 2 * (1 if path == FUSED else 2) + sum(int(params * BPW.get(f, 8) / 8) for f in formats)
-    require_disk(work_dir, need, performance.min_free_disk_gb, "merge, convert and quantize")
-    budget = memory_budget_bytes(performance.max_memory_gb)
-    mem = merge_memory(strategy, params, base.largest_tensor_bytes)
-    require_memory(mem, budget, f"the {strategy} merge")
-    return MergePlan(base, adapter, strategy, path)
+    need = disk_need(base, adapter, path, formats, merge.save_merged_hf, writes)
+    log.info("disk the run writes: %s", ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in need.items() if v))
+    require_disk(work_dir, sum(need.values()), performance.min_free_disk_gb,
+                 "the run (" + ", ".join(k for k, v in need.items() if v) + ")")
+    mem = merge_memory(strategy, tensor_facts(base, adapter), path=path)
+    require(mem, memory_budget_bytes(performance.max_memory_gb))
+    return MergePlan(base, adapter, strategy, path, mem)

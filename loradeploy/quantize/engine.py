@@ -74,7 +74,7 @@ def why_unsupported(src_path: Path, formats: list[str], opts: Options = Options(
     return None
 
 
-def _reader(plan: Plan, q: "queue.Queue", want_digest: bool, stop: threading.Event) -> None:
+def _reader(plan: Plan, q: "queue.Queue", digest_of: Callable[[str], bool], stop: threading.Event) -> None:
     try:
         with open(plan.src.path, "rb", buffering=0) as f:
             for t in plan.order:
@@ -84,7 +84,7 @@ def _reader(plan: Plan, q: "queue.Queue", want_digest: bool, stop: threading.Eve
                 f.seek(plan.src.data_start + t.offset)
                 if f.readinto(memoryview(raw)) != raw.nbytes:
                     raise GGUFFormatError(f"{plan.src.path} ends inside tensor {t.name}")
-                digest = hashlib.sha256(raw).hexdigest() if want_digest else None
+                digest = hashlib.sha256(raw).hexdigest() if digest_of(t.name) else None
                 q.put((t, raw, digest))
         q.put(None)
     except BaseException as exc:  # handed to the main thread, which raises it
@@ -119,8 +119,11 @@ class _Quantizer:
 
 def quantize_formats(src_path: Path, outputs: dict[str, Path], *, opts: Options = Options(), threads: int = 1,
                      cache: TensorCache | None = None, progress: Progress | None = None,
-                     use_fast: bool = True) -> EngineResult:
-    """Write each format of ``outputs`` (format -> path) from the F16/BF16/F32 GGUF ``src_path``."""
+                     use_fast: bool = True, reusable: Callable[[str], bool] | None = None) -> EngineResult:
+    """Write each format of ``outputs`` (format -> path) from the F16/BF16/F32 GGUF ``src_path``.
+
+    Only the tensors ``reusable(name)`` accepts (default: all) are looked up in and stored to ``cache``:
+    those the adapter left alone, which another adapter or version of the base can reuse."""
     formats = list(outputs)
     plan = make_plan(src_path, formats, opts)
     ftype = {f: FORMATS[f][0] for f in formats}
@@ -128,9 +131,10 @@ def quantize_formats(src_path: Path, outputs: dict[str, Path], *, opts: Options 
     t_start = time.perf_counter()
     total = float(sum(t.n_elements for t in plan.order)) or 1.0
     counts = Counter(copied=0, cached=0, computed=0)
+    cacheable = (lambda name: cache is not None and (reusable is None or reusable(name)))
     q: queue.Queue = queue.Queue(maxsize=1)
     stop = threading.Event()
-    reader = threading.Thread(target=_reader, args=(plan, q, cache is not None, stop), daemon=True)
+    reader = threading.Thread(target=_reader, args=(plan, q, cacheable, stop), daemon=True)
     with cf.ThreadPoolExecutor(max(1, threads), thread_name_prefix="quantize") as pool, \
             cf.ThreadPoolExecutor(1, thread_name_prefix="gguf-write") as writer, \
             contextlib.ExitStack() as stack:
@@ -155,7 +159,7 @@ def quantize_formats(src_path: Path, outputs: dict[str, Path], *, opts: Options 
                     if ty == t.ggml_type:
                         res[ty] = raw
                         counts["copied"] += 1
-                    elif cache is not None and (hit := cache.get(digest, ty, t.nbytes(ty))) is not None:
+                    elif digest is not None and (hit := cache.get(digest, ty, t.nbytes(ty))) is not None:
                         res[ty] = hit
                         counts["cached"] += 1
                     else:
@@ -164,7 +168,7 @@ def quantize_formats(src_path: Path, outputs: dict[str, Path], *, opts: Options 
                     computed = qz.run(t, raw, todo)
                     counts["computed"] += len(todo)
                     res.update(computed)
-                    if cache is not None:
+                    if digest is not None:
                         for ty, data in computed.items():
                             cache.put(digest, ty, data)
                 if pending is not None:

@@ -66,6 +66,11 @@ class Options:
             return None if not name else TYPE_IDS.get(name.upper(), -1)
         return cls(tid(output_tensor_type), tid(token_embedding_type), not leave_output_tensor, pure)
 
+    @classmethod
+    def of_config(cls, q) -> "Options":
+        """From the quantization section of the config."""
+        return cls.of(q.output_tensor_type, q.token_embedding_type, q.leave_output_tensor, q.pure)
+
 
 @dataclass(frozen=True)
 class Model:

@@ -9,10 +9,11 @@ from pathlib import Path
 
 from ..errors import ConvertError, InputError
 from ..fsutil import atomic_output
-from ..merge import FUSED, TWO_STEP, fused_convert, resolve_base
+from ..merge import FUSED, TWO_STEP, fused_convert, load_adapter_info, resolve_base
 from ..state import RunRecord
 from ..tools import converter
 from .base import Artifact, StageContext, StageResult
+from .memory import changed_tensors, folder_memory
 from .merge import adapter_dir_for, merge_inputs, plan_for, plan_info
 
 ADAPTER = "adapter"  # adapter mode: no merge; the base and a LoRA GGUF
@@ -77,16 +78,18 @@ class ConvertStage:
             with atomic_output(out) as tmp:
                 merged = fused_convert(plan, tmp, ctx.cfg.merge, outtype=outtype, model_name=name,
                                        folder_name=ctx.paths.merged.name, log=ctx.log, progress=ctx.progress)
-                info = {**plan_info(plan), **merged, **validate(tmp, ctx.log)}
+                info = {**plan_info(plan), **merged, **validate(tmp, ctx.log), **changed_tensors(tmp, plan.adapter)}
         else:
             merged_dir = Path(self._merged(ctx).path)
             if not (merged_dir / "config.json").is_file():
                 raise ConvertError(f"merged folder {merged_dir} is missing or incomplete",
                                    hint="re-run the merge stage")
+            memory = folder_memory(ctx, merged_dir)
             ctx.progress(f"converting to {outtype.upper()}", 0, 0)
             with atomic_output(out) as tmp:
                 written = converter.write_gguf(merged_dir, tmp, outtype=outtype, model_name=name, log=ctx.log)
-                info = {"path": TWO_STEP, **written, **validate(tmp, ctx.log)}
+                info = {"path": TWO_STEP, **written, **validate(tmp, ctx.log), **memory,
+                        **changed_tensors(tmp, load_adapter_info(adapter_dir_for(ctx)))}
         arts = [Artifact.of(out, "gguf", outtype.upper(), sha256=info.pop("sha256"))]
         base_type = self._base_type(ctx)
         if base_type:
@@ -110,10 +113,11 @@ class ConvertStage:
         base_dir, out = resolve_base(ctx.model.base_model), ctx.paths.gguf(outtype.upper())
 
         def convert_base() -> StageResult:
+            memory = folder_memory(ctx, base_dir)
             ctx.progress(f"converting the base model to {outtype.upper()} (once per base)", 0, 0)
             with atomic_output(out) as tmp:
                 written = converter.write_gguf(base_dir, tmp, outtype=outtype, model_name=base_dir.name, log=ctx.log)
-                info = {"path": ADAPTER, **written, **validate(tmp, ctx.log)}
+                info = {"path": ADAPTER, **written, **validate(tmp, ctx.log), **memory, "adapter_tensors": []}
             return StageResult([Artifact.of(out, "gguf", outtype.upper(), sha256=info.pop("sha256"))], info)
 
         inputs = {"base": merge_inputs(ctx)["base_files"], "outtype": outtype, "converter": converter.converter_version()}

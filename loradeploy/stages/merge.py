@@ -10,6 +10,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..fsutil import stat_fingerprint
 from ..merge import FUSED, MergePlan, folder_digest, merge_folder, plan_merge, resolve_base
+from ..merge.preflight import RunWrites
 from ..tools import converter
 from .base import Artifact, StageContext, StageResult
 
@@ -42,16 +43,27 @@ def merge_inputs(ctx: StageContext) -> dict:
             "convert_follows": "convert" in ctx.cfg.pipeline.stages}
 
 
+def run_writes(ctx: StageContext) -> RunWrites:
+    """What the stages after the merge write, for the merge preflight's disk estimate."""
+    cfg, q = ctx.cfg, ctx.cfg.quantization
+    ev, stages = cfg.evaluation, cfg.pipeline.stages
+    twins = ("Q4_K_M",) if q.imatrix and "Q4_K_M" in cfg.formats_for(ctx.model_name) else ()
+    return RunWrites(q.convert_type, cfg.verify.max_tokens if "verify" in stages else 0,
+                     ev.base_gguf if "evaluate" in stages and ev.include_base and ev.base_gguf != "none" else None,
+                     twins, int(cfg.performance.tensor_cache_gb * 2**30))
+
+
 def plan_for(ctx: StageContext) -> MergePlan:
     return plan_merge(ctx.model.base_model, adapter_dir_for(ctx), merge=ctx.cfg.merge,
                       performance=ctx.cfg.performance, formats=ctx.cfg.formats_for(ctx.model_name),
-                      work_dir=ctx.paths.work, log=ctx.log, stages=ctx.cfg.pipeline.stages)
+                      work_dir=ctx.paths.work, log=ctx.log, stages=ctx.cfg.pipeline.stages, writes=run_writes(ctx))
 
 
-def plan_info(plan: MergePlan) -> dict:
+def plan_info(plan: MergePlan, memory: bool = True) -> dict:
+    """``memory``: record the plan's estimate (not where this stage does none of that work)."""
     return {"strategy": plan.strategy, "path": plan.path, "fused": plan.path == FUSED, "base": str(plan.base.path),
             "adapter": str(plan.adapter.path), "params": plan.base.param_count,
-            "architecture": plan.base.architecture}
+            "architecture": plan.base.architecture, **(plan.memory.record() if plan.memory and memory else {})}
 
 
 def preflight_cache(ctx: StageContext) -> Path:
@@ -78,7 +90,7 @@ class MergeStage:
         if plan.path == FUSED:
             ctx.log.info("fused path: convert merges %s + %s straight into the GGUF (no merged folder)",
                          base.path, adapter.path)
-            return StageResult([], plan_info(plan))
+            return StageResult([], plan_info(plan, memory=False))
         out = ctx.paths.merged
         ctx.log.info("merging %s + %s with strategy %s (%d params)", base.path, adapter.path, plan.strategy,
                      base.param_count)

@@ -12,14 +12,12 @@ from ..lora.shared_base import once
 from ..quantize import ENGINE_VERSION, FORMATS, Options, TensorCache, cache_dir, quantize_formats, why_unsupported
 from ..quantize import imatrix as imx
 from ..quantize.cache import trim
+from ..quantize.reuse import reusable
 from ..resources import cpu_budget, thread_plan
 from .base import Artifact, StageContext, StageResult
 from .convert import validate
+from .memory import quantize_memory
 from .merge import adapter_dir_for
-
-
-def engine_options(q) -> Options:
-    return Options.of(q.output_tensor_type, q.token_embedding_type, q.leave_output_tensor, q.pure)
 
 
 class QuantizeStage:
@@ -53,7 +51,7 @@ class QuantizeStage:
         mine = [f for f in formats if f in FORMATS and ctx.paths.gguf(f) != src
                 and not (imatrix and imx.uses_imatrix(f))]  # the engine is ggml's bytes without an imatrix only
         other = [f for f in formats if f not in mine and ctx.paths.gguf(f) != src]
-        reason = why_unsupported(src, mine, engine_options(q)) if mine else None
+        reason = why_unsupported(src, mine, Options.of_config(q)) if mine else None
         if q.engine == "loradeploy" and (reason or other):
             raise QuantizeError(f"quantization.engine is loradeploy, but it cannot do {reason or ', '.join(other)}"
                                 + (" (with an importance matrix)" if imatrix else ""),
@@ -65,14 +63,16 @@ class QuantizeStage:
 
     def _engine(self, ctx: StageContext, src: Path, fmts: list[str], threads: int) -> tuple[dict, dict]:
         perf, q = ctx.cfg.performance, ctx.cfg.quantization
-        root = cache_dir(ctx.state_dir)
+        root, changed = cache_dir(ctx.state_dir), ctx.upstream.get("convert", {}).get("info", {}).get("adapter_tensors")
         cache = TensorCache(root, int(perf.tensor_cache_gb * 2**30), ENGINE_VERSION)
-        ctx.log.info("loradeploy engine: %s from %s, %d threads", fmts, src.name, threads)
+        ctx.log.info("loradeploy engine: %s from %s, %d threads; cache: %s", fmts, src.name, threads, "off (changed "
+                     "tensors unknown)" if changed is None else f"all but the {len(changed)} tensors the adapter changed")
         try:
             with contextlib.ExitStack() as stack:
                 tmps = {f: stack.enter_context(atomic_output(ctx.paths.gguf(f))) for f in fmts}
-                res = quantize_formats(src, tmps, opts=engine_options(q), threads=threads, cache=cache,
-                                       progress=lambda d, t: ctx.progress(f"quantizing {', '.join(fmts)}", d, t))
+                res = quantize_formats(src, tmps, opts=Options.of_config(q), threads=threads, cache=cache,
+                                       progress=lambda d, t: ctx.progress(f"quantizing {', '.join(fmts)}", d, t),
+                                       reusable=reusable(changed))
                 for f in fmts:
                     validate(tmps[f], ctx.log)
         except (ValueError, RuntimeError) as exc:  # the engine's own failure: llama.cpp's quantizer remains
@@ -115,6 +115,7 @@ class QuantizeStage:
         q, formats = ctx.cfg.quantization, ctx.cfg.formats_for(ctx.model_name)
         cores = cpu_budget(ctx.cfg.performance.max_cpu_threads)
         budget = min(q.threads, cores) if q.threads else cores
+        memory = quantize_memory(ctx, src, budget)  # refused here, before anything is written
         imatrix, note = imx.resolve(q.imatrix, src, src_art.sha256, self._cal(ctx), ctx.paths.gguf_dir / "imatrix",
                                     threads=budget, log_path=ctx.log_path)
         ctx.log.info("%s", note or "no importance matrix")
@@ -145,4 +146,4 @@ class QuantizeStage:
                                      "engine": engine, "engine_note": why_not, "engine_stats": stats,
                                      "sizes": {a.format: a.size for a in ordered if a.kind == "gguf"},
                                      "imatrix": str(imatrix) if imatrix else None,
-                                     "primary": ctx.cfg.serve_format_for(ctx.model_name)})
+                                     "primary": ctx.cfg.serve_format_for(ctx.model_name), **memory})

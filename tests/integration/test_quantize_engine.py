@@ -183,7 +183,8 @@ def test_stage_uses_the_engine_and_says_so(tiny_ggufs, llama_pair, tmp_path):
             "quantization": {"formats": formats, "engine": engine},
             "pipeline": {"work_dir": str(tmp_path / name / "work"), "state_dir": str(tmp_path / "state")},
             "logging": {"log_dir": str(tmp_path / "logs")}})
-        up = {"convert": {"artifacts": [Artifact.of(f16, "gguf", "F16").to_dict()]}}
+        # convert records which tensors the adapter changed; none here, so every tensor may be cached
+        up = {"convert": {"artifacts": [Artifact.of(f16, "gguf", "F16").to_dict()], "info": {"adapter_tensors": []}}}
         ctx = StageContext(cfg, "m", logging.getLogger("t"), tmp_path / f"{name}.log", ModelPaths.of(cfg, "m"), up)
         return cfg, QuantizeStage().run(ctx)
 
