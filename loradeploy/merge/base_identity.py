@@ -93,11 +93,11 @@ def find_named(name: str) -> Path | None:
     p = Path(name).expanduser()
     if p.is_absolute() or name.startswith("~"):
         return p if (p / "config.json").is_file() else None
-    if name.count("/") != 1:
+    if name.count("/") > 1 or name.startswith("."):
         return None
     cache = hub_cache()
     exact = cache / ("models--" + name.replace("/", "--"))
-    if exact.is_dir() and (snap := _snapshot(exact)) is not None:
+    if "/" in name and exact.is_dir() and (snap := _snapshot(exact)) is not None:
         return snap
     want = normalise(name)
     for repo_dir in sorted(cache.glob("models--*")) if cache.is_dir() else []:

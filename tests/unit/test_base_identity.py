@@ -122,6 +122,7 @@ def test_unsloth_alias_resolves_to_the_cached_original(tmp_path, cache):
     snap = cache_entry(cache, "Qwen/Qwen2.5-7B", QWEN_7B)
     assert find_named("unsloth/qwen2.5-7b-unsloth-bnb-4bit") == snap
     assert find_named("Qwen/Qwen2.5-7B") == snap
+    assert find_named("Qwen2.5-7B") == snap          # no org: found by its normalised name
     assert find_named("Qwen/Qwen2.5-1.5B") is None
     base = make_base(tmp_path / "base", QWEN_7B)
     assert merge_check(base, make_adapter(tmp_path / "adapter", "unsloth/qwen2.5-7b-unsloth-bnb-4bit")) == []
