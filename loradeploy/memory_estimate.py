@@ -51,7 +51,7 @@ QUANT_SCRATCH_PER_THREAD = 16 * MIB
 QUANT_FIXED = 24 * MIB
 
 # llama.cpp: the program, its threads' stacks and the tokenizer; the compute buffer per token of ubatch
-LLAMA_FIXED = 64 * MIB
+LLAMA_FIXED = 40 * MIB
 SUPERVISOR_RSS = 40 * MIB            # serving.worker, the python supervisor beside llama-server
 
 
@@ -172,24 +172,26 @@ def gguf_facts(path: Path) -> GGUFFacts:
                      key("feed_forward_length"), vocab, head_kv * (k_len + v_len))
 
 
-# ggml-cpu's extra buffer types repack these for the CPU (repack.cpp of the pinned llama.cpp, x86/ARM)
-REPACKED_TYPES = frozenset({"Q4_0", "Q4_K", "IQ4_NL", "Q8_0", "Q2_K", "Q6_K"})
+# what ggml-cpu's extra buffer types may repack (repack.cpp of the pinned llama.cpp: x86 AVX2/AVX-512, ARM; AMX)
+REPACKED_TYPES = frozenset({"Q4_0", "Q4_K", "IQ4_NL", "MXFP4", "Q2_K", "Q5_K", "Q6_K", "Q8_0"})
 
 
-def llama_load(g: GGUFFacts, *, what: str, n_ctx: int, n_ubatch: int = 512, mmap: bool = True,
-               repack: bool = False, supervisor: bool = False, gpu_layers: int = 0) -> Estimate:
+def llama_load(g: GGUFFacts, *, what: str, n_ctx: int, n_ubatch: int = 512, n_seq: int = 1, mmap: bool = True,
+               repack: bool = False, supervisor: int | bool = False, gpu_layers: int = 0) -> Estimate:
     """A llama.cpp model of this GGUF loaded (llama-server, llama-imatrix, an in-process load), as
     separate anonymous bytes and mapped file pages. With mmap the weights are file pages; tensors
     repacked for the CPU are copied into anonymous memory and (llama.cpp issue 16761) their mapped
     pages are never unmapped, so they count twice. With --no-mmap every weight is read into
-    anonymous memory once. Weights offloaded to a GPU (gpu_layers) are not counted."""
-    weights = 0 if gpu_layers else g.size
+    anonymous memory once. Weights offloaded to a GPU (gpu_layers, -1: all) are not counted."""
+    on_gpu = 1.0 if gpu_layers < 0 else min(1.0, gpu_layers / max(1, g.n_layer))
+    weights = int(g.size * (1 - on_gpu))
     repacked = sum(b for t, b in g.types.items() if t in REPACKED_TYPES) if repack else 0
-    kv = n_ctx * g.n_layer * g.kv_width * 2
-    compute = n_ubatch * (g.n_vocab + 8 * g.n_embd + 2 * g.n_ff) * 4
+    kv = n_ctx * g.n_layer * g.kv_width * 2      # f16 K and V, cleared (so resident) at start
+    # flash attention (auto: on for the CPU): activations of n_ubatch tokens, and one row of logits per sequence
+    compute = n_ubatch * (2.5 * g.n_ff + 8 * g.n_embd) * 4 + n_seq * g.n_vocab * 4
     terms = {"KV cache": kv, "compute buffer": compute, "program": LLAMA_FIXED}
     if supervisor:
-        terms["supervisor"] = SUPERVISOR_RSS
+        terms["supervisor"] = supervisor if supervisor is not True else SUPERVISOR_RSS
     if mmap:
         terms["repacked weights"] = min(repacked, weights)
         terms["mapped weights"] = weights

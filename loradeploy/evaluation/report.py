@@ -172,10 +172,11 @@ def render_markdown(result: EvalResult, charts: dict[str, str], fidelity: Sequen
     for t in result.targets:
         m = t.aggregates.get("memory", {})
         rows.append([_cell(t.target.label), _f(m.get("file_mib"), 1), _f(m.get("rss_mib"), 1),
-                     _f(m.get("gpu_mib"), 1), str(m.get("pid") or "–"),
+                     _f(m.get("anon_mib"), 1), _f(m.get("file_pages_mib"), 1), _f(m.get("gpu_mib"), 1),
+                     str(m.get("pid") or "–"),
                      _cell(Path(t.target.gguf_path).name if t.target.gguf_path else "–")])
-    out += [_table(["target", "file MiB", "server RSS MiB (peak)", "GPU MiB", "pid", "file"], rows,
-                   ["l", "r", "r", "r", "r", "l"]), ""]
+    out += [_table(["target", "file MiB", "server RSS MiB (peak)", "anonymous MiB", "file pages MiB (reclaimable)",
+                    "GPU MiB", "pid", "file"], rows, ["l", "r", "r", "r", "r", "r", "r", "l"]), ""]
 
     tag_rows = []
     for t in result.targets:

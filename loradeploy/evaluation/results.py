@@ -183,7 +183,8 @@ def compare(targets: list[TargetResult]) -> list[dict]:
                 "latency_p50_s": a.get("latency_s", {}).get("p50"), "latency_p95_s": a.get("latency_s", {}).get("p95"),
                 "ttft_p50_s": a.get("ttft_s", {}).get("p50"), "gen_tokens_per_s": a.get("gen_tokens_per_s"),
                 "prompt_tokens_per_s": a.get("prompt_tokens_per_s"),
-                "file_mib": mem.get("file_mib"), "rss_mib": mem.get("rss_mib"), "gpu_mib": mem.get("gpu_mib"),
+                "file_mib": mem.get("file_mib"), "rss_mib": mem.get("rss_mib"), "anon_mib": mem.get("anon_mib"),
+                "file_pages_mib": mem.get("file_pages_mib"), "gpu_mib": mem.get("gpu_mib"),
                 "best_format": best.target.format if best else None,
                 "delta_vs_best": None, "delta_vs_base": None,
             }

@@ -24,7 +24,7 @@ from ..serving import registry_entry
 from ..serving.ports import pid_listening_on
 from . import metrics
 from .chat import Api
-from ..tools.procmem import gpu_memory_bytes, proc_tree_rss
+from ..tools.procmem import gpu_memory_bytes, proc_tree_memory
 from .report import write_reports
 from .results import EvalResult, SampleResult, TargetResult, aggregate, compare, round_opt
 from .samples import Sample, load_samples, with_system_prompt
@@ -41,7 +41,7 @@ class _TargetRun:
         self.ev = cfg.evaluation
         self.serial = threading.Lock()
         self.serialize = False
-        self.peak_rss = 0
+        self.peak_rss = self.peak_anon = self.peak_file = 0
         self.pid: Optional[int] = None
         self.notes: list[str] = []
         self.runtime: Optional[dict] = None
@@ -58,9 +58,10 @@ class _TargetRun:
 
     def _sample_rss(self) -> None:
         if self.pid:
-            rss = proc_tree_rss(self.pid)
-            if rss:
-                self.peak_rss = max(self.peak_rss, rss)
+            m = proc_tree_memory(self.pid)  # anonymous memory apart from the reclaimable file pages
+            if m is not None:
+                self.peak_rss, self.peak_anon = max(self.peak_rss, m.rss), max(self.peak_anon, m.anon)
+                self.peak_file = max(self.peak_file, m.file)
 
     def _one(self, api: Api, s: Sample, rep: int) -> SampleResult:
         msgs = self._messages(s)
@@ -164,7 +165,8 @@ class _TargetRun:
             with contextlib.suppress(OSError):
                 size = os.path.getsize(self.t.gguf_path)
         mib = lambda b: round_opt(b / 2**20, 1) if b else None  # noqa: E731
-        agg["memory"] = {"rss_mib": mib(self.peak_rss), "gpu_mib": mib(gpu) if gpu is not None else None,
+        agg["memory"] = {"rss_mib": mib(self.peak_rss), "anon_mib": mib(self.peak_anon),
+                         "file_pages_mib": mib(self.peak_file), "gpu_mib": mib(gpu) if gpu is not None else None,
                          "file_mib": mib(size), "pid": self.pid, "mode": self.t.mode}
         tr.aggregates = agg
         tr.error = err

@@ -1,7 +1,8 @@
 """Temporary llama.cpp servers for targets that are quantized but not deployed, one at a time.
 
 They start through serving.launch, like deploy's, so they run in the CPU mode the llama.cpp runtime
-decided; a server that fails to start becomes that target's error, not the whole evaluation's.
+decided, and are refused before they start when their memory estimate does not fit; a server that fails
+to start (or is refused) becomes that target's error, not the whole evaluation's.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..config import Config
-from ..errors import EvalError, InputError, ServingError
+from ..errors import EvalError, InputError, ResourceError, ServingError
 from ..serving import launch
 from ..serving.ports import pick_spare
 
@@ -29,6 +30,6 @@ def temp_server(cfg: Config, gguf: Path, alias: str, log_path: Path, lora: Path 
     with contextlib.ExitStack() as stack:
         try:
             srv = stack.enter_context(launch.temp_server(cfg, Path(gguf), alias, log_path, lora=lora))
-        except (ServingError, InputError) as exc:
+        except (ServingError, InputError, ResourceError) as exc:  # that target is down, with the reason
             raise EvalError(exc.message, hint=exc.hint) from None
         yield srv

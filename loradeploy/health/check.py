@@ -42,8 +42,8 @@ class ModelHealth:
                                                       "completion_tokens") if k in c.metrics})
             elif c.name == "api.models" and "response_s" in c.metrics:
                 out["models_response_s"] = c.metrics["response_s"]
-            elif c.name == "system.process" and "rss_mib" in c.metrics:
-                out["rss_mib"] = c.metrics["rss_mib"]
+            elif c.name == "system.process":  # the model's memory: anonymous apart from file pages
+                out.update({k: c.metrics[k] for k in ("rss_mib", "anon_mib", "file_pages_mib") if k in c.metrics})
         return out
 
     def to_dict(self) -> dict[str, Any]:

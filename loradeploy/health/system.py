@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Sequence
 from ..fsutil import free_bytes
 from .results import FAIL, GIB, MIB, PASS, SKIP, WARN, Check, EndpointLike, restart_hint
 
-from ..tools.procmem import proc_tree_rss
+from ..tools.procmem import Memory, proc_tree_memory
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -27,14 +27,19 @@ def process_check(endpoint: EndpointLike) -> Check:
         p = psutil.Process(endpoint.pid)
         if p.status() == psutil.STATUS_ZOMBIE:
             raise psutil.NoSuchProcess(endpoint.pid)
-        rss = proc_tree_rss(endpoint.pid) or p.memory_info().rss  # the supervisor and the server it runs
+        mem = proc_tree_memory(endpoint.pid)  # the supervisor and the server it runs
+        if mem is None:
+            rss = p.memory_info().rss
+            mem = Memory(rss, rss, 0, "psutil")
     except psutil.NoSuchProcess:
         return Check("system.process", FAIL, f"server process {endpoint.pid} is not running",
                      restart_hint(endpoint))
     except psutil.Error as exc:
         return Check("system.process", SKIP, f"cannot read process {endpoint.pid}: {exc}")
-    return Check("system.process", PASS, f"pid {endpoint.pid}, RSS {rss / MIB:.0f} MiB",
-                 metrics={"pid": endpoint.pid, "rss_mib": round(rss / MIB, 1)})
+    # anonymous memory is what the model really holds; file pages (its mmap'd weights) are reclaimable
+    return Check("system.process", PASS, f"pid {endpoint.pid}, {mem.anon / MIB:.0f} MiB anonymous + "
+                 f"{mem.file / MIB:.0f} MiB file pages (RSS {mem.rss / MIB:.0f} MiB)",
+                 metrics={"pid": endpoint.pid, **mem.as_mib(), "memory_source": mem.source})
 
 
 def _existing(path: Path) -> Path:

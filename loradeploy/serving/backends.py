@@ -53,6 +53,40 @@ def extra_model_settings(args: Sequence[str]) -> dict:
     return out
 
 
+LOAD_MODE_FLAGS = {"-lm", "--load-mode", "--mmap", "--no-mmap"}  # a user's own choice in extra_args wins
+
+
+def reads_weights(s, mode: runtime.Mode) -> bool:
+    """Whether llama-server should read the weights into memory (``--load-mode none``, the pinned
+    llama.cpp's --no-mmap) instead of mapping them: when it repacks them for the CPU (default mode,
+    no GPU layers). llama.cpp copies repacked tensors into anonymous memory and never unmaps their
+    file pages (llama.cpp issues 16761, 19578; llama_model_loader unmaps only outside the mapped
+    tensors' range), so a mapped model holds those weights twice; read, each is in RAM once."""
+    own = {a.split("=", 1)[0] for a in s.extra_args} & LOAD_MODE_FLAGS
+    return mode.extra_bufts and s.n_gpu_layers == 0 and not own
+
+
+def mmap_args(s, mode: runtime.Mode) -> list[str]:
+    return ["--load-mode", "none"] if reads_weights(s, mode) else []
+
+
+def server_memory(cfg: "Config", alias: str, gguf: Path, mode: runtime.Mode, loras: Sequence[Path] = ()):
+    """What the backend of ``gguf`` will hold (memory_estimate.llama_load): the weights once (read when
+    repacked, else mapped), the KV cache of every slot, compute buffers, the supervisor (and, for the
+    python backend, its interpreter), the LoRA adapters it loads."""
+    import dataclasses
+
+    from ..memory_estimate import MIB, gguf_facts, llama_load
+    s = cfg.deployment.llamacpp
+    server = s.backend == "llama-server"
+    est = llama_load(gguf_facts(gguf), what=f"{LABELS[s.backend]} for {alias}", n_ctx=s.n_ctx * (s.parallel if server
+                     else 1), n_ubatch=min(512, s.n_batch), n_seq=s.parallel if server else 1,
+                     mmap=not (server and reads_weights(s, mode)), repack=mode.extra_bufts,
+                     supervisor=40 * MIB if server else 160 * MIB, gpu_layers=s.n_gpu_layers)
+    lora = sum(Path(p).stat().st_size for p in loras)
+    return dataclasses.replace(est, anon=est.anon + lora, terms={**est.terms, "LoRA adapters": lora}) if lora else est
+
+
 def llama_server_argv(cfg: "Config", alias: str, gguf: Path, port: int, mode: runtime.Mode,
                       loras: Sequence[Path] = (), per_request: bool = True) -> list[str]:
     """llama-server's command line for one model on a loopback port in the decided CPU mode.
@@ -78,6 +112,7 @@ def llama_server_argv(cfg: "Config", alias: str, gguf: Path, port: int, mode: ru
     if not mode.extra_bufts:
         # The flag that clears common_params.no_extra_bufts' default: no repacked/AMX weight buffers.
         argv.append("--no-repack")
+    argv += mmap_args(s, mode)
     for lora in loras:
         argv += ["--lora", str(lora)]
     if loras and per_request:

@@ -21,7 +21,9 @@ from ..fsutil import atomic_write_text
 from ..llamacpp import runtime
 from ..tools import proc
 from ..tools.openai_http import Client
-from .backends import LABELS, backend_conf, extra_model_settings, threads
+from ..memory_estimate import require
+from ..resources import memory_budget_bytes
+from .backends import LABELS, backend_conf, extra_model_settings, server_memory, threads
 from .ports import pick_spare
 from .registry import ended_how, exit_path, server_path
 
@@ -138,6 +140,9 @@ def start_backend(cfg: "Config", alias: str, gguf: Path, *, log_path: Path, conf
             raise InputError(f"GGUF {f} not found", hint="quantize or deploy it first")
     extra = extra_model_settings(s.extra_args) if s.backend == "python" else None
     mode = runtime.decide()
+    # refused in one line before a process starts (beside a running one, in a switch: it is in use already)
+    require(server_memory(cfg, alias, gguf, mode, loras), memory_budget_bytes(cfg.performance.max_memory_gb),
+            key="performance.max_memory_gb, deployment.llamacpp.n_ctx / parallel")
     taken = set(taken)
     attempts: list[str] = []
     for _ in range(4):
