@@ -52,20 +52,21 @@ def _plan(req: VerifyRequest, cal, cands: list[Candidate], cases) -> tuple[str, 
     from ..llamacpp import runtime
     from ..merge.hf_folder import load_base_info
     from .candidates import n_ctx_for
-    from .memory import Shape, candidate_estimate, check_fits, plan_reference, reference_estimate
+    from .memory import (Shape, baseline, candidate_estimate, check_fits, head_vocab, plan_reference,
+                         reference_estimate)
 
     s = req.settings
     base = load_base_info(req.base_dir)
     mtype = str(base.config.get("model_type", "?"))
     mode = plan_reference(s.reference, s.device, mtype, torch.cuda.is_available())
-    head = "lm_head.weight" if "lm_head.weight" in base.tensors and not base.config.get("tie_word_embeddings") \
-        else "model.embed_tokens.weight"
-    vocab = int(base.tensors[head][1]["shape"][0]) if head in base.tensors else int(base.config.get("vocab_size", 0))
+    vocab = head_vocab(base)
     shape = Shape(cal.n_tokens, cal.n_positions, cal.longest, sum(len(x) ** 2 for x in cal.sequences))
-    ref = reference_estimate(base, shape, mode, vocab)
+    now = baseline()
+    ref = reference_estimate(base, shape, mode, vocab, now)
     n_ctx = n_ctx_for(cal, cases)
     extra = runtime.decide().extra_bufts
-    cand = [candidate_estimate(c.path, n_ctx, vocab, base.config, extra_bufts=extra, lora=c.lora) for c in cands]
+    cand = [candidate_estimate(c.path, n_ctx, vocab, base.config, extra_bufts=extra, lora=c.lora,
+                               runtime=now) for c in cands]
     keys = "verify.max_tokens / verify.max_seq_len shrink the activations"
     try:
         check_fits([ref], req.max_memory_gb, hint_keys=keys if mode == "streamed" else

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-ROWS_PER_CHUNK = 64   # 64 x 152k float64 = 78 MB per intermediate
-LOGSOFTMAX_ROWS = 128  # rows of the reference's logits turned to float64 log-probabilities at once
+ROWS_PER_CHUNK = 16   # 16 x 152k float64 = 19 MB per intermediate (a few live at once)
+LOGSOFTMAX_ROWS = 32   # rows of the reference's logits turned to float64 log-probabilities at once
 
 
 @dataclass

@@ -111,12 +111,32 @@ def table_rows(data: dict) -> list[list[str]]:
     rows = [["signal (base, no adapter)", _n(data.get("signal")), _n(sig.get("kld_p99")), _pct(sig.get("top1")),
              _n(sig.get("rms_dp")), "1", "", ""]]
     for label, e in data.get("formats", {}).items():
-        checked = [e[k] for k in ("template", "stop") if e.get(k)]
-        beh = "–" if not checked else "ok" if all(c.get("ok") for c in checked) else "FAIL"
+        beh = behaviour_cell(e)
         verdict = "pass" if e.get("passed") else "yardstick" if not e.get("gated", True) else "FAIL"
         rows.append([label, _n(e.get("kld_mean")), _n(e.get("kld_p99")), _pct(e.get("top1")), _n(e.get("rms_dp")),
                      _n(e.get("noise_to_signal")), beh, verdict])
     return rows
+
+
+def behaviour_cell(e: dict) -> str:
+    """template+stop: FAIL when either failed; a stop check the reference could not decide says so."""
+    states = {k: e[k].get("ok") for k in ("template", "stop") if e.get(k)}
+    if not states:
+        return "–"
+    if False in states.values():
+        return "FAIL"
+    return "ok, stop inconclusive" if states.get("stop", True) is None else "ok"
+
+
+def stop_line(data: dict) -> str:
+    """One line on the teacher-forced stop check, from the reference's side."""
+    stop = (data.get("reference") or {}).get("stop")
+    if not stop:
+        return ""
+    if not stop.get("conclusive"):
+        return (f"stop check inconclusive: the reference ends none of its {stop.get('turns', 0)} assistant turns "
+                "(random or untrained weights), so no GGUF is held to it")
+    return f"stop check: the reference ends {stop['ended']} of {stop['turns']} assistant turns; each GGUF must too"
 
 
 HEADERS = ["format", "KLD mean", "KLD p99", "top-1", "RMS Δp", "noise/signal", "template+stop", "gate"]
@@ -136,6 +156,8 @@ def markdown_section(verdicts: Iterable[dict], out_dir: Path, *, charts: bool = 
         out += [f"**{v.get('model')} {v.get('version')}** — {v.get('n_positions')} positions from "
                 f"{v.get('calibration', {}).get('source', '?')}; gate: {gate.get('verdict')}, serves "
                 f"{gate.get('served') or 'nothing'}" + (f" ({gate['reason']})" if gate.get("reason") else ""), ""]
+        if stop_line(v):
+            out += [stop_line(v), ""]
         out += ["| " + " | ".join(HEADERS) + " |", "|:---|" + "---:|" * (len(HEADERS) - 1)]
         out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in table_rows(v)] + [""]
     if charts:
@@ -239,6 +261,8 @@ def render(data: dict):
     style = {"passed": "green", "fallback": "yellow", "warned": "yellow"}.get(gate.get("verdict"), "red")
     line = f"gate: {gate.get('verdict')}; serves {gate.get('served') or 'nothing'}"
     parts = [table, Text(line + (f" — {gate['reason']}" if gate.get("reason") else ""), style=style)]
+    if stop_line(data):
+        parts.append(Text(stop_line(data), style="yellow" if "inconclusive" in stop_line(data) else "dim"))
     if data.get("path"):
         parts.append(Text(f"report: {data['path']}", style="dim"))
     return Group(*parts)

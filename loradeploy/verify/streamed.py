@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..errors import VerifyError
 from ..merge.hf_folder import load_adapter_info, load_base_info
-from .weights import PREFIX, AdapterWeights, LayerLora, Weights, free_layer, load_layer
+from .weights import AdapterWeights, LayerLora, Weights, free_layer, load_layer, release_freed
 
 Progress = Callable[[str, float, float], None]
 SUPPORTED = ("llama", "qwen2")            # model types tested equal to the in-memory peft reference
@@ -189,6 +189,8 @@ class StreamedModel:
             if progress:
                 progress("reference: logits", hi, n)
             yield lo, ref, base
+            del ref, base
+            release_freed()
 
 
 def streamed_hidden(model: StreamedModel, sequences: Sequence[list[int]], *,

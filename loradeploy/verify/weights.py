@@ -19,9 +19,6 @@ from ..merge.hf_folder import AdapterInfo
 from ..merge.stream import torch_dtype
 from ..tools.safetensors_io import DTYPE_BYTES, numel, read_header
 
-PREFIX = "base_model.model."
-
-
 class Weights:
     """name -> tensor rows, over the safetensors files of a folder (or one file)."""
 
@@ -164,3 +161,23 @@ def load_layer(layer: torch.nn.Module, prefix: str, weights: Weights,
 def free_layer(layer: torch.nn.Module) -> None:
     """Back to the meta device: the float32 parameters are released."""
     layer.to("meta")
+    release_freed()
+
+
+_TRIM: list = []
+
+
+def release_freed() -> None:
+    """Give memory the allocator has freed back to the system. glibc keeps freed heap pages of the
+    16-bit read buffers (allocated below its adaptive mmap threshold) and a layer's worth of them
+    accumulates per layer: measured at 0.5B, RSS grew 50 MB per layer without this and stays flat with
+    it. Elsewhere (no glibc) a no-op."""
+    if not _TRIM:
+        try:
+            import ctypes
+
+            _TRIM.append(ctypes.CDLL("libc.so.6").malloc_trim)
+        except (OSError, AttributeError):
+            _TRIM.append(None)
+    if _TRIM[0] is not None:
+        _TRIM[0](0)

@@ -155,3 +155,52 @@ def test_memory_estimate_and_refusal(pairs, tmp_path):
     # auto token budget: the whole 2048 for small models, fewer for a 7B
     assert token_budget("auto", 500_000_000) == 2048 and token_budget("auto", 1_540_000_000) == 2048
     assert 256 <= token_budget("auto", 7_600_000_000) <= 640 and token_budget(100, 10**10) == 100
+
+
+def test_turn_ends_are_found_where_each_assistant_turn_closes(tmp_path):
+    from transformers import AutoTokenizer
+
+    from loradeploy.demo.tokenizers import write_qwen2_tokenizer
+    from loradeploy.verify.calibration import assistant_turn_ends, build_calibration, chat_ids
+
+    write_qwen2_tokenizer(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello there"}, {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Goodbye"}]
+    ids = chat_ids(tok, msgs, add_generation_prompt=False)
+    ends = assistant_turn_ends(tok, msgs, ids, [end])
+    assert len(ends) == 2 and all(ids[e] == end for e in ends)
+    assert tok.decode(ids[ends[0] - 2:ends[0]]).strip().endswith("there")
+    # through the calibration, split into sequences: (sequence, position) still names the <|im_end|>
+    samples = tmp_path / "s.jsonl"
+    samples.write_text(json.dumps({"id": "a", "messages": msgs[:4], "reference": "Goodbye"}) + "\n")
+    cal = build_calibration(tok, system_prompt="", calibration=None, samples=samples, max_tokens=400,
+                            max_seq_len=16, eos=[end])
+    assert len(cal.turn_ends) == 2
+    for seq, pos, token in cal.turn_ends:
+        assert cal.sequences[seq][pos] == token == end and pos >= 1
+
+
+def test_an_inconclusive_stop_check_never_fails_the_gate():
+    from loradeploy.config import config_from_dict
+    from loradeploy.verify.gate import decide, judge, limits_for
+    from loradeploy.verify.report import behaviour_cell, stop_line
+
+    vcfg = config_from_dict({"models": {"m": {"base_model": "/b", "adapter": "/a", "port": 5000}},
+                             "verify": {"on_fail": "warn", "stop_prompts": 3, "max_new_tokens": 64}}).verify
+    assert vcfg.max_tokens == "auto"      # old keys still load
+    entry = {"kld_mean": 0.001, "top1": 0.99, "noise_to_signal": 0.01, "template": {"ok": True},
+             "stop": {"ok": None, "inconclusive": "the reference ends none of its 3 assistant turns"}}
+    assert judge(entry, limits_for("Q8_0", vcfg), 0.1) == []
+    assert behaviour_cell(entry) == "ok, stop inconclusive"
+    failed = {**entry, "stop": {"ok": False, "problems": ["turn end: the GGUF's top-1 is 5"]}}
+    assert [f.metric for f in judge(failed, limits_for("Q8_0", vcfg), 0.1)] == ["stop"]
+    noisy = {**entry, "kld_mean": 1.0}
+    fails = judge(noisy, limits_for("Q8_0", vcfg), 0.1)
+    d = decide({"Q8_0": {"passed": False, "size": 1, "failures": [f.__dict__ for f in fails]}}, "Q8_0", "warn")
+    assert d.verdict == "warned" and d.served == "Q8_0"     # warn serves: no stop failure blocks it
+    assert [f.metric for f in judge({**entry, "kld_mean": float("nan")}, limits_for("Q8_0", vcfg), 0.1)] == \
+        ["kld_mean"]
+    assert "inconclusive" in stop_line({"reference": {"stop": {"turns": 3, "ended": 0, "conclusive": False}}})
