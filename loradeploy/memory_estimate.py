@@ -146,7 +146,8 @@ class GGUFFacts:
 
 def gguf_facts(path: Path) -> GGUFFacts:
     """From the GGUF's header (no tensor data read)."""
-    from .quantize.gguf_out import TYPE_NAMES, TYPE_SIZES, read_source
+    from .gguf.reader import type_name
+    from .quantize.gguf_out import TYPE_SIZES, read_source
     src = read_source(Path(path))
     v, arch = src.values, src.arch
 
@@ -160,7 +161,7 @@ def gguf_facts(path: Path) -> GGUFFacts:
     for t in src.tensors:
         nb = t.nbytes() if t.ggml_type in TYPE_SIZES else after.get(t.offset, t.offset) - t.offset
         sizes.append(nb)
-        name = TYPE_NAMES.get(t.ggml_type, str(t.ggml_type))
+        name = type_name(t.ggml_type)
         types[name] = types.get(name, 0) + nb
         if nb > largest:
             largest, largest_n = nb, t.n_elements
@@ -197,6 +198,8 @@ def llama_load(g: GGUFFacts, *, what: str, n_ctx: int, n_ubatch: int = 512, n_se
         terms["mapped weights"] = weights
     else:
         terms["weights"] = weights
+        if repack:   # read into a staging buffer the size of the largest tensor, then repacked from it
+            terms["read buffer"] = g.largest
     return Estimate(what, int(sum(v for k, v in terms.items() if k != "mapped weights")),
                     int(terms.get("mapped weights", 0)), 0, terms)
 
