@@ -109,9 +109,15 @@ class TensorFacts:
     params: int                      # all elements
 
 
-def merge_stream(f: TensorFacts, *, base: Optional[int] = None, fresh: bool = False) -> Estimate:
+def merge_stream(f: TensorFacts, *, base: Optional[int] = None, fresh: bool = False,
+                 preflight_child: bool = False) -> Estimate:
+    """``preflight_child``: the converter's --vocab-only preflight runs beside the merge as a child (when
+    not cached); it starts with the merge, so it overlaps the first, largest tensor (the embeddings)."""
     per = max(f.largest_merged * MERGE_BYTES_PER_ELEMENT, f.largest * MERGE_PLAIN_BYTES_PER_ELEMENT)
-    return _make("the stream merge", {"largest tensor": per, **_runtime(["torch"], fresh)}, base=base, fresh=fresh)
+    terms = {"largest tensor": per, **_runtime(["torch"], fresh)}
+    if preflight_child:
+        terms["converter preflight (child)"] = PYTHON_RSS + TORCH_RSS + CONVERTER_RSS
+    return _make("the stream merge", terms, base=base, fresh=fresh)
 
 
 def merge_library(f: TensorFacts, *, base: Optional[int] = None, fresh: bool = False) -> Estimate:

@@ -131,13 +131,16 @@ def tensor_facts(base: BaseModelInfo, adapter: AdapterInfo | None = None) -> Ten
                        sum(sizes.values()))
 
 
-def merge_memory(strategy: str, facts: TensorFacts, *, path: str = TWO_STEP, fresh: bool = False) -> Estimate:
+def merge_memory(strategy: str, facts: TensorFacts, *, path: str = TWO_STEP, fresh: bool = False,
+                 preflight_child: bool = False) -> Estimate:
     """What the merge holds at its peak (memory_estimate has the terms): the library strategies (peft,
     unsloth) the whole 16-bit model; the stream merge a few tensors; fused, the merge and the
     converter together. The Ray executor reserves exactly this (``fresh``: in a new worker)."""
     if strategy != "stream":
         return merge_library(facts, fresh=fresh)
-    return convert(facts, fused=True, fresh=fresh) if path == FUSED else merge_stream(facts, fresh=fresh)
+    if path == FUSED:
+        return convert(facts, fused=True, fresh=fresh)
+    return merge_stream(facts, fresh=fresh, preflight_child=preflight_child)
 
 
 @dataclass(frozen=True)
@@ -169,7 +172,7 @@ def disk_need(base: BaseModelInfo, adapter: AdapterInfo, path: str, formats: Seq
 
 def plan_merge(base_model: str, adapter_dir: Path, *, merge: "MergeConfig", performance: "PerformanceConfig",
                formats: list[str], work_dir: Path, log: logging.Logger, stages: Sequence[str] = (),
-               writes: RunWrites = RunWrites()) -> MergePlan:
+               writes: RunWrites = RunWrites(), preflight_child: bool = False) -> MergePlan:
     """Every check that can fail before the merge starts, from headers only. The converter preflight
     is not here: it runs beside the merge (converter.preflight_beside), off the critical path."""
     base_dir = resolve_base(base_model)
@@ -183,6 +186,6 @@ def plan_merge(base_model: str, adapter_dir: Path, *, merge: "MergeConfig", perf
     log.info("disk the run writes: %s", ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in need.items() if v))
     require_disk(work_dir, sum(need.values()), performance.min_free_disk_gb,
                  "the run (" + ", ".join(k for k, v in need.items() if v) + ")")
-    mem = merge_memory(strategy, tensor_facts(base, adapter), path=path)
+    mem = merge_memory(strategy, tensor_facts(base, adapter), path=path, preflight_child=preflight_child)
     require(mem, memory_budget_bytes(performance.max_memory_gb))
     return MergePlan(base, adapter, strategy, path, mem)

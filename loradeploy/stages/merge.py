@@ -56,7 +56,8 @@ def run_writes(ctx: StageContext) -> RunWrites:
 def plan_for(ctx: StageContext) -> MergePlan:
     return plan_merge(ctx.model.base_model, adapter_dir_for(ctx), merge=ctx.cfg.merge,
                       performance=ctx.cfg.performance, formats=ctx.cfg.formats_for(ctx.model_name),
-                      work_dir=ctx.paths.work, log=ctx.log, stages=ctx.cfg.pipeline.stages, writes=run_writes(ctx))
+                      work_dir=ctx.paths.work, log=ctx.log, stages=ctx.cfg.pipeline.stages, writes=run_writes(ctx),
+                      preflight_child=not preflight_cache(ctx).is_file())
 
 
 def plan_info(plan: MergePlan, memory: bool = True) -> dict:
