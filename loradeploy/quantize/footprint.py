@@ -31,4 +31,5 @@ def llama_quantize(src: Path, parallel: int) -> Estimate:
 
 def imatrix(src: Path, n_ctx: int, repack: bool) -> Estimate:
     """llama-imatrix over the F16 GGUF: a llama.cpp load (mmap'd) with an n_ctx context and batch."""
-    return llama_load(gguf_facts(src), what="llama-imatrix", n_ctx=n_ctx, n_ubatch=n_ctx, repack=repack)
+    return llama_load(gguf_facts(src), what="llama-imatrix", n_ctx=n_ctx, n_ubatch=n_ctx, repack=repack,
+                      all_logits=True)
