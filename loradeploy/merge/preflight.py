@@ -147,10 +147,16 @@ def merge_memory(strategy: str, facts: TensorFacts, *, path: str = TWO_STEP, fre
 class RunWrites:
     """What the rest of the run writes beside the merge's own output, for the disk estimate."""
     convert_type: str = "f16"
-    verify_positions: int = 0                  # verify's log-prob memmap: positions x vocabulary x 4 bytes
+    verify_positions: "int | Callable[[int], int]" = 0  # verify's positions (or of the parameter count): the
+                                               # log-prob memmap holds positions x vocabulary x 4 bytes
     base_gguf: str | None = None               # evaluation's base row, converted beside the merge
     twins: tuple[str, ...] = ()                # plain twins of imatrix quants (verify measures them)
     tensor_cache_bytes: int = 0                # performance.tensor_cache_gb: the most the cache may hold
+
+
+def verify_positions(w: RunWrites, params: int) -> int:
+    """Positions verify scores: a number, or verify.max_tokens: auto resolved for this many parameters."""
+    return int(w.verify_positions(params) if callable(w.verify_positions) else w.verify_positions)
 
 
 def disk_need(base: BaseModelInfo, adapter: AdapterInfo, path: str, formats: Sequence[str], keep_merged: bool,
@@ -166,7 +172,7 @@ def disk_need(base: BaseModelInfo, adapter: AdapterInfo, path: str, formats: Seq
             f"{w.convert_type.upper()} GGUF": size[w.convert_type.upper()],
             "quants": sum(size[f] for f in quants) + sum(size[f] for f in w.twins),
             "tensor cache": min(w.tensor_cache_bytes, sum(int(untouched * BPW.get(f, 8) / 8) for f in quants)),
-            "verify log-prob memmap": w.verify_positions * vocab * 4,
+            "verify log-prob memmap": verify_positions(w, params) * vocab * 4,
             "base GGUF": int(params * BPW.get(w.base_gguf.upper(), 8) / 8) if w.base_gguf else 0}
 
 

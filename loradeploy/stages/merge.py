@@ -48,7 +48,9 @@ def run_writes(ctx: StageContext) -> RunWrites:
     cfg, q = ctx.cfg, ctx.cfg.quantization
     ev, stages = cfg.evaluation, cfg.pipeline.stages
     twins = ("Q4_K_M",) if q.imatrix and "Q4_K_M" in cfg.formats_for(ctx.model_name) else ()
-    return RunWrites(q.convert_type, cfg.verify.max_tokens if "verify" in stages else 0,
+    from ..verify.memory import token_budget
+    setting = cfg.verify.max_tokens
+    return RunWrites(q.convert_type, (lambda params: token_budget(setting, params)) if "verify" in stages else 0,
                      ev.base_gguf if "evaluate" in stages and ev.include_base and ev.base_gguf != "none" else None,
                      twins, int(cfg.performance.tensor_cache_gb * 2**30))
 
