@@ -37,8 +37,14 @@ class VerifyConfig(_Section):
         "block", description="a failed format: stop the deploy, deploy it anyway with a warning, or serve the "
                              "smallest format that passes; a failed template/stop check always blocks")
     behaviour: bool = Field(True, description="check the chat template, BOS and stopping on end-of-turn")
-    stop_prompts: int = Field(3, ge=0, le=32, description="calibration prompts generated greedily for the stop check")
-    max_new_tokens: int = Field(128, ge=4, le=4096, description="generation budget of the reference per prompt")
+    # accepted for configs written before the stop check was teacher-forced (it now reads where every calibration
+    # assistant turn ends, in the scoring pass, and generates nothing): no effect
+    stop_prompts: int = Field(3, ge=0, le=32, description="no effect (the stop check generates nothing now)")
+    max_new_tokens: int = Field(128, ge=4, le=4096, description="no effect (the stop check generates nothing now)")
+    reference: Literal["auto", "streamed", "memory"] = Field(
+        "auto", description="how the PEFT reference runs: streamed (one decoder layer at a time in float32 from "
+                            "the safetensors), memory (peft, whole model: 16-bit on CUDA, float32 otherwise); auto: "
+                            "memory on CUDA, else streamed, or memory when the architecture cannot stream and fits")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         "auto", description="reference model device (cuda: 16-bit; auto never picks mps: float32 on the CPU)")
     threads: int = Field(0, ge=0, description="llama.cpp / torch threads; 0 = the CPU budget")
