@@ -27,8 +27,9 @@ class VerifyConfig(_Section):
         "auto", description="calibration tokens scored per GGUF; auto: 2048 up to ~1.5B parameters, fewer above "
                             "(a 7B: 512), so the float32 reference takes minutes on a few cores")
     max_seq_len: int = Field(512, ge=16, le=32768, description="longest calibration sequence (longer text is split)")
-    formats: Optional[list[QuantName]] = Field(None, description="GGUFs to verify; default every one produced "
-                                                                 "(the served format is always verified)")
+    formats: Optional[list[QuantName]] = Field(None, description="GGUFs to verify; default every one produced, "
+                                                                 "the F16/BF16 one only while under a quarter of the "
+                                                                 "memory budget (the served format is always verified)")
     max_kld: dict[str, float] = Field(default_factory=dict, description="mean KLD limit per format")
     min_top1: Union[float, dict[str, float], None] = Field(
         None, description="top-1 agreement floor (0..1): one number for every format, or per format")

@@ -6,10 +6,11 @@ from pathlib import Path
 from ..errors import InputError
 from ..fsutil import sha256_file
 from ..merge import resolve_base
-from ..resources import cpu_budget
+from ..resources import cpu_budget, memory_budget_bytes
 from .base import Artifact, StageContext, StageResult
 from .merge import adapter_dir_for
 
+UNQUANTIZED = ("F32", "F16", "BF16")
 CODE_VERSION = 2  # bump when what verify measures changes: old verdicts are redone
 
 
@@ -18,10 +19,17 @@ def _candidates(ctx: StageContext):
 
     want = ctx.cfg.verify.formats
     serve = ctx.cfg.serve_format_for(ctx.model_name)
+    # by default the unquantized file (a proof of merge + convert) only while it is small beside the memory
+    # budget: a 7B's 15 GB F16 would map 15 GB and take as long as the reference itself
+    big = memory_budget_bytes(ctx.cfg.performance.max_memory_gb) // 4
     seen: dict[str, Artifact] = {}
     for stage in ("convert", "quantize"):
         for a in ctx.upstream_artifacts(stage, "gguf"):
             fmt = (a.format or "").upper()
+            if want is None and fmt in UNQUANTIZED and fmt != serve and (a.size or 0) > big:
+                ctx.log.info("verify leaves out the %s GGUF (%.1f GiB, over a quarter of the memory budget); "
+                             "name it in verify.formats to verify it", fmt, (a.size or 0) / 2**30)
+                continue
             if fmt and (want is None or fmt in want or fmt == serve):
                 seen[fmt] = a
     if serve not in seen:
