@@ -64,16 +64,16 @@ class Shape:
 
 
 def _layer_bytes(base: BaseModelInfo) -> tuple[int, int]:
-    """(largest decoder layer in float32, largest single tensor at its stored width)."""
+    """(largest decoder layer in float32, largest tensor of a layer at its stored width: its read buffer)."""
     layers: dict[str, int] = {}
     biggest = 0
     for name, (_, info) in base.tensors.items():
         n = numel(info["shape"])
-        biggest = max(biggest, n * DTYPE_BYTES.get(info["dtype"], 2))
         parts = name.split(".")
         if "layers" in parts:
             key = ".".join(parts[:parts.index("layers") + 2])
             layers[key] = layers.get(key, 0) + n * 4
+            biggest = max(biggest, n * DTYPE_BYTES.get(info["dtype"], 2))
     return max(layers.values(), default=0), biggest
 
 
