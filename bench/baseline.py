@@ -44,13 +44,22 @@ class Stage:
         gc.collect()
         self.start_rss = psutil.Process().memory_info().rss
         self.t0 = time.monotonic()
+        self.cpu0 = _cpu_seconds()
         self.peak = PeakRSS().__enter__()
         return self
 
     def __exit__(self, *exc):
         self.peak.__exit__(*exc)
         self.rows[self.name] = {"seconds": round(time.monotonic() - self.t0, 3), "peak_mib": round(self.peak.peak / 2**20),
-                                "delta_mib": round(max(0, self.peak.peak - self.start_rss) / 2**20)}
+                                "delta_mib": round(max(0, self.peak.peak - self.start_rss) / 2**20),
+                                "cpu_s": round(_cpu_seconds() - self.cpu0, 1)}
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and its waited-for children: unlike wall time, other load on a shared
+    machine hardly moves it."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def warm_cache(*folders: Path) -> None:
