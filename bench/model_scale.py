@@ -469,6 +469,9 @@ def run_size(size: str, a: argparse.Namespace, port: int, measured: dict | None)
         return r
     name = f"qwen{size.replace('.', '')}"
     run_dir = a.workdir / "runs" / f"{size}-{a.adapter}"
+    old_cfg = run_dir / "config" / "deployment_config.yaml"
+    if old_cfg.is_file():   # a --keep run may still serve from there
+        stop_server(old_cfg, run_dir / "cwd", name, a.workdir)
     shutil.rmtree(run_dir, ignore_errors=True)
     stages = a.stages.split(",") if a.stages else None
     r["stages_planned"] = stages or STAGES
