@@ -7,13 +7,14 @@ queue forever, so it is refused before submission, naming the stage, the request
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import ResourceError
 from ..resources import GIB, MIB
+
+RAY_WORKER = 512 * MIB     # a Ray worker's own runtime (core worker, gRPC, its imports) before the stage starts
 from ..stages.base import StageContext
 
 # Ray's own resource names; everything else in a node's Resources is a custom resource (or a node:IP label).
@@ -107,13 +108,6 @@ def check_feasible(req: Request, model: str, nodes: list[Node]) -> None:
 
 # ----------------------------------------------------------------------------- estimates
 
-@functools.lru_cache(maxsize=64)
-def _params(base_model: str) -> int:
-    """The base's parameter count from its safetensors headers (no weights read)."""
-    from ..merge import load_base_info, resolve_base
-    return load_base_info(resolve_base(base_model)).param_count
-
-
 def _strategy(ctx: StageContext) -> str:
     from ..merge import load_adapter_info, resolve_strategy
     from ..stages.merge import adapter_dir_for
@@ -131,9 +125,12 @@ def estimate(ctx: StageContext, stage: str, threads: int = 1) -> int:
     est = stage_estimate(ctx, stage, threads)
     if est is not None:
         return est.peak
-    # verify: the unmerged PEFT reference in float32, one GGUF loaded at a time, the runtimes
-    params = _params(ctx.model.base_model)
-    return params * 4 + max([a.size for a in ctx.upstream_artifacts("quantize", "gguf")] or [0]) + 1024 * MIB
+    # verify: its own estimate from headers (the streamed reference, one GGUF at a time), plus a fresh
+    # worker's runtime; never the whole model in float32 (a 7B would reserve 30 GB for a 1.6 GB peak)
+    from ..merge.hf_folder import resolve_base
+    from ..verify.memory import RUNTIME, stage_peak
+    ggufs = [Path(a.path) for a in ctx.upstream_artifacts("quantize", "gguf")]
+    return stage_peak(resolve_base(ctx.model.base_model), ggufs, ctx.cfg.verify) + RUNTIME
 
 
 def cpu_budget(ctx: StageContext, nodes: list[Node]) -> int:
@@ -179,7 +176,8 @@ def request_for(ctx: StageContext, stage: str, nodes: list[Node]) -> Request:
 def remote_overrides(req: Request) -> dict[str, Any]:
     """Performance settings for the task's own copy of the config: the stage plans its threads and
     checks its memory within what Ray reserved for it, not within the node's whole capacity."""
-    return {"max_cpu_threads": req.num_cpus, "max_memory_gb": max(req.memory, req.estimate) / GIB}
+    # the estimate counts a fresh Python; a Ray worker already holds Ray's own runtime beside it
+    return {"max_cpu_threads": req.num_cpus, "max_memory_gb": (max(req.memory, req.estimate) + RAY_WORKER) / GIB}
 
 
 def storage_of(cfg) -> Path:

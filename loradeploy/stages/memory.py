@@ -76,8 +76,8 @@ def estimate(ctx: StageContext, stage: str, threads: int = 1) -> Optional[Estima
     if stage in ("merge", "convert") and ctx.cfg.mode_for(ctx.model_name) != "adapter":
         strategy = resolve_strategy(ctx.cfg.merge.strategy, adapter)
         path = merge_path(strategy, ctx.cfg.merge, ctx.cfg.pipeline.stages)
-        if stage == "merge" and path == FUSED:   # only checks: the merging happens in convert
-            return Estimate("merge", 64 * 2**20, 0, 0, {"python": 64 * 2**20})
+        # fused: the merge stage only checks, yet its preflight refuses what the fused convert will need,
+        # so a worker reserves that much for it too (it is released as soon as the checks pass)
         if stage == "merge" or path == FUSED:
             return merge_memory(strategy, tensor_facts(base, adapter), path=path, fresh=True)
     if stage in ("merge", "convert"):
