@@ -152,9 +152,14 @@ class GGUFFacts:
 
 def gguf_facts(path: Path) -> GGUFFacts:
     """From the GGUF's header (no tensor data read)."""
+    from .errors import InputError
     from .gguf.reader import type_name
     from .quantize.gguf_out import TYPE_SIZES, read_source
-    src = read_source(Path(path))
+    try:
+        src = read_source(Path(path))
+    except (ValueError, OSError) as exc:  # a damaged or foreign file: the caller's target is down, with this
+        raise InputError(f"{path} is not a GGUF llama.cpp can load: {exc}",
+                         hint="re-run the stage that wrote it (loradeploy run --force)") from None
     v, arch = src.values, src.arch
 
     def key(name: str, default: int = 0) -> int:

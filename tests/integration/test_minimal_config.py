@@ -84,7 +84,7 @@ def test_minimal_config_from_another_folder_serves_and_evaluates_every_format(pr
     ev = cli("run", "-c", rel, "--only", "evaluate", "--force", "--json", cwd=elsewhere)
     assert ev.returncode == 1, ev.stderr[-2000:]
     res = json.loads(ev.stdout)
-    assert res["ok"] is False and res["degraded"] is True
+    assert res["ok"] is False and res["degraded"] is True, json.dumps(res["models"]["majora"]["stages"])[:3000]
     evs = res["models"]["majora"]["stages"]["evaluate"]
     assert evs["status"] == "degraded"
     assert "Q8_0" in evs["error"].upper() and "down" in evs["error"], evs
