@@ -91,6 +91,7 @@ bench: setup $(RAY_STAMP)
 	$(PY) bench/cpu_mode.py
 	$(PY) bench/scale.py
 	$(PY) bench/fetch.py
+	$(PY) bench/model_scale.py --size 0.5b
 
 clean-venv:
 	rm -rf $(VENV)
