@@ -138,6 +138,11 @@ class LlamaCppServerConfig(_Section):
     def _key_not_blank(cls, v: Optional[SecretStr]) -> Optional[SecretStr]:
         if v is not None and not v.get_secret_value().strip():
             raise ValueError("is empty (an unset ${VAR}?): export the key or remove api_key")
+        # it travels in an HTTP header: whitespace, control or non-ASCII characters (a trailing newline from
+        # `cat keyfile`) would fail at serve start, or never match what a client sends
+        if v is not None and not all(33 <= ord(c) <= 126 for c in v.get_secret_value()):
+            raise ValueError("holds whitespace, a control character or non-ASCII (a trailing newline from a key "
+                             "file?): use printable ASCII only, e.g. export LORADEPLOY_API_KEY=$(tr -d '\\n' < FILE)")
         return v
 
     @model_validator(mode="after")

@@ -243,6 +243,13 @@ def test_api_key_empty_is_an_error(monkeypatch):
         config_from_dict(with_("deployment.llamacpp", {"api_key": "${LD_UNSET_KEY:-}"}))
 
 
+@pytest.mark.parametrize("key", ["s3cret\n", " s3cret", "s3 cret", "s3cr\x00et", "s3crét"])
+def test_api_key_that_no_header_can_carry_is_an_error(key):
+    # a trailing newline from a key file passed validate and then failed at serve start with a raw ValueError
+    with pytest.raises(ConfigError, match=r"deployment\.llamacpp\.api_key: holds whitespace, a control character"):
+        config_from_dict(with_("deployment.llamacpp", {"api_key": key}))
+
+
 def test_non_loopback_host_needs_a_key_or_an_explicit_opt_out():
     with pytest.raises(ConfigError, match=r"deployment\.llamacpp: host '0\.0\.0\.0' is not loopback"):
         config_from_dict(with_("deployment.llamacpp", {"host": "0.0.0.0"}))
