@@ -7,11 +7,13 @@ What is the same for every kind of backend lives here, once: ``/loradeploy/info`
 serves, from the control file the switch writes) and the model's system-prompt rule on
 ``POST /v1/chat/completions`` (llama-server has neither).
 
-In adapter mode (the control file names a ``lora`` selection) several ports share one llama-server
-that holds every adapter on one base: the proxy writes its model's ``lora`` selection into every
-generation request (a client cannot pick another model's adapter through this port), answers
-``/v1/models`` with its own model, and refuses ``POST /lora-adapters`` (it would change the
-adapters' global scales under every other port)."""
+What a request may reach is ``policy.route``'s: an allow-list of normalised paths, and strictly parsed
+JSON bodies that the backend receives re-serialised, never as the client's bytes. In adapter mode (the
+control file names a ``lora`` selection) several ports share one llama-server that holds every adapter
+on one base: the port's ``lora`` selection is set on every generation request, ``/v1/models`` answers
+with the port's own model, and adapter listings and scale changes are not reachable at all. A body is
+capped (``max_body`` in the proxy's conf, 8 MiB by default): over it, 413 and the connection closes
+before the rest is read."""
 from __future__ import annotations
 
 import asyncio
@@ -22,44 +24,20 @@ import os
 import signal
 import sys
 import time
+from http import HTTPStatus
 from pathlib import Path
 
-from .routes import INFO_PATH, PROXY_PATH
+from .policy import MAX_BODY, Forward, PortInfo, Reply, error, route
 
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
               b"proxy-authorization", b"te", b"trailer", b"upgrade", b"expect"}
 MAX_HEAD = 64 * 1024
-CHAT_PATH = b"/v1/chat/completions"
-# Every llama-server route that generates: in adapter mode each gets the port's lora selection.
-GEN_PATHS = {b"/v1/chat/completions", b"/chat/completions", b"/v1/completions", b"/completions",
-             b"/completion", b"/infill"}
 INFO_KEYS = ("version", "format", "sha256", "gguf", "backend", "backend_port", "switched_at", "mode", "base_gguf",
              "base_sha256", "lora")
 
 
 def _log(msg: str) -> None:
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} [{os.getpid()}] {msg}", file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------- system prompt rule
-
-def apply_system_prompt(body: bytes, prompt: str, lora: list | None = None) -> bytes:
-    """Give a chat request without a system message the configured one (keep a request's own), and
-    in adapter mode set the port's ``lora`` selection, whatever the request asked for."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return body  # let the server answer the malformed request with its own error
-    if not isinstance(data, dict):
-        return body
-    changed = False
-    if lora is not None:
-        data["lora"], changed = lora, True
-    msgs = data.get("messages")
-    if prompt and isinstance(msgs, list) and not any(
-            isinstance(m, dict) and m.get("role") in ("system", "developer") for m in msgs):
-        data["messages"], changed = [{"role": "system", "content": prompt}, *msgs], True
-    return json.dumps(data).encode() if changed else body
 
 
 # ----------------------------------------------------------------------------- front proxy
@@ -126,7 +104,7 @@ async def _copy_body(reader, writer, kind: str, length: int) -> None:
         while True:
             size_line = await reader.readuntil(b"\r\n")
             writer.write(size_line)
-            size = int(size_line.split(b";")[0].strip() or b"0", 16)
+            size = _chunk_size(size_line)
             if size == 0:
                 while True:  # trailers end with an empty line
                     line = await reader.readuntil(b"\r\n")
@@ -146,18 +124,37 @@ async def _copy_body(reader, writer, kind: str, length: int) -> None:
             await writer.drain()
 
 
-async def _read_body(reader, kind: str, length: int) -> bytes:
-    """A whole request body, de-chunked: to rewrite it, or to drop a refused one so the connection
-    stays usable for the next request."""
+class _TooLarge(Exception):
+    pass
+
+
+def _chunk_size(line: bytes) -> int:
+    try:
+        size = int(line.split(b";")[0].strip(), 16)
+    except ValueError:
+        raise _HTTPError("bad chunk size") from None
+    if size < 0:
+        raise _HTTPError("bad chunk size")
+    return size
+
+
+async def _read_body(reader, kind: str, length: int, cap: int) -> bytes:
+    """A whole request body, de-chunked: to check and rewrite it, or to drop a refused one so the
+    connection stays usable for the next request. Over ``cap`` bytes: _TooLarge, before reading past it."""
     if kind == "length":
+        if length > cap:
+            raise _TooLarge
         return await reader.readexactly(length)
-    parts = []
+    parts, total = [], 0
     while kind == "chunked":
-        size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip() or b"0", 16)
+        size = _chunk_size(await reader.readuntil(b"\r\n"))
         if size == 0:
             while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers end with an empty line
                 pass
             break
+        total += size
+        if total > cap:
+            raise _TooLarge
         parts.append((await reader.readexactly(size + 2))[:-2])
     return b"".join(parts)
 
@@ -225,6 +222,24 @@ class Proxy:
         finally:
             cwriter.close()
 
+    def port_info(self) -> PortInfo:
+        s = self.serving
+        return PortInfo(
+            alias=self.conf.get("alias"), system_prompt=s.get("system_prompt") or "", lora=s.get("lora"),
+            created=int(s.get("switched_at") or 0), embeddings=bool(s.get("embeddings")),
+            max_body=int(self.conf.get("max_body") or MAX_BODY),
+            info={"alias": self.conf.get("alias"), **{k: s.get(k) for k in INFO_KEYS},
+                  "system_prompt": bool(s.get("system_prompt")), "proxy_pid": os.getpid()},
+            proxy={"backend_port": self.backend_port, "version": self.version, "inflight": self.inflight,
+                   "served": self.served, "refused": self.refused, "pid": os.getpid()})
+
+    async def _reply(self, cwriter, reply: Reply, keep: bool) -> bool:
+        extra = b"".join(k.encode() + b": " + v.encode() + b"\r\n" for k, v in reply.headers)
+        status = f"{reply.status} {HTTPStatus(reply.status).phrase}".encode()
+        cwriter.write(_json_reply(status, reply.obj, keep, extra))
+        await cwriter.drain()
+        return keep
+
     async def _one(self, creader, cwriter) -> bool:
         head = await _read_head(creader)
         if head is None:
@@ -236,51 +251,39 @@ class Proxy:
         method, target, proto = parts
         conn = (_get(headers, b"connection") or b"").lower()
         keep = (b"close" not in conn) if proto == b"HTTP/1.1" else (b"keep-alive" in conn)
-        path = target.split(b"?")[0]
-        if not self.authorized(headers):
-            await _read_body(creader, *_framing(headers))
-            msg = (b'{"error":{"message":"missing or wrong API key: send Authorization: Bearer KEY",'
-                   b'"type":"invalid_request_error","code":"invalid_api_key"}}')
-            cwriter.write(_json_reply(b"401 Unauthorized", msg, keep, b"www-authenticate: Bearer\r\n"))
-            await cwriter.drain()
-            self.refused += 1
-            return keep
-        if path in (PROXY_PATH.encode(), INFO_PATH.encode()):
-            await _read_body(creader, *_framing(headers))
-            if path == INFO_PATH.encode():
-                obj = {"alias": self.conf.get("alias"), **{k: self.serving.get(k) for k in INFO_KEYS},
-                       "system_prompt": bool(self.serving.get("system_prompt")), "proxy_pid": os.getpid()}
-            else:
-                obj = {"backend_port": self.backend_port, "version": self.version, "inflight": self.inflight,
-                       "served": self.served, "refused": self.refused, "pid": os.getpid()}
-            cwriter.write(_json_reply(b"200 OK", obj, keep))
-            await cwriter.drain()
-            return keep
-        if (_get(headers, b"expect") or b"").lower() == b"100-continue":
-            cwriter.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        body = None
-        prompt = self.serving.get("system_prompt") or ""
-        lora = self.serving.get("lora")
-        route = path.rstrip(b"/")
-        if lora is not None and (route == b"/v1/models" or route == b"/lora-adapters" and method == b"POST"):
-            await _read_body(creader, *_framing(headers))
-            if route == b"/v1/models":
-                obj = {"object": "list", "data": [{"id": self.conf.get("alias"), "object": "model",
-                                                   "owned_by": "loradeploy", "created": int(self.serving.get(
-                                                       "switched_at") or 0)}]}
-                cwriter.write(_json_reply(b"200 OK", obj, keep))
-            else:
-                msg = (b'{"error":{"message":"this port serves one adapter of a shared server: its adapters '
-                       b'are set by loradeploy deploy","type":"invalid_request_error"}}')
-                cwriter.write(_json_reply(b"403 Forbidden", msg, keep))
-            await cwriter.drain()
-            return keep
-        if method == b"POST" and (prompt and route == CHAT_PATH or lora is not None and route in GEN_PATHS):
-            body = apply_system_prompt(await _read_body(creader, *_framing(headers)),
-                                       prompt if route == CHAT_PATH else "", lora)
-            headers = [(k, v) for k, v in headers if k.lower() not in (b"content-length", b"transfer-encoding")]
-            headers.append((b"content-length", str(len(body)).encode()))
-        kind, length = _framing(headers)
+        info = self.port_info()
+        try:
+            if not self.authorized(headers):
+                self.refused += 1
+                denied = error(401, "missing or wrong API key: send Authorization: Bearer KEY", "invalid_api_key",
+                               [("www-authenticate", "Bearer")])
+                try:  # a refused body is dropped, and not read at all past the cap: the connection closes
+                    await _read_body(creader, *_framing(headers), info.max_body)
+                except _TooLarge:
+                    return await self._reply(cwriter, denied, False)
+                return await self._reply(cwriter, denied, keep)
+            kind, length = _framing(headers)
+            if kind == "length" and length > info.max_body:
+                raise _TooLarge
+            if kind != "none" and (_get(headers, b"expect") or b"").lower() == b"100-continue":
+                cwriter.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            body = await _read_body(creader, kind, length, info.max_body)
+        except _TooLarge:
+            return await self._reply(cwriter, error(413, f"the request body is over {info.max_body} bytes",
+                                                    "body_too_large"), False)
+        except _HTTPError as exc:
+            return await self._reply(cwriter, error(400, str(exc), "bad_request"), False)
+        decided = route(method.decode("latin-1"), target, headers, body, info)
+        if isinstance(decided, Reply):
+            return await self._reply(cwriter, decided, keep)
+        assert isinstance(decided, Forward)
+        reqline = f"{decided.method} {decided.path} HTTP/1.1".encode()
+        headers = [(k, v) for k, v in headers
+                   if k.lower() not in (b"content-length", b"transfer-encoding", b"content-type")]
+        if decided.body is not None:
+            headers += [(b"content-type", b"application/json"),
+                        (b"content-length", str(len(decided.body)).encode())]
+        body = decided.body
         try:
             port, breader, bwriter = await self._open_backend()
         except OSError:
@@ -293,11 +296,9 @@ class Proxy:
             out = [reqline] + [k + b": " + v for k, v in headers if k.lower() not in HOP_BY_HOP]
             out.append(b"connection: close")
             bwriter.write(b"\r\n".join(out) + b"\r\n\r\n")
-            if body is None:
-                await _copy_body(creader, bwriter, kind, length)
-            else:
+            if body is not None:
                 bwriter.write(body)
-                await bwriter.drain()
+            await bwriter.drain()
             rhead = await breader.readuntil(b"\r\n\r\n")
             status, rheaders = _parse_head(rhead)
             code = int(status.split(b" ")[1]) if len(status.split(b" ")) > 1 else 502

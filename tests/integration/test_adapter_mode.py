@@ -60,6 +60,17 @@ def ask(port: int, body_extra: dict | None = None, timeout: float = 60) -> str:
     return r.data["choices"][0]["message"]["content"]
 
 
+def raw(port: int, method: str, target: str, body: bytes) -> tuple[int, bytes]:
+    """A request whose target and body go out exactly as given."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request(method, target, body=body, headers={"content-type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
 def signs(text: str) -> set[str]:
     return {m for m in MODELS if get_persona(m).signature in text}
 
@@ -128,7 +139,17 @@ def test_three_personas_on_one_base_server_and_v2_of_one_adapter_under_load(pers
             models = Client(f"http://127.0.0.1:{ports[m]}").get("/v1/models").data
             assert [d["id"] for d in models["data"]] == [m]
             r = Client(f"http://127.0.0.1:{ports[m]}").post("/lora-adapters", [{"id": 0, "scale": 1.0}])
-            assert r.status == 403
+            assert r.status == 404
+            # issue 19's holes: encoded paths, unlisted routes, a NUL after the JSON (no other persona answers)
+            pick = {"lora": [{"id": other, "scale": 1.0}]}
+            for target in ("/%6cora-adapters", "/v1/responses", "/%63ompletion", "/lora-adapters"):
+                assert raw(ports[m], "POST", target, json.dumps([{"id": other, "scale": 1.0}]).encode())[0] == 404
+            status, data = raw(ports[m], "POST", "/v1/chat/%63ompletions", json.dumps(
+                {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 16, "temperature": 0, **pick}).encode())
+            assert status == 200 and signs(json.loads(data)["choices"][0]["message"]["content"]) == {m}
+            nul = json.dumps({"messages": [{"role": "user", "content": PROMPT}]}).encode() + b"\x00" + \
+                json.dumps(pick).encode()
+            assert raw(ports[m], "POST", "/v1/chat/completions", nul)[0] == 400
             assert info(ports[m])["mode"] == "adapter"
 
         # v2 of nayru (it now carries majora's adapter) while every port is under load

@@ -550,24 +550,26 @@ def test_llama_cpp_tools_are_found_with_an_isolated_home_and_report_their_build(
 # ----------------------------------------------------------------------------- proxy and prompt rule, no model
 
 def test_system_prompt_rule_on_request_bodies():
-    from loradeploy.serving.proxy import apply_system_prompt
+    from loradeploy.serving.policy import PortInfo, Reply, route
+
+    def send(body, prompt="P", lora=None, path=b"/v1/chat/completions"):
+        return route("POST", path, [], json.dumps(body).encode(), PortInfo(system_prompt=prompt, lora=lora))
 
     def rewrite(body, prompt="P"):
-        out = apply_system_prompt(json.dumps(body).encode(), prompt)
-        return json.loads(out)["messages"]
+        return json.loads(send(body, prompt).body)["messages"]
 
     user = {"role": "user", "content": "hi"}
     assert rewrite({"messages": [user]}) == [{"role": "system", "content": "P"}, user]
     for own in ({"role": "system", "content": "mine"}, {"role": "developer", "content": "mine"}):
         assert rewrite({"messages": [own, user]}) == [own, user]
     assert rewrite({"messages": [user]}, prompt="") == [user], "no configured prompt: untouched"
-    assert apply_system_prompt(b"{not json", "P") == b"{not json", "the server reports bad JSON itself"
+    bad = route("POST", b"/v1/chat/completions", [], b"{not json", PortInfo(system_prompt="P"))
+    assert isinstance(bad, Reply) and bad.status == 400, "bad JSON never reaches the server"
     # adapter mode: the port's lora selection replaces whatever the request asked for
     sel = [{"id": 2, "scale": 1.0}]
-    out = json.loads(apply_system_prompt(json.dumps({"messages": [user], "lora": [{"id": 0, "scale": 1}]}).encode(),
-                                         "", sel))
+    out = json.loads(send({"messages": [user], "lora": [{"id": 0, "scale": 1}]}, "", sel).body)
     assert out["lora"] == sel and out["messages"] == [user]
-    out = json.loads(apply_system_prompt(json.dumps({"prompt": "x"}).encode(), "P", sel))
+    out = json.loads(send({"prompt": "x"}, "P", sel, b"/v1/completions").body)
     assert out == {"prompt": "x", "lora": sel}, "a completion gets the selection, and no chat messages"
 
 
@@ -592,7 +594,7 @@ def test_proxy_forwards_http_faithfully_and_switches_between_requests(tmp_path):
                 self._reply(b"0123456789")
 
             def do_GET(self):
-                if self.path == "/stream":
+                if self.path == "/metrics":
                     self.send_response(200)
                     self.send_header("transfer-encoding", "chunked")
                     self.end_headers()
@@ -638,14 +640,19 @@ def test_proxy_forwards_http_faithfully_and_switches_between_requests(tmp_path):
             resp = conn.getresponse()
             return resp, resp.read()
 
-        resp, data = ask("POST", "/p", body=b"x" * 100_000)
-        assert json.loads(data) == {"name": "A", "body": "x" * 100_000}
-        resp, data = ask("POST", "/p", body=iter([b"chunk-1 ", b"chunk-2"]), encode_chunked=True)
-        assert json.loads(data)["body"] == "chunk-1 chunk-2"
-        resp, data = ask("GET", "/stream")
+        big = {"prompt": "x" * 100_000}
+        resp, data = ask("POST", "/v1/completions", body=json.dumps(big))
+        assert json.loads(json.loads(data)["body"]) == big and json.loads(data)["name"] == "A"
+        resp, data = ask("POST", "/v1/completions", body=iter([b'{"prompt": ', b'"chunk"}']), encode_chunked=True)
+        assert json.loads(json.loads(data)["body"]) == {"prompt": "chunk"}
+        resp, data = ask("GET", "/metrics")  # a chunked answer, copied as it comes
         assert data.decode() == "".join(f"data: A {i}\n\n" for i in range(3))
-        resp, data = ask("HEAD", "/h")
-        assert resp.getheader("content-length") == "10" and data == b""
+        resp, data = ask("HEAD", "/v1/models")  # only the stated methods of the stated routes
+        assert resp.status == 405 and resp.getheader("allow") == "GET"
+        resp, data = ask("POST", "/p", body=b"x")
+        assert resp.status == 404 and json.loads(data)["error"]["type"] == "invalid_request_error"
+        resp, data = ask("GET", "/health?x=1")
+        assert json.loads(data) == {"name": "A", "path": "/health"}, "the query is not forwarded"
 
         user = {"role": "user", "content": "hi"}
         resp, data = ask("POST", "/v1/chat/completions", body=json.dumps({"messages": [user]}))
@@ -655,8 +662,8 @@ def test_proxy_forwards_http_faithfully_and_switches_between_requests(tmp_path):
                                        "gguf": "/m/B.gguf", "backend": "llama-server", "system_prompt": "Be B."}))
         os.kill(rec["pid"], signal.SIGHUP)
         proxying._wait_proxy(cfg, "127.0.0.1", port, b.server_address[1], rec, tmp_path / "proxy.log")
-        resp, data = ask("GET", "/after")  # the same kept-alive client connection
-        assert json.loads(data) == {"name": "B", "path": "/after"}
+        resp, data = ask("GET", "/health")  # the same kept-alive client connection
+        assert json.loads(data) == {"name": "B", "path": "/health"}
         assert resp.getheader("connection") == "keep-alive"
         # The proxy answers what it serves itself, and applies the system prompt to chat bodies,
         # chunked ones included, whatever the backend is.
@@ -671,13 +678,22 @@ def test_proxy_forwards_http_faithfully_and_switches_between_requests(tmp_path):
         assert json.loads(json.loads(data)["body"]) == {"prompt": "x"}, "only chat bodies are rewritten"
 
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # curl-style Expect
-            s.sendall(b"POST /e HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\nexpect: 100-continue\r\n\r\n")
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 7\r\n"
+                      b"expect: 100-continue\r\n\r\n")
             assert s.recv(100).startswith(b"HTTP/1.1 100 Continue")
-            s.sendall(b"body")
+            s.sendall(b'{"a":1}')
             reply = b""
-            while b'"body"}' not in reply:
+            while b'}"}' not in reply:
                 reply += s.recv(4096)
-            assert b'{"name": "B", "body": "body"}' in reply
+            assert b'{"name": "B", "body": "{\\"a\\": 1}"}' in reply
+        for framing in (b"content-length: 10000000000\r\n\r\n{}",  # answered before the body is read
+                        b"transfer-encoding: chunked\r\n\r\n800000\r\n" + b" " * 0x800000 + b"\r\n1\r\n "):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n" + framing)
+                reply = b""
+                while chunk := s.recv(65536):  # the proxy closes after its answer
+                    reply += chunk
+                assert reply.startswith(b"HTTP/1.1 413 ") and b"connection: close" in reply, reply[:300]
         conn.close()
     finally:
         proc.stop(rec, grace=5)
