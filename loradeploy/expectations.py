@@ -9,7 +9,6 @@ default as its floor, so a toy model keeps the limits it always had.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
@@ -23,16 +22,6 @@ HEALTH_TIMEOUT_S = 30.0
 EVAL_TIMEOUT_S = 60.0
 SLOW_FRACTION = 0.2         # degraded below a fifth of the expected generation rate
 LATENCY_MARGIN = 3.0        # one answer may take 3x its expected time (prompt, a busy neighbour)
-
-
-def cores(threads: int = 0) -> int:
-    """The cores a server gets: performance.max_cpu_threads, else every one this process may use."""
-    if threads:
-        return threads
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS has no affinity call
-        return os.cpu_count() or 1
 
 
 def model_bytes(*paths: Union[str, Path, None]) -> int:

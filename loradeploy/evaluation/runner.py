@@ -19,7 +19,8 @@ from typing import Callable, Optional, Sequence
 
 from ..config import Config
 from ..errors import EvalError, InputError
-from ..expectations import cores, eval_timeout, model_bytes
+from ..expectations import eval_timeout, model_bytes
+from ..resources import cpu_budget
 from ..serving import registry_entry
 from ..serving.ports import pid_listening_on
 from . import metrics
@@ -123,7 +124,7 @@ class _TargetRun:
         return key.get_secret_value() if key is not None and self.t.live else None
 
     def _serve(self, api_url: str, pid: Optional[int]) -> tuple[list[SampleResult], Optional[str]]:
-        timeout = eval_timeout(self.ev, model_bytes(self.t.gguf_path, self.t.lora_path), cores())
+        timeout = eval_timeout(self.ev, model_bytes(self.t.gguf_path, self.t.lora_path), cpu_budget())
         api = Api(api_url, timeout, api_key=self._api_key())
         try:
             api.probe(timeout=min(10.0, timeout))

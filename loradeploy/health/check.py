@@ -7,7 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from ..expectations import cores, health_limits, model_bytes
+from ..expectations import health_limits, model_bytes
+from ..resources import cpu_budget
 from ..serving import endpoints as deployed
 from ..verify.report import health_check as served_fidelity
 from .api import client_for, model_checks, models_check, port_check
@@ -100,7 +101,7 @@ def probe(endpoint: EndpointLike, hc: "HealthCheckConfig", *, prompts: Optional[
     """Every per-endpoint check; ``prompts=[]`` skips the model test (a bare readiness probe),
     ``files=False`` skips hashing the GGUF, ``api_key`` is sent as ``Authorization: Bearer``.
     Limits left at ``auto`` are set for the served file's size and this machine's cores."""
-    hc = health_limits(hc, model_bytes(endpoint.gguf_path, getattr(endpoint, "lora_path", None)), cores())
+    hc = health_limits(hc, model_bytes(endpoint.gguf_path, getattr(endpoint, "lora_path", None)), cpu_budget())
     checks = file_checks(endpoint) if files else []
     client = client_for(endpoint, api_key)
     port = port_check(client, endpoint, hc)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from loradeploy.config import EvaluationConfig, HealthCheckConfig
-from loradeploy.expectations import cores, eval_timeout, health_limits, model_bytes, tokens_per_s
+from loradeploy.expectations import eval_timeout, health_limits, model_bytes, tokens_per_s
+from loradeploy.resources import cpu_budget
 
 Q4_7B = int(4.36e9)     # Qwen2.5-7B Q4_K_M
 TOY = 4 * 2**20
@@ -41,11 +42,12 @@ def test_model_bytes_and_cores(tmp_path, monkeypatch):
     a.write_bytes(b"x" * 100)
     b.write_bytes(b"x" * 23)
     assert model_bytes(a, None, b, tmp_path / "missing") == 123
-    assert cores(3) == 3 and cores() >= 1
+    # the limits scale by the cores resources.cpu_budget gives a server
+    assert cpu_budget(1) == 1 and cpu_budget() >= 1
     # macOS has no sched_getaffinity: the CPU count stands in
-    import loradeploy.expectations as ex
-    monkeypatch.delattr(ex.os, "sched_getaffinity")
-    assert cores() == (ex.os.cpu_count() or 1)
+    import loradeploy.resources as res
+    monkeypatch.delattr(res.os, "sched_getaffinity")
+    assert cpu_budget() == (res.os.cpu_count() or 1)
 
 
 @pytest.mark.parametrize("cfg", [HealthCheckConfig, EvaluationConfig])
