@@ -10,7 +10,7 @@ default as its floor, so a toy model keeps the limits it always had.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Union
 
 if TYPE_CHECKING:
     from .config import EvaluationConfig, HealthCheckConfig
@@ -60,11 +60,3 @@ def eval_timeout(ev: "EvaluationConfig", nbytes: int, n_cores: int) -> float:
     answer_s = ev.max_tokens / tokens_per_s(nbytes, n_cores) * ev.concurrency
     return round(max(EVAL_TIMEOUT_S, 2 * LATENCY_MARGIN * answer_s), 1)
 
-
-def describe(hc: "HealthCheckConfig", nbytes: int, n_cores: int) -> Optional[str]:
-    """A line for the health report: which limits were scaled, for what."""
-    if nbytes <= 0:
-        return None
-    return (f"limits for {nbytes / 2**30:.2f} GiB on {n_cores} cores (expected {tokens_per_s(nbytes, n_cores):.2f} "
-            f"tokens/s): min {hc.min_tokens_per_s:g} tokens/s, max latency {hc.max_latency_s:g}s, "
-            f"timeout {hc.timeout_s:g}s")
