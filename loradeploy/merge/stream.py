@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from ..errors import InputError
-from ..tools.safetensors_io import read_header, write_streaming
+from ..tools.safetensors_io import data_start, pread_exact, read_header, write_streaming
 from .hf_folder import AdapterInfo, BaseModelInfo
 
 TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
@@ -35,21 +35,15 @@ class _TensorFile:
     def __init__(self, path: Path, header: dict):
         self.path = Path(path)
         self.header = header
-        with open(path, "rb") as f:
-            self.data_start = 8 + int.from_bytes(f.read(8), "little")
+        self.data_start = data_start(path)
         self.fd = os.open(path, os.O_RDONLY)
 
     def get(self, name: str) -> torch.Tensor:
         info = self.header[name]
         b, e = info["data_offsets"]
-        buf = bytearray(e - b)
-        view = memoryview(buf)
-        got = 0
-        while got < len(buf):
-            n = os.preadv(self.fd, [view[got:]], self.data_start + b + got)
-            if n <= 0:
-                raise OSError(f"{self.path}: short read at tensor {name}")
-            got += n
+        buf = pread_exact(self.fd, e - b, self.data_start + b)
+        if buf is None:
+            raise OSError(f"{self.path}: short read at tensor {name}")
         dtype = torch_dtype(info["dtype"])
         if not buf:
             return torch.empty(info["shape"], dtype=dtype)

@@ -6,6 +6,7 @@ appended, so peak memory is one tensor rather than one shard or one model.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Callable, Iterable
@@ -16,6 +17,25 @@ from ..fsutil import hashing_open
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 MAX_HEADER = 100 * 1024 * 1024
+
+
+def data_start(path: Path) -> int:
+    """Where a safetensors file's tensor data begins: after the 8-byte length and the header."""
+    with open(path, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
+
+
+def pread_exact(fd: int, nbytes: int, offset: int) -> bytearray | None:
+    """``nbytes`` read from ``fd`` at ``offset`` into a private buffer (never an mmap: a touched mapping
+    counts fully in RSS); None when the file ends first (the caller names its own error)."""
+    buf = bytearray(nbytes)
+    view, got = memoryview(buf), 0
+    while got < nbytes:
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n <= 0:
+            return None
+        got += n
+    return buf
 
 
 def read_header(path: Path) -> dict:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..errors import VerifyError
 from ..merge.hf_folder import AdapterInfo
 from ..merge.stream import torch_dtype
-from ..tools.safetensors_io import DTYPE_BYTES, numel, read_header
+from ..tools.safetensors_io import DTYPE_BYTES, data_start, numel, pread_exact, read_header
 
 class Weights:
     """name -> tensor rows, over the safetensors files of a folder (or one file)."""
@@ -38,9 +38,7 @@ class Weights:
 
     def _fd(self, path: Path) -> tuple[int, int]:
         if path not in self._fds:
-            with open(path, "rb") as f:
-                start = 8 + int.from_bytes(f.read(8), "little")
-            self._fds[path] = (os.open(path, os.O_RDONLY), start)
+            self._fds[path] = (os.open(path, os.O_RDONLY), data_start(path))
         return self._fds[path]
 
     def rows(self, name: str, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
@@ -52,13 +50,9 @@ class Weights:
         row_bytes = numel(shape[1:]) * DTYPE_BYTES[info["dtype"]]
         hi = (shape[0] if shape else 1) if hi is None else hi
         fd, start = self._fd(path)
-        buf = bytearray((hi - lo) * row_bytes)
-        view, got = memoryview(buf), 0
-        while got < len(buf):
-            n = os.preadv(fd, [view[got:]], start + info["data_offsets"][0] + lo * row_bytes + got)
-            if n <= 0:
-                raise VerifyError(f"{path}: short read at tensor {name}", hint="the file is truncated; fetch it again")
-            got += n
+        buf = pread_exact(fd, (hi - lo) * row_bytes, start + info["data_offsets"][0] + lo * row_bytes)
+        if buf is None:
+            raise VerifyError(f"{path}: short read at tensor {name}", hint="the file is truncated; fetch it again")
         out_shape = [hi - lo, *shape[1:]] if shape else []
         if not buf:
             return torch.empty(out_shape, dtype=torch.float32)
