@@ -32,9 +32,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from .errors import ResourceError
-
-MIB = 1024 ** 2
-GIB = 1024 ** 3
+from .resources import GIB, MIB
 
 # What importing a runtime costs a process that has not imported it yet (RSS, measured).
 TORCH_RSS = 210 * MIB                # torch + numpy

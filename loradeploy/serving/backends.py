@@ -76,13 +76,13 @@ def server_memory(cfg: "Config", alias: str, gguf: Path, mode: runtime.Mode, lor
     python backend, its interpreter), the LoRA adapters it loads."""
     import dataclasses
 
-    from ..memory_estimate import MIB, gguf_facts, llama_load
+    from ..memory_estimate import MIB, SUPERVISOR_RSS, gguf_facts, llama_load
     s = cfg.deployment.llamacpp
     server = s.backend == "llama-server"
     est = llama_load(gguf_facts(gguf), what=f"{LABELS[s.backend]} for {alias}", n_ctx=s.n_ctx * (s.parallel if server
                      else 1), n_ubatch=min(512, s.n_batch), n_seq=s.parallel if server else 1,
                      mmap=not (server and reads_weights(s, mode)), repack=mode.extra_bufts,
-                     supervisor=40 * MIB if server else 160 * MIB, gpu_layers=s.n_gpu_layers)
+                     supervisor=SUPERVISOR_RSS if server else 160 * MIB, gpu_layers=s.n_gpu_layers)
     lora = sum(Path(p).stat().st_size for p in loras)
     return dataclasses.replace(est, anon=est.anon + lora, terms={**est.terms, "LoRA adapters": lora}) if lora else est
 
