@@ -9,8 +9,7 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo, model_validator
 
-STAGES: tuple[str, ...] = ("fetch", "merge", "convert", "quantize", "verify", "deploy", "health", "evaluate")
-Stage = Literal["fetch", "merge", "convert", "quantize", "verify", "deploy", "health", "evaluate"]
+from ..stagespec import STAGES, Stage  # noqa: F401  (declared once, in stagespec.SPECS)
 
 # llama.cpp quantization types by name (llama_ftype). Kept here so config validation needs no
 # compiled library; tools/llama_quantize.py checks it against the linked llama.cpp at run time.

@@ -7,6 +7,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
+from ..stagespec import HeavyStage
 from .base import STAGES, QuantName, RelPath, Stage, _Section, imatrix_problem, is_loopback, tensor_type
 
 # ----------------------------------------------------------------------------- vast / fetch
@@ -244,9 +245,6 @@ class EvaluationConfig(_Section):
     # (IQ formats here without quantization.imatrix are refused by Config, which sees both keys)
 
 
-HEAVY_STAGES = ("merge", "convert", "quantize", "verify")
-
-
 class RayConfig(_Section):
     """Where the Ray executor runs heavy stages; see README "Running on a Ray cluster"."""
     address: Optional[str] = Field(None, description="unset = start a local Ray instance; `auto`, host:port or "
@@ -254,7 +252,7 @@ class RayConfig(_Section):
     storage: Optional[RelPath] = Field(None, description="a folder every node sees at this path (an NFS mount); "
                                                          "work artifacts go here (default: pipeline.work_dir)")
     max_retries: int = Field(2, ge=0, le=10, description="re-runs of a task whose worker or node died")
-    stage_resources: dict[Literal[HEAVY_STAGES], dict[str, float]] = Field(
+    stage_resources: dict[HeavyStage, dict[str, float]] = Field(
         default_factory=dict, description="custom Ray resources a heavy stage asks for, e.g. {verify: {gpu_box: 1}}")
 
     @property

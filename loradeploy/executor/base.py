@@ -4,13 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config.sections import HEAVY_STAGES
+from ..stagespec import HEAVY  # noqa: F401  (re-exported: the executors' one question)
 from ..errors import LoradeployError
 from ..stages.base import StageResult
-
-# The stages worth sending to another machine: each needs gigabytes of RAM, many cores or a GPU.
-# fetch, deploy, health and evaluate touch this machine's network, servers and ports: they stay here.
-HEAVY = HEAVY_STAGES
 
 
 class ExecutorError(LoradeployError):
