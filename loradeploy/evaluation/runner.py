@@ -123,9 +123,10 @@ class _TargetRun:
         key = self.cfg.deployment.llamacpp.api_key
         return key.get_secret_value() if key is not None and self.t.live else None
 
-    def _serve(self, api_url: str, pid: Optional[int]) -> tuple[list[SampleResult], Optional[str]]:
+    def _serve(self, api_url: str, pid: Optional[int], key: Optional[str] = None) -> tuple[list[SampleResult], Optional[str]]:
+        """``key``: a temporary server's own key (serving.launch.TempServer); else the deployment's for live ports."""
         timeout = eval_timeout(self.ev, model_bytes(self.t.gguf_path, self.t.lora_path), cpu_budget())
-        api = Api(api_url, timeout, api_key=self._api_key())
+        api = Api(api_url, timeout, api_key=key or self.t.api_key or self._api_key())
         try:
             api.probe(timeout=min(10.0, timeout))
         except EvalError as exc:
@@ -144,7 +145,7 @@ class _TargetRun:
             with temp_server(self.cfg, Path(self.t.gguf_path), safe, log_path, lora=lora) as srv:
                 # the mode as the runtime decision states it; nothing is inferred from safe_mode
                 self.runtime = getattr(srv, "runtime", None)
-                rows, err = self._serve(srv.url, srv.pid)
+                rows, err = self._serve(srv.url, srv.pid, getattr(srv, "key", None))
                 return rows, err, gpu_memory_bytes(srv.pid)
         except EvalError as exc:
             return self._error_rows(exc.one_line()), exc.one_line(), None

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -28,9 +28,12 @@ class EvalTarget:
     system_prompt: Optional[str] = None  # added to samples without a system message (as deploy does)
     lora_path: Optional[str] = None    # adapter mode: the LoRA GGUF applied to gguf_path
     mode: str = "merged"               # merged | adapter
+    api_key: Optional[str] = field(default=None, repr=False)  # a hand-given URL's own key; never in a report
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("api_key")
+        return out
 
 
 def _base_gguf(record: RunRecord) -> Optional[str]:

@@ -8,6 +8,7 @@ import sys
 import time
 
 from ..llamacpp.runtime import apply_mode
+from .backends import read_key
 
 
 def _log(msg: str) -> None:
@@ -51,7 +52,12 @@ def run_backend(conf: dict) -> int:
     _log(f"llama.cpp CPU mode: {conf.get('cpu_mode') or ('default' if conf.get('extra_bufts', True) else 'safe')}")
     t0 = time.monotonic()
     # interrupt_requests=False: overlapping requests queue instead of cutting a stream short
-    server = ServerSettings(host=conf["host"], port=conf["port"], api_key=None, interrupt_requests=False)
+    # api_key: the backend's own key (serving.backends.key_path), which only the front proxy holds
+    key = read_key(conf.get("api_key_file"))
+    if conf.get("api_key_file") and key is None:
+        _log(f"cannot read the backend key {conf['api_key_file']}: refusing to serve without it")
+        return 2
+    server = ServerSettings(host=conf["host"], port=conf["port"], api_key=key, interrupt_requests=False)
     model = ModelSettings(model=conf["gguf"], model_alias=conf["alias"], n_ctx=conf["n_ctx"],
                           n_threads=conf["threads"], n_threads_batch=conf["threads"],
                           n_gpu_layers=conf["n_gpu_layers"], n_batch=conf["n_batch"], chat_format=None,

@@ -5,9 +5,18 @@
 * ``python``: llama-cpp-python's server (serving.backend), one request at a time.
 
 Both run under the worker's supervisor (serving.worker), which records how the server ended.
+
+Every backend is locked with its own random key (``new_key``), written 0600 next to its worker config
+(``key_path``) and held otherwise only by the front proxy of the ports it serves (``Control.backend_key``):
+llama-server reads it with ``--api-key-file`` (never on the command line, which ``ps`` shows), the python
+backend gives it to llama-cpp-python's ``ServerSettings(api_key=)``. From loopback without the key, a
+backend answers 401 on every route but what llama-server exempts by design: ``/health`` and ``/v1/health``
+(and the web UI's asset paths, which ``--no-webui`` leaves empty). llama-cpp-python's server exempts none.
 """
 from __future__ import annotations
 
+import os
+import secrets
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
@@ -20,6 +29,35 @@ if TYPE_CHECKING:
 
 KINDS = ("llama-server", "python")
 LABELS = {"llama-server": "llama-server", "python": "llama-cpp-python server"}  # for messages
+
+
+def new_key() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def key_path(conf_path: Path | str) -> Path:
+    """The backend's secret key file, next to its worker config (``backend-PORT.key``)."""
+    return Path(conf_path).with_suffix(".key")
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, readable by this user only (0600 before the rename)."""
+    from ..fsutil import atomic_output
+
+    with atomic_output(path) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+
+
+def read_key(key_file: Path | str | None) -> Optional[str]:
+    """A backend's key from its key file; None when it has none (a backend started before keys)."""
+    if not key_file:
+        return None
+    try:
+        return Path(key_file).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def threads(cfg: "Config") -> int:
@@ -88,7 +126,7 @@ def server_memory(cfg: "Config", alias: str, gguf: Path, mode: runtime.Mode, lor
 
 
 def llama_server_argv(cfg: "Config", alias: str, gguf: Path, port: int, mode: runtime.Mode,
-                      loras: Sequence[Path] = (), per_request: bool = True) -> list[str]:
+                      loras: Sequence[Path] = (), per_request: bool = True, key_file: Optional[Path] = None) -> list[str]:
     """llama-server's command line for one model on a loopback port in the decided CPU mode.
 
     ``loras`` (adapter mode) are loaded at start, ids 0.. in this order; ``per_request``: each at
@@ -106,6 +144,8 @@ def llama_server_argv(cfg: "Config", alias: str, gguf: Path, port: int, mode: ru
     argv = [str(exe), "-m", str(gguf), "--alias", alias, "--host", "127.0.0.1", "--port", str(port),
             "-c", str(s.n_ctx * s.parallel), "-np", str(s.parallel), "--cont-batching", "-t", n, "-tb", n,
             "-b", str(s.n_batch), "--metrics", "--no-webui"]
+    if key_file is not None:
+        argv += ["--api-key-file", str(key_file)]
     # Always written out: a Metal build (macOS) offloads every layer when -ngl is not given, so
     # n_gpu_layers: 0 must say 0 to mean the CPU there.
     argv += ["-ngl", "all" if s.n_gpu_layers < 0 else str(s.n_gpu_layers)]
@@ -122,14 +162,15 @@ def llama_server_argv(cfg: "Config", alias: str, gguf: Path, port: int, mode: ru
 
 def backend_conf(cfg: "Config", alias: str, gguf: Path, port: int, mode: runtime.Mode, *,
                  extra: Optional[dict], version: str, fmt: str, sha256: str, loras: Sequence[Path] = (),
-                 per_request: bool = True) -> dict:
+                 per_request: bool = True, key_file: Optional[Path] = None) -> dict:
     """The worker config: what is served (for logs and status) and, for llama-server, its argv."""
     s = cfg.deployment.llamacpp
     conf = {"kind": s.backend, "alias": alias, "version": version, "format": fmt, "sha256": sha256,
             "gguf": str(gguf), "host": "127.0.0.1", "port": port, "cpu_mode": mode.describe(),
-            "extra_bufts": mode.extra_bufts, "loras": [str(p) for p in loras]}
+            "extra_bufts": mode.extra_bufts, "loras": [str(p) for p in loras],
+            "api_key_file": str(key_file) if key_file is not None else None}
     if s.backend == "llama-server":
-        conf["argv"] = llama_server_argv(cfg, alias, gguf, port, mode, loras, per_request)
+        conf["argv"] = llama_server_argv(cfg, alias, gguf, port, mode, loras, per_request, key_file)
     elif len(loras) > 1 or loras and per_request:
         raise InputError("adapter mode needs llama-server: llama-cpp-python's server cannot switch adapters "
                          "per request", hint="set deployment.llamacpp.backend: llama-server")

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 from ..errors import HttpError, InputError, ServingError
-from ..fsutil import atomic_write_text
 from ..llamacpp import runtime
 from ..tools import proc
 from ..tools.openai_http import Client
 from ..memory_estimate import require
 from ..resources import memory_budget_bytes
-from .backends import LABELS, backend_conf, extra_model_settings, server_memory, threads
+from .backends import (LABELS, backend_conf, extra_model_settings, key_path, new_key, server_memory, threads,
+                       write_private)
 from .ports import pick_spare
 from .registry import ended_how, exit_path, server_path
 
@@ -49,10 +49,10 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def spawn_worker(kind: str, conf: dict, conf_path: Path, log_path: Path) -> dict:
-    """Write ``conf`` and start ``python -m loradeploy.serving.worker KIND CONF`` detached; for a
-    backend that worker is the supervisor of the real server."""
-    atomic_write_text(conf_path, json.dumps(conf, indent=2))
+def spawn_worker(kind: str, conf_path: Path, log_path: Path) -> dict:
+    """Start ``python -m loradeploy.serving.worker KIND CONF`` detached on the config the caller wrote
+    (a backend's by start_backend, a proxy's ProxyConf by proxying); for a backend that worker is the
+    supervisor of the real server."""
     exit_path(conf_path).unlink(missing_ok=True)  # a verdict left by an earlier server on this port
     server_path(conf_path).unlink(missing_ok=True)
     child = proc.spawn([sys.executable, "-m", WORKER, kind, str(conf_path)], log_path=log_path,
@@ -86,14 +86,15 @@ def last_lines(path: Path, since: int, n: int = 3) -> str:
 
 @dataclass
 class Started:
-    record: dict                 # pid, create_time, config, port, ready_s, mode
+    record: dict                 # pid, create_time, config, port, ready_s, mode, key_file
     url: str
     mode: runtime.Mode
+    key: str                     # the backend's own api key (only the front proxy and we hold it)
 
 
-def _wait_ready(alias: str, port: int, rec: dict, log_path: Path, log_from: int, timeout: float) -> None:
+def _wait_ready(alias: str, port: int, key: str, rec: dict, log_path: Path, timeout: float) -> None:
     """Ready = /v1/models lists the alias and one chat completion succeeds, within ``timeout``."""
-    client = Client(f"http://127.0.0.1:{port}", timeout=5)
+    client = Client(f"http://127.0.0.1:{port}", api_key=key, timeout=5)
     end = time.monotonic() + timeout
     listed, last = False, "no answer yet"
     while time.monotonic() < end:
@@ -147,14 +148,18 @@ def start_backend(cfg: "Config", alias: str, gguf: Path, *, log_path: Path, conf
     attempts: list[str] = []
     for _ in range(4):
         port = pick_spare(s.spare_port_range, taken)
+        conf_path, key = conf_dir / f"backend-{port}.json", new_key()
+        write_private(key_path(conf_path), key + "\n")
         conf = backend_conf(cfg, alias, gguf, port, mode, extra=extra, version=version, fmt=fmt, sha256=sha256,
-                            loras=loras, per_request=lora_per_request)
+                            loras=loras, per_request=lora_per_request, key_file=key_path(conf_path))
+        write_private(conf_path, json.dumps(conf, indent=2))
         log_from = log_path.stat().st_size if log_path.exists() else 0
         t0 = time.monotonic()
-        rec = spawn_worker("backend", conf, conf_dir / f"backend-{port}.json", log_path)
-        rec.update(port=port, version=version, started_at=time.time(), cpu_mode=mode.name, kind=s.backend)
+        rec = spawn_worker("backend", conf_path, log_path)
+        rec.update(port=port, version=version, started_at=time.time(), cpu_mode=mode.name, kind=s.backend,
+                   key_file=str(key_path(conf_path)))
         try:
-            _wait_ready(alias, port, rec, log_path, log_from, s.startup_timeout_s)
+            _wait_ready(alias, port, key, rec, log_path, s.startup_timeout_s)
         except _Died as died:
             how = died.how
             tail = last_lines(log_path, log_from)
@@ -172,7 +177,7 @@ def start_backend(cfg: "Config", alias: str, gguf: Path, *, log_path: Path, conf
             proc.stop(rec, grace=5)
             raise
         rec["ready_s"] = round(time.monotonic() - t0, 3)
-        return Started(rec, f"http://127.0.0.1:{port}", mode)
+        return Started(rec, f"http://127.0.0.1:{port}", mode, key)
     why = "; ".join(attempts) or "ports kept being taken"
     raise ServingError(f"{LABELS[s.backend]} for {alias} could not start: {why}", hint=f"see {log_path}")
 
@@ -183,6 +188,7 @@ class TempServer:
     pid: int
     runtime: dict      # the CPU mode it ran in and why (runtime.Mode.as_dict())
     record: dict
+    key: str           # its api key: every client of a temporary server sends it
 
 
 @contextlib.contextmanager
@@ -193,6 +199,6 @@ def temp_server(cfg: "Config", gguf: Path, alias: str, log_path: Path,
     started = start_backend(cfg, alias, Path(gguf), log_path=log_path, conf_dir=log_path.parent,
                             loras=[Path(lora)] if lora else (), lora_per_request=False)
     try:
-        yield TempServer(started.url, started.record["pid"], started.mode.as_dict(), started.record)
+        yield TempServer(started.url, started.record["pid"], started.mode.as_dict(), started.record, started.key)
     finally:
         proc.stop(started.record, grace=10)

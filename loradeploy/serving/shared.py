@@ -23,9 +23,12 @@ from typing import TYPE_CHECKING, Callable, Optional
 from ..fsutil import exclusive_lock
 from ..paths import group_dir
 from ..tools import proc
+from .backends import read_key
+from .control import Control
 from .launch import settings_hash, start_backend, threads
 from .ports import client_host
-from .proxying import Pointed, check_live_port, point_proxy, retire, serving_sha, undo_proxy
+from .proxying import (Pointed, check_live_port, current_control, point_proxy, refresh_proxy, retire, serving_sha,
+                       undo_proxy)
 from .registry import locked_registry, read_registry
 
 if TYPE_CHECKING:
@@ -61,11 +64,10 @@ def _members(cfg: "Config", reg: dict, key: str, group: dict, skip: str) -> dict
     return out
 
 
-def _control(cfg: "Config", m: str, a: dict, i: int, port: int, base: str, base_sha: str) -> dict:
-    return {"backend_port": port, "version": a["version"], "format": a["format"], "sha256": a["sha256"],
-            "gguf": a["lora"], "base_gguf": base, "base_sha256": base_sha, "mode": "adapter",
-            "backend": "llama-server", "lora": [{"id": i, "scale": 1.0}],
-            "system_prompt": cfg.models[m].system_prompt or ""}
+def _control(cfg: "Config", m: str, a: dict, i: int, port: int, key: str, base: str, base_sha: str) -> Control:
+    return Control(backend_port=port, version=a["version"], format=a["format"], sha256=a["sha256"], gguf=a["lora"],
+                   base_gguf=base, base_sha256=base_sha, mode="adapter", backend="llama-server", backend_key=key,
+                   lora=[{"id": i, "scale": 1.0}], system_prompt=cfg.models[m].system_prompt or "")
 
 
 def switch_adapter(cfg: "Config", model: str, *, lora: Path, lora_sha: str, version: str, fmt: str,
@@ -85,23 +87,28 @@ def switch_adapter(cfg: "Config", model: str, *, lora: Path, lora_sha: str, vers
         loaded = [[m, members[m]["sha256"]] for m in order]
         old = group.get("backend")
         url = f"http://{client_host(s.host)}:{cfg.models[model].port}"
-        reuse = (proc.alive(old) and group.get("base_sha256") == base_sha and group.get("loaded") == loaded
-                 and group.get("settings") == backend_settings(cfg))
-        if (reuse and ours and entry.get("group") == key and entry.get("version") == version
-                and entry.get("settings_hash") == settings_hash(cfg, model) and serving_sha(cfg, entry) == lora_sha):
-            return {"action": "unchanged", "url": url, "port": cfg.models[model].port, "pid": old["pid"],
-                    "backend_port": old["port"], "group": key, "adapters": order}
+        old_key = read_key((old or {}).get("key_file"))  # a keyless server (started before keys) is replaced
+        reuse = (proc.alive(old) and old_key is not None and group.get("base_sha256") == base_sha
+                 and group.get("loaded") == loaded and group.get("settings") == backend_settings(cfg))
+        reloaded = ours and refresh_proxy(cfg, model, entry["proxy"], group_log(cfg, key))  # key or limits, first
+        ctl = current_control(cfg, model)
+        if (reuse and ours and entry.get("group") == key and entry.get("version") == version and ctl is not None
+                and ctl.backend_key == old_key and entry.get("settings_hash") == settings_hash(cfg, model)
+                and serving_sha(cfg, entry) == lora_sha):
+            return {"action": "reconfigured" if reloaded else "unchanged", "url": url,
+                    "port": cfg.models[model].port, "pid": old["pid"], "backend_port": old["port"], "group": key,
+                    "adapters": order}
         if progress:
             progress(f"starting the {key[:8]} base server with {len(order)} adapter(s)", 0, 3)
         if reuse:
-            backend, mode = old, None
+            backend, mode, backend_key = old, None, old_key
         else:
             taken = {e.get("backend", {}).get("port") for e in reg["models"].values()}
             taken |= {g.get("backend", {}).get("port") for g in (reg.get("groups") or {}).values()}
             started = start_backend(cfg, f"base-{key[:12]}", base, log_path=group_log(cfg, key),
                                     conf_dir=group_dir(cfg, key), taken=taken - {None}, version=version,
                                     fmt=fmt, sha256=base_sha, loras=[Path(members[m]["lora"]) for m in order])
-            backend, mode = started.record, started.mode
+            backend, mode, backend_key = started.record, started.mode, started.key
             with locked_registry(cfg) as r:  # known before any port moves: a crash leaves no unknown server
                 r.setdefault("groups", {}).setdefault(key, {})["pending_backend"] = backend
         pointed: list[tuple[Pointed, Optional[dict]]] = []
@@ -111,11 +118,11 @@ def switch_adapter(cfg: "Config", model: str, *, lora: Path, lora_sha: str, vers
                     progress(f"pointing {m} (port {cfg.models[m].port}) at the new server", 1 + i / len(order), 3)
                 e = reg["models"].get(m) if m != model else entry
                 m_ours = ours if m == model else check_live_port(cfg, m, e)
-                doc = _control(cfg, m, members[m], i, backend["port"], str(base), base_sha)
+                doc = _control(cfg, m, members[m], i, backend["port"], backend_key, str(base), base_sha)
                 pointed.append((point_proxy(cfg, m, e, m_ours, doc, group_log(cfg, key)), e))
         except BaseException:
-            for p, e in reversed(pointed):
-                undo_proxy(cfg, p, e)
+            for p, _ in reversed(pointed):
+                undo_proxy(cfg, p)
             if not reuse:
                 proc.stop(backend, grace=5)
                 with locked_registry(cfg) as r:

@@ -15,7 +15,9 @@ from ..paths import servers_dir as run_dir, server_log_path
 from ..tools import proc
 from .launch import last_lines, settings_hash, start_backend
 from .ports import client_host
-from .proxying import check_live_port, point_proxy, retire, serving_sha
+from .backends import read_key
+from .control import Control
+from .proxying import check_live_port, current_control, point_proxy, refresh_proxy, retire, serving_sha
 from .registry import ended_how, read_registry, registry_entry, update_entry
 from .shared import release_member
 
@@ -33,15 +35,19 @@ def switch(cfg: "Config", model: str, *, gguf: Path, version: str, fmt: str, sha
     ours = check_live_port(cfg, model, entry)
     old_backend = (entry or {}).get("backend")
     url = f"http://{client_host(host)}:{port}"
-    if (ours and proc.alive(old_backend) and entry.get("sha256") == sha256 and entry.get("settings_hash") == shash
-            and entry.get("version") == version and not entry.get("group") and serving_sha(cfg, entry) == sha256):
-        return {"action": "unchanged", "url": url, "port": port, "pid": old_backend["pid"],
-                "backend_port": old_backend["port"], "cpu_mode": old_backend.get("cpu_mode")}
+    log_path = server_log_path(cfg, model)
+    reloaded = ours and refresh_proxy(cfg, model, entry["proxy"], log_path)  # a changed key or limits, first
+    ctl, old_key = current_control(cfg, model), read_key((old_backend or {}).get("key_file"))
+    locked = old_key is not None and ctl is not None and ctl.backend_key == old_key  # else: restart it locked
+    if (ours and locked and proc.alive(old_backend) and entry.get("sha256") == sha256
+            and entry.get("settings_hash") == shash and entry.get("version") == version and not entry.get("group")
+            and serving_sha(cfg, entry) == sha256):
+        return {"action": "reconfigured" if reloaded else "unchanged", "url": url, "port": port,
+                "pid": old_backend["pid"], "backend_port": old_backend["port"], "cpu_mode": old_backend.get("cpu_mode")}
     replacing = proc.alive(old_backend)
     if progress:
         progress(f"starting {model} {version} on a spare port", 0, 3)
     taken = {e.get("backend", {}).get("port") for e in read_registry(cfg)["models"].values()} - {None}
-    log_path = server_log_path(cfg, model)
     started = start_backend(cfg, model, gguf, log_path=log_path, conf_dir=run_dir(cfg, model), taken=taken,
                             version=version, fmt=fmt, sha256=sha256)
     backend = started.record
@@ -52,10 +58,10 @@ def switch(cfg: "Config", model: str, *, gguf: Path, version: str, fmt: str, sha
     try:
         # Everything the proxy answers for every kind of backend: what is served (/loradeploy/info)
         # and the model's system prompt, applied to chat requests on their way through.
-        pointed = point_proxy(cfg, model, entry, ours, {
-            "backend_port": backend["port"], "version": version, "format": fmt, "sha256": sha256,
-            "gguf": str(gguf), "backend": s.backend, "mode": "merged",
-            "system_prompt": cfg.models[model].system_prompt or ""}, log_path)
+        pointed = point_proxy(cfg, model, entry, ours, Control(
+            backend_port=backend["port"], version=version, format=fmt, sha256=sha256, gguf=str(gguf),
+            backend=s.backend, mode="merged", backend_key=started.key,
+            system_prompt=cfg.models[model].system_prompt or ""), log_path)
     except BaseException:
         proc.stop(backend, grace=5)
         update_entry(cfg, model, pending_backend=None)

@@ -624,15 +624,24 @@ def test_proxy_forwards_http_faithfully_and_switches_between_requests(tmp_path):
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         return srv
 
+    from loradeploy.serving.control import Control, ProxyConf, save_control, save_proxy_conf
+
     a, b = backend("A"), backend("B")
     control = tmp_path / "control.json"
-    control.write_text(json.dumps({"backend_port": a.server_address[1], "version": "A"}))
+    save_control(Control(a.server_address[1], "A", "Q8_0", "", ""), control)
     port = free_port()
-    rec = launch.spawn_worker("proxy", {"alias": "x", "host": "127.0.0.1", "port": port, "control": str(control)},
-                              tmp_path / "proxy.json", tmp_path / "proxy.log")
+    save_proxy_conf(ProxyConf("x", "127.0.0.1", port, str(control)), tmp_path / "proxy.json")
+    rec = launch.spawn_worker("proxy", tmp_path / "proxy.json", tmp_path / "proxy.log")
     cfg = SimpleNamespace(deployment=SimpleNamespace(llamacpp=SimpleNamespace(api_key=None)))
+
+    def wait_backend(backend_port):
+        end = time.monotonic() + 15
+        while (proxying.proxy_state(cfg, "127.0.0.1", port, 1) or {}).get("backend_port") != backend_port:
+            assert time.monotonic() < end and proc.alive(rec), (tmp_path / "proxy.log").read_text()[-2000:]
+            time.sleep(0.02)
+
     try:
-        proxying._wait_proxy(cfg, "127.0.0.1", port, a.server_address[1], rec, tmp_path / "proxy.log")
+        wait_backend(a.server_address[1])
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
 
         def ask(method, path, body=None, **kw):
@@ -658,10 +667,9 @@ def test_proxy_forwards_http_faithfully_and_switches_between_requests(tmp_path):
         resp, data = ask("POST", "/v1/chat/completions", body=json.dumps({"messages": [user]}))
         assert json.loads(json.loads(data)["body"])["messages"] == [user], "no configured prompt: untouched"
 
-        control.write_text(json.dumps({"backend_port": b.server_address[1], "version": "B", "sha256": "abc",
-                                       "gguf": "/m/B.gguf", "backend": "llama-server", "system_prompt": "Be B."}))
+        save_control(Control(b.server_address[1], "B", "Q8_0", "abc", "/m/B.gguf", system_prompt="Be B."), control)
         os.kill(rec["pid"], signal.SIGHUP)
-        proxying._wait_proxy(cfg, "127.0.0.1", port, b.server_address[1], rec, tmp_path / "proxy.log")
+        wait_backend(b.server_address[1])
         resp, data = ask("GET", "/health")  # the same kept-alive client connection
         assert json.loads(data) == {"name": "B", "path": "/health"}
         assert resp.getheader("connection") == "keep-alive"

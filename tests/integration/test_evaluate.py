@@ -449,7 +449,7 @@ def test_down_target_and_overlong_sample_are_errors_only_there(eval_models, tmp_
         targets = [
             EvalTarget("ghost Q8_0", "ghost", "Q8_0", base_url=f"http://127.0.0.1:{dead}"),
             # context unknown to us: the server itself must refuse the long prompt
-            EvalTarget("majora remote", "majora", "Q8_0", base_url=srv.url + "/v1", pid=srv.pid),
+            EvalTarget("majora remote", "majora", "Q8_0", base_url=srv.url + "/v1", pid=srv.pid, api_key=srv.key),
             # context known: refused before sending
             EvalTarget("majora Q8_0", "majora", "Q8_0", gguf_path=str(eval_models.ft_q8), n_ctx=256),
         ]

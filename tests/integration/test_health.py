@@ -27,7 +27,12 @@ MODEL = "tiny"
 PROMPT = "echo: apple river"  # the demo base's task: a short answer and a stop token
 
 
+BACKEND_KEYS: dict[int, str] = {}  # a real backend's port -> its own key (the checks reach it directly)
+
+
 def _cfg(tmp_path: Path, port: int, *, llamacpp: dict | None = None, **hc) -> "object":
+    if port in BACKEND_KEYS and llamacpp is None:
+        llamacpp = {"api_key": BACKEND_KEYS[port]}
     health = {"timeout_s": 60, "test_prompts": [PROMPT], "max_tokens": 16, "max_latency_s": 60,
               "min_tokens_per_s": 0.01, "min_free_disk_gb": 0, "min_free_memory_gb": 0, **hc}
     return config_from_dict({
@@ -70,6 +75,7 @@ class LlamaServer:
         self.gguf = gguf
         self.started = start_backend(cfg, MODEL, gguf, log_path=log, conf_dir=root)
         self.port, self.pid = self.started.record["port"], self.started.record["pid"]
+        BACKEND_KEYS[self.port] = self.started.key
 
     def stop(self) -> None:
         from loradeploy.tools import proc
@@ -147,7 +153,7 @@ def test_answer_cut_by_max_tokens_is_a_warning(tmp_path, live):
 
 def test_probe_without_prompts_is_a_readiness_probe(tmp_path, live):
     cfg = _cfg(tmp_path, live.port)
-    checks = probe(live, cfg.health_check, prompts=[], files=False)
+    checks = probe(live, cfg.health_check, prompts=[], files=False, api_key=BACKEND_KEYS[live.port])
     assert [c.name for c in checks] == ["api.port", "api.models", "system.process"]
     assert all(c.status == PASS for c in checks)
 

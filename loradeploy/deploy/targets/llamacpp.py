@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from ... import serving
 from ...serving.launch import settings_hash
+from ...serving.proxying import conf_is_current
 from ...serving.shared import switch_adapter
 from ...serving.switch import switch
 
@@ -41,4 +42,6 @@ class LlamaCppTarget:
             return False, "the server runs another GGUF"
         if entry.get("settings_hash") != settings_hash(cfg, model):
             return False, "server settings changed"
+        if not conf_is_current(cfg, model):
+            return False, "the port's api key or limits changed"
         return True, "serving"
