@@ -12,6 +12,7 @@ import click
 
 from . import console
 from .errors import ConfigError, GGUFError, InputError, LoradeployError, ResourceError
+from .stagespec import SPEC, SPECS, STAGES
 
 DEFAULT_CONFIG = "deployment_config.yaml"
 
@@ -115,9 +116,9 @@ def _chosen_models(cfg, models: tuple[str, ...], all_models: bool) -> list[str]:
 @config_opt
 @click.option("-m", "--model", "models", multiple=True, help="model name (repeatable)")
 @click.option("--all", "all_models", is_flag=True, help="every enabled model in the config")
-@click.option("--from-stage", help="redo from this stage on")
-@click.option("--skip-stage", "skip", multiple=True, help="skip this stage (repeatable)")
-@click.option("--only", multiple=True, help="run only this stage (repeatable)")
+@click.option("--from-stage", metavar="STAGE", help=f"redo from this stage on ({', '.join(STAGES)})")
+@click.option("--skip-stage", "skip", metavar="STAGE", multiple=True, help="skip this stage (repeatable)")
+@click.option("--only", metavar="STAGE", multiple=True, help="run only this stage (repeatable)")
 @click.option("--dry-run", is_flag=True, help="show what would run")
 @click.option("--force", is_flag=True, help="redo every stage")
 @click.option("--instance-id", help="vast.ai instance id to fetch from")
@@ -131,26 +132,25 @@ def run(config, models, all_models, from_stage, skip, only, dry_run, force, inst
     return 0 if result.ok or dry_run else result.exit_code
 
 
-def _stage_command(stage: str, doc: str):
-    @main.command(name=stage, help=doc)
-    @config_opt
-    @click.option("-m", "--model", "models", multiple=True)
-    @click.option("--force", is_flag=True)
-    @json_opt
+# Options a stage command has beyond -c/-m/--force/--json; each lands in the stage's ctx.options.
+STAGE_OPTIONS = {"fetch": [click.option("--instance-id", help="vast.ai instance id")]}
+
+
+def _stage_command(stage: str):
+    """``loradeploy <stage>``: just that stage through the pipeline, its help from stagespec.SPECS."""
     def cmd(config, models, force, as_json, **extra):
         result = _run(_load(config), list(models), as_json=as_json, only=[stage], force=force,
                       options={k: v for k, v in extra.items() if v})
         return 0 if result.ok else result.exit_code
-    return cmd
+    for opt in reversed([config_opt, click.option("-m", "--model", "models", multiple=True),
+                         click.option("--force", is_flag=True), json_opt, *STAGE_OPTIONS.get(stage, [])]):
+        cmd = opt(cmd)
+    return main.command(name=stage, help=SPEC[stage].help)(cmd)
 
 
-fetch_cmd = _stage_command("fetch", "Pull the adapter from the training box (rsync over SSH, verified).")
-fetch_cmd = click.option("--instance-id", help="vast.ai instance id")(fetch_cmd)
-for _s, _d in (("merge", "Merge the LoRA adapter into its base model (16-bit)."),
-               ("convert", "Convert the merged model to GGUF with llama.cpp's converter."),
-               ("quantize", "Quantize the GGUF to every configured llama.cpp type."),
-               ("deploy", "Deploy the primary GGUF to the configured targets.")):
-    _stage_command(_s, _d)
+for _spec in SPECS:
+    if _spec.command == "stage":
+        _stage_command(_spec.name)
 
 
 @main.command()
@@ -217,12 +217,11 @@ def inspect(file, as_json):
     return 0 if rep.ok else 2
 
 
-@main.command()
+@main.command(help=SPEC["health"].help)
 @config_opt
 @click.option("-m", "--model", "models", multiple=True)
 @json_opt
 def health(config, models, as_json):
-    """Check files, API, a real completion and the system: exit 0 healthy, 1 degraded, 2 unhealthy."""
     from .health import check_and_notify, exit_code, render
     rep = check_and_notify(_load(config), list(models) or None)
     if as_json:
@@ -232,14 +231,13 @@ def health(config, models, as_json):
     return exit_code(rep)
 
 
-@main.command()
+@main.command(help=SPEC["evaluate"].help)
 @config_opt
 @click.option("-m", "--model", "models", multiple=True)
 @click.option("--samples", type=click.Path(path_type=Path))
 @click.option("--formats", help="comma-separated formats, e.g. Q4_K_M,Q8_0")
 @json_opt
 def evaluate(config, models, samples, formats, as_json):
-    """Compare models and formats on eval_samples.jsonl -> JSON + Markdown + charts."""
     from .evaluation.report import render
     from .evaluation.runner import evaluate as run_eval
     cfg = _load(config)
@@ -331,16 +329,13 @@ def clean(config, dry_run, as_json):
 
 # ----------------------------------------------------------------------------- verify
 
-@main.command(name="verify")
+@main.command(name="verify", help=SPEC["verify"].help)
 @config_opt
 @click.option("-m", "--model", "models", multiple=True, help="model name (repeatable)")
 @click.option("--all", "all_models", is_flag=True, help="every enabled model in the config")
 @click.option("--force", is_flag=True, help="verify again even when nothing changed")
 @json_opt
 def verify_cmd(config, models, all_models, force, as_json):
-    """Check every GGUF against the unmerged PEFT model: KLD, top-1, noise/signal, chat template, stop.
-
-    Exit 0 when the gate lets a format deploy, 1 when it blocks (or verify fails)."""
     from .verify.report import gate_allows, render_file
     cfg = _load(config)
     result = _run(cfg, _chosen_models(cfg, models, all_models), as_json=as_json, only=["verify"], force=force)

@@ -1,5 +1,5 @@
 """Executors: where a stage runs. ``local`` runs it in this process (today's behaviour); ``ray`` sends
-each model's heavy stages (merge, convert, quantize, verify) to a Ray cluster as tasks that declare
+each model's heavy stages (``HEAVY``, from stagespec) to a Ray cluster as tasks that declare
 the CPUs, memory and GPUs they need, and lets Ray pack them. Records, locks and notifications stay
 with the pipeline, in this process, whichever executor runs the work.
 

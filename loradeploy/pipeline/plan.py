@@ -6,18 +6,10 @@ from typing import Sequence
 from ..config import STAGES, Config
 from ..errors import ConfigError, GGUFError, InputError, ResourceError, StageUnavailable
 from ..paths import ModelPaths
+from ..stagespec import NEEDS, PHASES  # noqa: F401  (derived from stagespec.SPECS: phases, what each reads)
 
 # Errors a retry cannot fix: the input is what it is.
 NO_RETRY = (ConfigError, InputError, GGUFError, StageUnavailable, ResourceError)
-# Phases across models: fetches side by side (network-bound); the heavy build stages one model at a
-# time (so two merges never compete for RAM); then every deploy + health check; evaluation last.
-PHASES: tuple[tuple[str, ...], ...] = (("fetch",), ("merge", "convert", "quantize", "verify"), ("deploy", "health"),
-                                       ("evaluate",))
-# Which stage's outputs a stage reads (so a cleaned-up temporary is rebuilt when needed).
-NEEDS: dict[str, tuple[str, ...]] = {
-    "merge": ("fetch",), "convert": ("merge",), "quantize": ("convert",), "verify": ("convert", "quantize"),
-    "deploy": ("quantize",), "health": ("deploy",), "evaluate": ("deploy",),
-}
 
 
 def plan_stages(cfg: Config, *, from_stage: str | None = None, skip: Sequence[str] = (),

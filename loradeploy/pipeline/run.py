@@ -13,6 +13,7 @@ from ..executor import get_executor
 from ..logsetup import pipeline_logger, prune_logs, use_redaction
 from ..notify import Notifier
 from ..stages import get_stage
+from ..stagespec import side_by_side as network_bound
 from ..state import ModelLock, Status
 from .model_run import ModelRun
 from .outcomes import ModelOutcome, PipelineResult, Reporter, StageOutcome, write_summary
@@ -70,9 +71,9 @@ def _execute(cfg: Config, names: list[str], stages: list[str], runs: dict[str, M
             continue
         ready = [n for n in names if alive[n]]
         # side by side: fetches (network-bound), and whatever the executor packs (Ray: by resources)
-        side_by_side = phase == ("fetch",) or executor.packs(phase)
+        side_by_side = network_bound(phase) or executor.packs(phase)
         if side_by_side and len(ready) > 1 and not halted():
-            width = cfg.performance.parallel_downloads if phase == ("fetch",) else len(ready)
+            width = cfg.performance.parallel_downloads if network_bound(phase) else len(ready)
             workers = max(1, min(width, len(ready)))
             with cf.ThreadPoolExecutor(workers) as pool:
                 futs = {pool.submit(run_one, runs[n], todo): n for n in ready}

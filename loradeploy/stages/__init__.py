@@ -1,20 +1,12 @@
-"""Stage registry: name -> "module:Class", imported lazily (torch is heavy)."""
+"""Stage registry: name -> "module:Class" (from ``stagespec.SPECS``), imported lazily (torch is heavy)."""
 from __future__ import annotations
 
 import importlib
 
 from ..errors import StageUnavailable
+from ..stagespec import IMPLS
 
-REGISTRY: dict[str, str] = {
-    "fetch": "loradeploy.stages.fetch:FetchStage",
-    "merge": "loradeploy.stages.merge:MergeStage",
-    "convert": "loradeploy.stages.convert:ConvertStage",
-    "quantize": "loradeploy.stages.quantize:QuantizeStage",
-    "verify": "loradeploy.stages.verify:VerifyStage",
-    "deploy": "loradeploy.stages.deploy:DeployStage",
-    "health": "loradeploy.stages.health:HealthStage",
-    "evaluate": "loradeploy.stages.evaluate:EvaluateStage",
-}
+REGISTRY: dict[str, str] = dict(IMPLS)  # a copy: tests swap an entry for a stage that is not built
 
 
 def get_stage(name: str):

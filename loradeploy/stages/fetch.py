@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..fetch import bring_adapter, fetch_inputs
+from ..fetch import fetch_adapter, fetch_inputs
 from ..state import Artifact
 from .base import StageContext, StageResult
 
@@ -15,7 +15,7 @@ class FetchStage:
         return fetch_inputs(ctx.cfg, ctx.model_name, ctx.options.get("instance_id"))
 
     def run(self, ctx: StageContext) -> StageResult:
-        got = bring_adapter(ctx.cfg, ctx.model_name, ctx.paths.adapter, instance_id=ctx.options.get("instance_id"),
+        got = fetch_adapter(ctx.cfg, ctx.model_name, ctx.paths.adapter, instance_id=ctx.options.get("instance_id"),
                             log=ctx.log, log_path=ctx.log_path, progress=ctx.progress)
         arts = [Artifact.of(path, "adapter", sha256=digest) for path, digest in got.files]
         if got.metadata is not None:

@@ -17,7 +17,8 @@ import pytest
 
 from loradeploy.config import config_from_dict
 from loradeploy.errors import FetchError, InputError, ResourceError
-from loradeploy.fetch import fetch_adapter, fetch_many
+from loradeploy.fetch import fetch_adapter
+from loradeploy.pipeline import run_pipeline
 from loradeploy.stages.base import ModelPaths, StageContext
 from loradeploy.stages.fetch import FetchStage
 from loradeploy.tools.vastai import resolve_instance
@@ -85,7 +86,7 @@ def test_fetch_over_rsync_verifies_and_writes_metadata(tmp_path, sshd):
     run = sshd.make_run("run-1", files)
     cfg = make_cfg(tmp_path, sshd, sshd.url(run))
     seen = []
-    meta = fetch_adapter(cfg, "majora", progress=lambda d, c, t: seen.append((d, c, t)))
+    meta = fetch_adapter(cfg, "majora", progress=lambda d, c, t: seen.append((d, c, t))).meta
 
     out = adapter_dir(tmp_path)
     wanted = ["adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json",
@@ -107,7 +108,7 @@ def test_fetch_over_rsync_verifies_and_writes_metadata(tmp_path, sshd):
     assert not (tmp_path / "work" / "majora" / ".adapter.incoming").exists()
 
     # A second fetch finds everything in place: nothing but the file list crosses the link.
-    meta2 = fetch_adapter(cfg, "majora")
+    meta2 = fetch_adapter(cfg, "majora").meta
     assert meta2["literal_bytes"] == 0 and meta2["bytes_transferred"] < 4096
 
 
@@ -155,14 +156,17 @@ def test_local_adapter_is_validated_in_place(tmp_path):
         fetch_adapter(make_cfg(tmp_path, None, str(tmp_path / "nope")), "majora")
 
 
-def test_fetch_many_in_parallel(tmp_path, sshd):
+def test_models_fetch_side_by_side_in_the_pipeline(tmp_path, sshd):
+    # `loradeploy fetch --model majora --model nayru`: the pipeline's fetch phase, parallel_downloads wide
     a = sshd.make_run("a", adapter_files(1 << 20))
     b = sshd.make_run("b", adapter_files(1 << 20))
     cfg = make_cfg(tmp_path, sshd, sshd.url(a), perf={"parallel_downloads": 2},
                    extra_models={"nayru": {"base_model": str(tmp_path / "base"), "adapter": sshd.url(b),
                                            "port": 5001}})
-    res = fetch_many(cfg, ["majora", "nayru"])
-    assert set(res) == {"majora", "nayru"}
+    res = run_pipeline(cfg, ["majora", "nayru"], only=["fetch"])
+    assert res.ok and res.stages == ["fetch"]
+    assert {n: mo.stages["fetch"].info["tool"] for n, mo in res.models.items()} == \
+        {"majora": "rsync", "nayru": "rsync"}
     assert (adapter_dir(tmp_path, "nayru") / "adapter_model.safetensors").read_bytes() == \
         (b / "adapter_model.safetensors").read_bytes()
 
@@ -228,7 +232,7 @@ def test_unknown_host_key_strict_refused_accept_new_accepted(tmp_path, sshd):
     with pytest.raises(FetchError, match="host key of .* is unknown and vast.host_key_policy is strict"):
         fetch_adapter(cfg, "majora")
     cfg = make_cfg(tmp_path, sshd, sshd.url(run), known_hosts=False, vast={"host_key_policy": "accept-new"})
-    assert fetch_adapter(cfg, "majora")["tool"] == "rsync"
+    assert fetch_adapter(cfg, "majora").meta["tool"] == "rsync"
     kh = tmp_path / "state" / "known_hosts"
     # the key was recorded (possibly hashed), and strict now accepts it
     found = subprocess.run(["ssh-keygen", "-F", f"[127.0.0.1]:{sshd.port}", "-f", str(kh)],
@@ -256,7 +260,7 @@ def test_remote_without_rsync_falls_back_to_scp(tmp_path, sshd, caplog):
     sshd.restrict_tools(drop=("rsync",))
     cfg = make_cfg(tmp_path, sshd, sshd.url(run))
     with caplog.at_level(logging.WARNING):
-        meta = fetch_adapter(cfg, "majora")
+        meta = fetch_adapter(cfg, "majora").meta
     assert meta["tool"] == "scp" and meta["verified_sha256"]
     assert "rsync is missing on the remote box: falling back to scp" in caplog.text
     got = adapter_dir(tmp_path) / "adapter_model.safetensors"
@@ -290,7 +294,7 @@ def test_interrupted_transfer_resumes_with_only_the_rest(tmp_path, sshd):
     assert not adapter_dir(tmp_path).exists()
 
     sshd.set_remote_path(None)
-    meta = fetch_adapter(cfg, "majora")
+    meta = fetch_adapter(cfg, "majora").meta
     rest = sum(len(v) for k, v in files.items() if k not in ("training_args.bin", "optimizer.pt")) - have
     assert meta["resumed"] is True
     # only the rest crossed the link (plus protocol overhead), none of what was already here
@@ -323,7 +327,7 @@ def test_remote_change_after_hash_listed_is_caught_and_refetched(tmp_path, sshd,
                         add={"sha256sum": CHANGING_HASHER.format(flag=flag, once="", python=sys.executable)})
     cfg = make_cfg(tmp_path, sshd, sshd.url(run))
     with caplog.at_level(logging.WARNING):
-        meta = fetch_adapter(cfg, "majora")
+        meta = fetch_adapter(cfg, "majora").meta
     assert "changed after it was listed" in caplog.text
     assert meta["refetched"] == ["adapter_model.safetensors"] and meta["remote_hasher"] == "sha256sum"
     new = files["adapter_model.safetensors"] + b"more weights"
@@ -402,7 +406,7 @@ def test_vast_instance_resolved_through_api_newest_run(tmp_path, sshd, vast_api,
     monkeypatch.setenv("VAST_API_KEY", vast_api.api_key)
     cfg = make_cfg(tmp_path, sshd, "vast://31337",
                    vast={"api_url": vast_api.url, "remote_output_dir": str(sshd.output_dir)})
-    meta = fetch_adapter(cfg, "majora")
+    meta = fetch_adapter(cfg, "majora").meta
     assert meta["remote_path"] == str(new.resolve()) and old.name not in meta["remote_path"]
     assert meta["instance"]["id"] == 31337 and meta["instance"]["direct"] is False
     assert any(r.startswith("/api/v0/instances/31337/") for r in vast_api.requests)
@@ -410,7 +414,7 @@ def test_vast_instance_resolved_through_api_newest_run(tmp_path, sshd, vast_api,
     cfg2 = make_cfg(tmp_path, sshd, sshd.url(old), vast={"api_url": vast_api.url,
                                                          "remote_output_dir": str(sshd.output_dir),
                                                          "run": "old-run"})
-    meta2 = fetch_adapter(cfg2, "majora", instance_id=31337)
+    meta2 = fetch_adapter(cfg2, "majora", instance_id=31337).meta
     assert meta2["remote_path"] == str(old.resolve()) and meta2["source"] == "vast://31337/old-run"
 
 
