@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from ..paths import ModelPaths, stage_log_path
 from .local import validate_local
-from .plan import ALLOWED, OPTIONAL, REQUIRED, Plan, fetch_inputs, plan_for
+from .plan import Plan, fetch_inputs, plan_for
 from .remote import fetch_remote, no_progress
 from .staging import METADATA
 from .verify import ProgressFn
@@ -27,8 +27,7 @@ from .verify import ProgressFn
 if TYPE_CHECKING:
     from ..config import Config
 
-__all__ = ["ALLOWED", "METADATA", "OPTIONAL", "REQUIRED", "Fetched", "Plan", "fetch_adapter", "fetch_inputs",
-           "plan_for"]
+__all__ = ["Fetched", "Plan", "fetch_adapter", "fetch_inputs", "plan_for"]
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from ..errors import VerifyError
 from .candidates import Candidate
-from .report import health_check, history_path, served_verdict, verify_dir  # noqa: F401
+from .report import health_check, history_path, verify_dir  # noqa: F401
 
 if TYPE_CHECKING:
     from ..config.verify import VerifyConfig
@@ -182,5 +182,4 @@ def verify_model(req: VerifyRequest, *, log: Optional[logging.Logger] = None,
     return data
 
 
-__all__ = ["Candidate", "VerifyRequest", "health_check", "history_path", "served_verdict", "verify_dir",
-           "verify_model"]
+__all__ = ["Candidate", "VerifyRequest", "health_check", "history_path", "verify_dir", "verify_model"]
