@@ -75,7 +75,7 @@ def plain_rsync(tmp: Path, server, run: Path, names: list[str], cipher: str | No
 def ours(tmp: Path, cfg) -> tuple[float, dict]:
     shutil.rmtree(tmp / "work", ignore_errors=True)
     t0 = time.perf_counter()
-    meta = fetch_adapter(cfg, "bench")
+    meta = fetch_adapter(cfg, "bench").meta
     return time.perf_counter() - t0, meta
 
 
@@ -110,7 +110,7 @@ def resume_bench(tmp: Path, server, cfg, total: int) -> dict:
                and p.name != ".files-from")
     have = partial.stat().st_size if partial.exists() else 0
     t0 = time.perf_counter()
-    meta = fetch_adapter(cfg, "bench")
+    meta = fetch_adapter(cfg, "bench").meta
     return {"error": first_error, "kept": kept, "partial": have, "rest": total - kept,
             "received": meta["bytes_transferred"], "literal": meta["literal_bytes"],
             "matched": meta["matched_bytes"], "seconds": time.perf_counter() - t0}

@@ -42,8 +42,9 @@ from loradeploy.demo.qwen_scale import QWEN25, REPO_NAMES, build_qwen_base, para
 from loradeploy.resources import PeakRSS  # noqa: E402
 from loradeploy.tools.proc import run as run_proc  # noqa: E402
 
+from loradeploy.stagespec import STAGES  # noqa: E402
+
 FORMATS = ["Q4_K_M", "Q5_K_M", "Q8_0"]
-STAGES = ["fetch", "merge", "convert", "quantize", "verify", "deploy", "health", "evaluate"]
 GIB, MIB = 1024 ** 3, 1024 ** 2
 # issue 18, "Done when" (measured at 7B; printed at every size)
 TARGETS = {"whole_run_s": 20 * 60, "merge_convert_s": 180, "quantize_s": 180, "verify_s": 360,
@@ -474,7 +475,7 @@ def run_size(size: str, a: argparse.Namespace, port: int, measured: dict | None)
         stop_server(old_cfg, run_dir / "cwd", name, a.workdir)
     shutil.rmtree(run_dir, ignore_errors=True)
     stages = a.stages.split(",") if a.stages else None
-    r["stages_planned"] = stages or STAGES
+    r["stages_planned"] = list(stages or STAGES)
     cfg_path, cwd = write_config(run_dir, name, inputs, port, stages, a.explicit_paths, a.set)
     if inputs["base_bytes"] < psutil.virtual_memory().total / 6:   # the chain below reads it warm too
         for f in [*Path(inputs["base"]).iterdir(), *Path(inputs["adapter"]).iterdir()]:
