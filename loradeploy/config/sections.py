@@ -133,6 +133,13 @@ class LlamaCppServerConfig(_Section):
     api_key: Optional[SecretStr] = Field(None, description="require `Authorization: Bearer KEY` on every route "
                                                            "of every served port; write ${ENV}, never the key")
     allow_unauthenticated: bool = Field(False, description="allow a non-loopback host without api_key")
+    # what each served port's front proxy bounds (serving.limits.proxy_limits)
+    max_body_mb: float = Field(8, gt=0, le=1024, description="largest request body a port reads (413 over it)")
+    max_connections: int = Field(256, ge=1, le=65536, description="open client connections per port (503 over it)")
+    head_timeout_s: float = Field(30, gt=0, description="a client's whole request head, from its first byte")
+    body_timeout_s: float = Field(60, gt=0, description="a client's whole request body")
+    idle_timeout_s: float = Field(60, gt=0, description="a kept-alive client connection with no request")
+    backend_timeout_s: float = Field(600, gt=0, description="the backend's silence before 504 (no byte this long)")
 
     @field_validator("api_key")
     @classmethod

@@ -12,6 +12,7 @@ with ``ControlError`` naming the field: the proxy keeps what it had instead of r
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -105,12 +106,18 @@ def _check(cls, data: Any, where: str):
 
 
 def _load(cls, path: Path | str):
+    return load_hashed(cls, path)[0]
+
+
+def load_hashed(cls, path: Path | str):
+    """``(record, sha256 of the exact bytes it was read from)``: a reader reports which file it runs on."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        raw = path.read_bytes()
+        data = json.loads(raw)
     except (OSError, ValueError) as exc:
         raise ControlError(f"{path}: {exc}") from None
-    return _check(cls, data, str(path))
+    return _check(cls, data, str(path)), hashlib.sha256(raw).hexdigest()
 
 
 def _save(obj, path: Path | str) -> None:

@@ -18,8 +18,13 @@ answers a request itself (``Reply``) or names what to send the backend (``Forwar
   ``max_body`` bytes (413). The backend receives ``json.dumps`` of the checked object after the port's
   rules (the system prompt on chat, and in adapter mode the port's ``lora`` selection on every
   generation route, replacing whatever the client sent), never the client's bytes.
+- **A client that leaves cancels its request.** llama-server stops generating for a streaming client
+  that disconnects, not for a non-streaming one. So on a port whose backend streams the OpenAI way
+  (``PortInfo.stream_cancel``), a non-streaming chat or completion is asked of the backend as a stream
+  (with usage) and ``Forward.assemble`` names the answer the front door builds from its events
+  (``serving.assemble``); closing the backend connection then stops the generation.
 
-Every refusal is JSON in OpenAI's error shape."""
+Every refusal is JSON in OpenAI's error shape; ``/metrics`` is the front door's own (``Reply.page``)."""
 from __future__ import annotations
 
 import json
@@ -38,7 +43,7 @@ EMBEDDINGS = "/v1/embeddings"
 MODELS = "/v1/models"
 # path -> (method, kind). Kinds: "gen" (a JSON body that generates: system prompt on chat, the port's lora
 # selection in adapter mode), "json" (a JSON body that selects nothing: the client's lora is removed),
-# "get" (forwarded without a body), "models", "info", "proxy" (answered here).
+# "get" (forwarded without a body), "models", "info", "proxy", "metrics" (answered here).
 ROUTES: dict[str, tuple[str, str]] = {
     MODELS: ("GET", "models"),
     CHAT: ("POST", "gen"),
@@ -47,10 +52,13 @@ ROUTES: dict[str, tuple[str, str]] = {
     "/tokenize": ("POST", "json"),               # llama-server's tokenizer (evaluation counts prompts)
     "/extras/tokenize/count": ("POST", "json"),  # llama-cpp-python's
     "/health": ("GET", "get"),
-    "/metrics": ("GET", "get"),
+    "/metrics": ("GET", "metrics"),
     INFO_PATH: ("GET", "info"),
     PROXY_PATH: ("GET", "proxy"),
 }
+
+# non-streaming requests asked of the backend as streams, and what the front door assembles from them
+ASSEMBLED = {CHAT: "chat", COMPLETIONS: "completions"}
 
 _PCT = re.compile(rb"%([0-9A-Fa-f]{2})")
 _TARGET_OK = re.compile(rb"[\x21-\x7e]*")  # what a request target may hold at all: visible ASCII
@@ -65,6 +73,7 @@ class PortInfo:
     created: int = 0                # /v1/models in adapter mode
     embeddings: bool = False        # does the served model answer /v1/embeddings
     max_body: int = MAX_BODY
+    stream_cancel: bool = False     # the backend streams OpenAI-style events: ask it non-streaming requests as streams
     info: dict = field(default_factory=dict)    # /loradeploy/info
     proxy: dict = field(default_factory=dict)   # /loradeploy/proxy
 
@@ -75,6 +84,7 @@ class Reply:
     status: int
     obj: Any
     headers: tuple[tuple[str, str], ...] = ()
+    page: str | None = None         # a page the front door renders itself instead of ``obj`` ("metrics")
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,7 @@ class Forward:
     method: str
     path: str
     body: bytes | None = None
+    assemble: str | None = None     # "chat" | "completions": the client wants one JSON answer built from a stream
 
 
 class BadRequest(Exception):
@@ -216,6 +227,8 @@ def route(method: str, raw_target: bytes, headers: Iterable[tuple[bytes, bytes]]
         return Reply(200, port_info.info)
     if kind == "proxy":
         return Reply(200, port_info.proxy)
+    if kind == "metrics":
+        return Reply(200, None, page="metrics")
     if kind == "models" and port_info.lora is not None:
         return Reply(200, {"object": "list", "data": [{"id": port_info.alias, "object": "model",
                                                        "owned_by": "loradeploy", "created": port_info.created}]})
@@ -234,4 +247,7 @@ def route(method: str, raw_target: bytes, headers: Iterable[tuple[bytes, bytes]]
             data = with_system_prompt(data, port_info.system_prompt)
         if port_info.lora is not None:
             data["lora"] = port_info.lora
+        if port_info.stream_cancel and path in ASSEMBLED and data.get("stream") is not True:
+            data["stream"], data["stream_options"] = True, {"include_usage": True}
+            return Forward("POST", path, json.dumps(data).encode(), ASSEMBLED[path])
     return Forward("POST", path, json.dumps(data).encode())

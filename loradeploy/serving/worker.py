@@ -30,16 +30,16 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m loradeploy.serving.worker backend|proxy CONFIG.json", file=sys.stderr)
         return 2
     conf_path = Path(argv[1])
+    if argv[0] == "proxy":  # the proxy reads (and on SIGHUP re-reads) its typed ProxyConf itself
+        from .proxy import run_proxy
+
+        return run_proxy(conf_path)
     conf = json.loads(conf_path.read_text())
     if argv[0] == "backend-child":
         from .backend import run_backend
 
         return run_backend(conf)
-    if argv[0] == "backend":
-        return _supervise_backend(conf_path, conf)
-    from .proxy import run_proxy
-
-    return run_proxy(conf)
+    return _supervise_backend(conf_path, conf)
 
 
 if __name__ == "__main__":
