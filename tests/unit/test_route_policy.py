@@ -167,3 +167,32 @@ def test_models_and_own_routes():
 def test_no_prompt_configured_leaves_messages_alone():
     out = go("POST", b"/v1/chat/completions", CHAT, port=PortInfo(alias="x"))
     assert json.loads(out.body) == {"messages": [USER]}
+
+
+# ----------------------------------------------------------------------------- non-streaming asked as streams
+
+STREAMS = PortInfo(alias="m", stream_cancel=True)
+
+
+@pytest.mark.parametrize("path,kind,body", [
+    (b"/v1/chat/completions", "chat", {"messages": [USER]}),
+    (b"/v1/chat/completions", "chat", {"messages": [USER], "stream": False, "stream_options": {"x": 1}}),
+    (b"/v1/completions", "completions", {"prompt": "x", "stream": "true"}),  # not a JSON true: llama-server's false
+])
+def test_a_non_streaming_generation_is_asked_as_a_stream_to_assemble(path, kind, body):
+    out = go("POST", path, json.dumps(body).encode(), port=STREAMS)
+    assert isinstance(out, Forward) and out.assemble == kind
+    sent = json.loads(out.body)
+    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+
+
+@pytest.mark.parametrize("path,body,port", [
+    (b"/v1/chat/completions", {"messages": [USER], "stream": True}, STREAMS),    # a stream already
+    (b"/v1/embeddings", {"input": "x"}, PortInfo(alias="m", stream_cancel=True, embeddings=True)),
+    (b"/tokenize", {"content": "x"}, STREAMS),
+    (b"/v1/chat/completions", {"messages": [USER]}, MERGED),                     # a backend that does not stream so
+])
+def test_other_requests_go_as_they_are(path, body, port):
+    out = go("POST", path, json.dumps(body).encode(), port=port)
+    assert isinstance(out, Forward) and out.assemble is None
+    assert "stream_options" not in json.loads(out.body)
