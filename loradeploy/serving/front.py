@@ -195,7 +195,7 @@ class Conn:
         """The whole request body, or the status it was refused with (413 over ``cap``, 408 late, 400 bad)."""
         h = self.h
         if h.they_are_waiting_for_100_continue:
-            self.out.append(h.send(h11.InformationalResponse(status_code=100, headers=[])))
+            self.out.append(h.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")))
             await self.flush()
         deadline = asyncio.get_running_loop().time() + self.limits.body_timeout_s
         parts, total = [], 0

@@ -432,3 +432,29 @@ def test_metrics_render_and_tail_counts():
     assert tail_tokens([b'data: {"choices": [{"finish_reason": "stop"}], "timings": {"prompt_n": 1, "predicted_n": 2}}'
                         b"\n\n"]) == (1, 2)
     assert tail_tokens([b"data: [DONE]\n\n"]) is None
+
+
+def test_expect_100_continue_and_info_without_secrets(proxy):
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:  # curl-style Expect
+        s.sendall(b"POST /tokenize HTTP/1.1\r\nhost: x\r\ncontent-length: 7\r\nexpect: 100-continue\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n")
+        s.sendall(b'{"a":1}')
+        reply = b""
+        while b"}}" not in reply:
+            reply += s.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and b'"got": {"a": 1}' in reply
+    r, data = ask(proxy.port, "GET", "/loradeploy/info")
+    info = json.loads(data)
+    assert info["version"] == "v1" and info["backend"] == "llama-server" and "backend-secret" not in data.decode()
+
+
+def test_no_reachable_backend_is_502(proxy):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    proxy.hup(control=replace(proxy.control, backend_port=dead))
+    try:
+        r, data = ask(proxy.port, "GET", "/health")
+        assert r.status == 502 and json.loads(data)["error"]["type"] == "server_error"
+    finally:
+        proxy.hup(control=proxy.control)
