@@ -21,7 +21,7 @@ from ..config import Config
 from ..errors import EvalError, InputError
 from ..expectations import eval_timeout, model_bytes
 from ..resources import cpu_budget
-from ..serving import registry_entry
+from ..serving import record
 from ..serving.ports import pid_listening_on
 from . import metrics
 from .chat import Api
@@ -156,7 +156,7 @@ class _TargetRun:
         gpu: Optional[int] = None
         if self.t.base_url:
             if self.t.live:  # the mode the deployed server was started in, as recorded when it started
-                self.runtime = (registry_entry(self.cfg, self.t.model) or {}).get("cpu_mode")
+                self.runtime = _recorded_cpu_mode(self.cfg, self.t.model)
             rows, err = self._serve(self.t.base_url, self.t.pid)
             gpu = gpu_memory_bytes(self.pid) if self.pid else None
         else:
@@ -176,6 +176,13 @@ class _TargetRun:
         tr.status = ("down" if err else "failed" if agg["ok"] == 0 else "partial" if agg["errors"] else "ok")
         tr.seconds = time.monotonic() - t0
         return tr, rows
+
+
+def _recorded_cpu_mode(cfg: Config, model: str) -> Optional[dict]:
+    """The CPU mode the model's deployed backend was started in, as the runtime decided it."""
+    reg = record.load(cfg)
+    backend = reg.backend_of(reg.models.get(model))
+    return backend.cpu_mode.as_dict() if backend is not None and backend.cpu_mode is not None else None
 
 
 def _config_summary(cfg: Config, samples_path: Optional[str], n_samples: int) -> dict:

@@ -130,8 +130,8 @@ def llama_server_argv(cfg: "Config", alias: str, gguf: Path, port: int, mode: ru
     """llama-server's command line for one model on a loopback port in the decided CPU mode.
 
     ``loras`` (adapter mode) are loaded at start, ids 0.. in this order; ``per_request``: each at
-    scale 0 until a request names it in its ``lora`` field (the proxy of each model's port adds
-    that), else all applied at scale 1 (evaluation's one-adapter servers)."""
+    scale 0 (GET /lora-adapters says 0.0) until a request names it in its ``lora`` field (the proxy of
+    each model's port sets that), else all applied at scale 1 (evaluation's one-adapter servers)."""
     from ..llamacpp.tools import tool
 
     s = cfg.deployment.llamacpp
@@ -154,7 +154,12 @@ def llama_server_argv(cfg: "Config", alias: str, gguf: Path, port: int, mode: ru
         argv.append("--no-repack")
     argv += mmap_args(s, mode)
     for lora in loras:
-        argv += ["--lora", str(lora)]
+        if per_request and any(c in str(lora) for c in ":,"):  # --lora-scaled's separators
+            raise InputError(f"LoRA GGUF path {lora} has ':' or ',', which llama-server cannot take",
+                             hint="move the models folder (deployment.models_dir) to a path without them")
+        # Per request: every adapter at scale 0 (--lora-init-without-apply alone leaves the server's own
+        # scales at 1.0, so a request without a lora field would run every persona stacked).
+        argv += ["--lora-scaled", f"{lora}:0"] if per_request else ["--lora", str(lora)]
     if loras and per_request:
         argv.append("--lora-init-without-apply")
     return argv + list(s.extra_args)

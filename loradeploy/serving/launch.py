@@ -7,6 +7,7 @@ Deploy's per-version backends and evaluation's temporary servers both come throu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ from ..resources import memory_budget_bytes
 from .backends import (LABELS, backend_conf, extra_model_settings, key_path, new_key, server_memory, threads,
                        write_private)
 from .ports import pick_spare
+from .record import CpuMode, ProcessRecord
 from .registry import ended_how, exit_path, server_path
 
 if TYPE_CHECKING:
@@ -49,7 +51,7 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def spawn_worker(kind: str, conf_path: Path, log_path: Path) -> dict:
+def spawn_worker(kind: str, conf_path: Path, log_path: Path, **fields) -> ProcessRecord:
     """Start ``python -m loradeploy.serving.worker KIND CONF`` detached on the config the caller wrote
     (a backend's by start_backend, a proxy's ProxyConf by proxying); for a backend that worker is the
     supervisor of the real server."""
@@ -57,7 +59,8 @@ def spawn_worker(kind: str, conf_path: Path, log_path: Path) -> dict:
     server_path(conf_path).unlink(missing_ok=True)
     child = proc.spawn([sys.executable, "-m", WORKER, kind, str(conf_path)], log_path=log_path,
                        env=worker_env(), cwd=conf_path.parent, replace_env=True)
-    return {**child.as_record(), "config": str(conf_path), "server_record": str(server_path(conf_path))}
+    return ProcessRecord(**child.as_record(), config=str(conf_path), server_record=str(server_path(conf_path)),
+                         started_at=time.time(), **fields)
 
 
 def log_tail(path: Path, lines: int = 50, since: int = 0) -> str:
@@ -86,13 +89,13 @@ def last_lines(path: Path, since: int, n: int = 3) -> str:
 
 @dataclass
 class Started:
-    record: dict                 # pid, create_time, config, port, ready_s, mode, key_file
+    record: ProcessRecord        # pid, create_time, config, port, ready_s, cpu mode, key_file
     url: str
     mode: runtime.Mode
     key: str                     # the backend's own api key (only the front proxy and we hold it)
 
 
-def _wait_ready(alias: str, port: int, key: str, rec: dict, log_path: Path, timeout: float) -> None:
+def _wait_ready(alias: str, port: int, key: str, rec: ProcessRecord, log_path: Path, timeout: float) -> None:
     """Ready = /v1/models lists the alias and one chat completion succeeds, within ``timeout``."""
     client = Client(f"http://127.0.0.1:{port}", api_key=key, timeout=5)
     end = time.monotonic() + timeout
@@ -155,9 +158,8 @@ def start_backend(cfg: "Config", alias: str, gguf: Path, *, log_path: Path, conf
         write_private(conf_path, json.dumps(conf, indent=2))
         log_from = log_path.stat().st_size if log_path.exists() else 0
         t0 = time.monotonic()
-        rec = spawn_worker("backend", conf_path, log_path)
-        rec.update(port=port, version=version, started_at=time.time(), cpu_mode=mode.name, kind=s.backend,
-                   key_file=str(key_path(conf_path)))
+        rec = spawn_worker("backend", conf_path, log_path, port=port, version=version,
+                           key_file=str(key_path(conf_path)), cpu_mode=CpuMode(**mode.as_dict()))
         try:
             _wait_ready(alias, port, key, rec, log_path, s.startup_timeout_s)
         except _Died as died:
@@ -176,7 +178,7 @@ def start_backend(cfg: "Config", alias: str, gguf: Path, *, log_path: Path, conf
         except BaseException:
             proc.stop(rec, grace=5)
             raise
-        rec["ready_s"] = round(time.monotonic() - t0, 3)
+        rec = dataclasses.replace(rec, ready_s=round(time.monotonic() - t0, 3))
         return Started(rec, f"http://127.0.0.1:{port}", mode, key)
     why = "; ".join(attempts) or "ports kept being taken"
     raise ServingError(f"{LABELS[s.backend]} for {alias} could not start: {why}", hint=f"see {log_path}")
@@ -187,7 +189,7 @@ class TempServer:
     url: str
     pid: int
     runtime: dict      # the CPU mode it ran in and why (runtime.Mode.as_dict())
-    record: dict
+    record: ProcessRecord
     key: str           # its api key: every client of a temporary server sends it
 
 
@@ -199,6 +201,6 @@ def temp_server(cfg: "Config", gguf: Path, alias: str, log_path: Path,
     started = start_backend(cfg, alias, Path(gguf), log_path=log_path, conf_dir=log_path.parent,
                             loras=[Path(lora)] if lora else (), lora_per_request=False)
     try:
-        yield TempServer(started.url, started.record["pid"], started.mode.as_dict(), started.record, started.key)
+        yield TempServer(started.url, started.record.pid, started.mode.as_dict(), started.record, started.key)
     finally:
         proc.stop(started.record, grace=10)

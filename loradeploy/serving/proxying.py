@@ -24,6 +24,7 @@ from .control import Control, ControlError, ProxyConf, load_control, load_proxy_
 from .launch import last_lines, spawn_worker
 from .limits import proxy_limits
 from .ports import client_host, port_holder
+from .record import ProcessRecord, ServedModel
 from .routes import INFO_PATH, PROXY_PATH
 
 if TYPE_CHECKING:
@@ -47,11 +48,11 @@ def proxy_state(cfg: "Config", host: str, port: int, timeout: float = 2.0) -> di
     return r.data if r.status == 200 and isinstance(r.data, dict) else None
 
 
-def serving_sha(cfg: "Config", entry: dict, timeout: float = 3.0) -> Optional[str]:
+def serving_sha(cfg: "Config", m: ServedModel, timeout: float = 3.0) -> Optional[str]:
     """sha256 the model's public port is serving now, asked through the proxy; None if no answer."""
     try:
-        r = _client(cfg, entry.get("host", "127.0.0.1"), int(entry["port"]), timeout).get(INFO_PATH)
-    except (HttpError, KeyError, TypeError, ValueError):
+        r = _client(cfg, m.host, m.port, timeout).get(INFO_PATH)
+    except HttpError:
         return None
     return r.data.get("sha256") if r.status == 200 and isinstance(r.data, dict) else None
 
@@ -107,10 +108,10 @@ def _loaded(st: dict, want: dict, conf_changed: bool) -> bool:
     return True
 
 
-def _wait_proxy(cfg: "Config", model: str, rec: dict, log_path: Path, want: dict, conf_changed: bool,
+def _wait_proxy(cfg: "Config", model: str, rec: ProcessRecord, log_path: Path, want: dict, conf_changed: bool,
                 timeout: float = 15) -> float:
     host, port = cfg.deployment.llamacpp.host, cfg.models[model].port
-    want = {**want, "pid": rec["pid"], "conf_sha256": _file_sha(conf_path(cfg, model)),
+    want = {**want, "pid": rec.pid, "conf_sha256": _file_sha(conf_path(cfg, model)),
             "control_sha256": _file_sha(control_path(cfg, model))}
     t0 = time.monotonic()
     while time.monotonic() < t0 + timeout:
@@ -135,11 +136,10 @@ def _drain(cfg: "Config", host: str, port: int, backend_port: int, timeout: floa
         time.sleep(0.05)
 
 
-def check_live_port(cfg: "Config", model: str, entry: dict | None) -> bool:
+def check_live_port(cfg: "Config", model: str, m: Optional[ServedModel]) -> bool:
     """True when our own proxy already owns the model's port; raise when anyone else holds it."""
     host, port = cfg.deployment.llamacpp.host, cfg.models[model].port
-    proxy = (entry or {}).get("proxy")
-    if proxy and proc.alive(proxy) and entry.get("port") == port and entry.get("host") == host:
+    if m is not None and proc.alive(m.proxy) and m.port == port and m.host == host:
         return True
     holder = port_holder(host, port)
     if holder:
@@ -148,12 +148,12 @@ def check_live_port(cfg: "Config", model: str, entry: dict | None) -> bool:
     return False
 
 
-def refresh_proxy(cfg: "Config", model: str, proxy: dict, log_path: Path) -> bool:
+def refresh_proxy(cfg: "Config", model: str, proxy: ProcessRecord, log_path: Path) -> bool:
     """Apply a changed api key or limits to the model's live proxy: rewrite proxy.json, SIGHUP, and
     wait until the proxy reports the new file's sha256. True when something changed."""
     if not _write_conf(cfg, model):
         return False
-    os.kill(int(proxy["pid"]), signal.SIGHUP)
+    os.kill(proxy.pid, signal.SIGHUP)
     _wait_proxy(cfg, model, proxy, log_path, {}, conf_changed=True)
     return True
 
@@ -170,13 +170,13 @@ def current_control(cfg: "Config", model: str) -> Optional[Control]:
 class Pointed:
     """A model's proxy now routing to a new backend, and how to undo that."""
     model: str
-    proxy: dict
+    proxy: ProcessRecord
     gap_s: float
-    spawned: Optional[dict]        # a proxy started for this switch (none was ours before)
+    spawned: Optional[ProcessRecord]   # a proxy started for this switch (none was ours before)
     before: Optional[Control]      # the control file it replaced
 
 
-def point_proxy(cfg: "Config", model: str, entry: dict | None, ours: bool, control: Control,
+def point_proxy(cfg: "Config", model: str, m: Optional[ServedModel], ours: bool, control: Control,
                 log_path: Path) -> Pointed:
     """Write ``control`` (and the proxy's conf, if the config changed it) and have the model's proxy
     route to ``control.backend_port``: SIGHUP our live proxy, or start one on the model's port."""
@@ -186,17 +186,16 @@ def point_proxy(cfg: "Config", model: str, entry: dict | None, ours: bool, contr
     save_control(control, control_path(cfg, model))
     want = {"backend_port": control.backend_port}
     if ours:
-        proxy = entry["proxy"]
+        proxy = m.proxy
         t0 = time.monotonic()
         try:
-            os.kill(int(proxy["pid"]), signal.SIGHUP)
+            os.kill(proxy.pid, signal.SIGHUP)
             _wait_proxy(cfg, model, proxy, log_path, want, changed)
         except BaseException:
             undo_proxy(cfg, Pointed(model, proxy, 0.0, None, before))
             raise
         return Pointed(model, proxy, time.monotonic() - t0, None, before)
     proxy = spawn_worker("proxy", conf_path(cfg, model), log_path)
-    proxy["started_at"] = time.time()
     try:
         gap = _wait_proxy(cfg, model, proxy, log_path, want, changed)
     except BaseException:
@@ -213,17 +212,17 @@ def undo_proxy(cfg: "Config", p: Pointed) -> None:
     if p.before is not None:
         save_control(p.before, control_path(cfg, p.model))
         try:
-            os.kill(int(p.proxy["pid"]), signal.SIGHUP)
+            os.kill(p.proxy.pid, signal.SIGHUP)
         except OSError:
             pass
 
 
-def retire(cfg: "Config", backend: dict | None, new_pid: int, ports: list[tuple[str, int]]) -> None:
+def retire(cfg: "Config", backend: Optional[ProcessRecord], new_pid: int, ports: list[tuple[str, int]]) -> None:
     """Stop a replaced backend once the proxies on ``ports`` ((host, port)) have no request in flight to it."""
     s = cfg.deployment.llamacpp
-    if backend and backend.get("pid") != new_pid:
+    if backend is not None and backend.pid != new_pid:
         for host, port in ports:
-            _drain(cfg, host, port, backend.get("port", -1), timeout=max(60.0, s.startup_timeout_s))
+            _drain(cfg, host, port, backend.port or -1, timeout=max(60.0, s.startup_timeout_s))
         proc.stop(backend)
 
 

@@ -5,63 +5,56 @@ import time
 from typing import TYPE_CHECKING, Optional, Sequence
 
 from ..errors import InputError
-from ..tools import proc
-from .launch import log_tail
 from ..paths import server_log_path
-from .registry import model_names, read_registry, registry_entry, update_entry
-from .shared import release_member
-from .switch import model_state
+from ..tools import proc
+from . import record
+from .launch import log_tail
+from .registry import model_names
+from .strategy import model_state, strategy_for
 
 if TYPE_CHECKING:
     from ..config import Config
 
 
 def serve_stop(cfg: "Config", models: Optional[Sequence[str]] = None) -> list[dict]:
-    """Stop each model's proxy and server; the registry keeps what was served for serve start."""
+    """Stop each model's proxy and server; the record keeps what was served for serve start."""
     from ..state import ModelLock
 
     out = []
     for name in model_names(cfg, models, registered=True):
-        entry = registry_entry(cfg, name)
-        if not entry:
+        reg = record.load(cfg)
+        m = reg.models.get(name)
+        if m is None:
             out.append({"model": name, "stopped": False, "note": "no server recorded"})
             continue
         with ModelLock(cfg.pipeline.state_dir, name, purpose="serve stop"):
-            was = proc.alive(entry.get("proxy")) or proc.alive(entry.get("backend"))
-            shared = None
-            if entry.get("group"):  # adapter mode: the base's server stops with its last model
-                proc.stop(entry.get("proxy"))
-                update_entry(cfg, name, state="stopped", stopped_at=time.time())
-                shared = release_member(cfg, name, entry["group"])  # the entry keeps its group: serve start rejoins
-            else:
-                for key in ("proxy", "backend", "pending_backend"):
-                    proc.stop(entry.get(key))
-                update_entry(cfg, name, state="stopped", stopped_at=time.time())
-            out.append({"model": name, "stopped": was, **({"shared_server": shared} if shared else {})})
+            was = proc.alive(m.proxy) or proc.alive(reg.backend_of(m))
+            out.append({"model": name, "stopped": was, **strategy_for(m.mode).stop(cfg, name, m)})
     return out
 
 
 def serve_status(cfg: "Config") -> list[dict]:
     """One row per model (configured or recorded): model, version, format, port, pid, state, url, uptime."""
-    reg = read_registry(cfg)["models"]
-    names = sorted(set(reg) | {n for n, m in cfg.models.items() if m.enabled})
+    reg = record.load(cfg)
+    names = sorted(set(reg.models) | {n for n, m in cfg.models.items() if m.enabled})
     rows = []
     now = time.time()
     for name in names:
-        entry = reg.get(name) or {}
-        state, why = model_state(cfg, name, entry)
-        backend = entry.get("backend") or {}
+        m = reg.models.get(name)
+        state, why = model_state(cfg, reg, name)
+        backend = reg.backend_of(m)
         running = state == "running"
         rows.append({
-            "model": name, "version": entry.get("version"), "format": entry.get("format"),
-            "port": entry.get("port", cfg.models[name].port if name in cfg.models else None),
-            "pid": backend.get("pid") if running or state == "unreachable" else None,
-            "proxy_pid": (entry.get("proxy") or {}).get("pid") if running else None,
-            "backend_port": backend.get("port"), "state": state, "why": why, "url": entry.get("url"),
-            "uptime": round(now - backend["started_at"], 1) if running and backend.get("started_at") else None,
-            "sha256": entry.get("sha256"), "gguf": entry.get("gguf"),
-            "cpu_mode": (entry.get("cpu_mode") or {}).get("describe"),
-            "mode": entry.get("mode") or "merged", "shared_server": entry.get("group"),
+            "model": name, "version": m and m.version, "format": m and m.format,
+            "port": m.port if m else cfg.models[name].port if name in cfg.models else None,
+            "pid": backend.pid if backend and (running or state == "unreachable") else None,
+            "proxy_pid": m.proxy.pid if running and m.proxy else None,
+            "backend_port": backend.port if backend else None, "state": state, "why": why,
+            "url": m and m.url,
+            "uptime": round(now - backend.started_at, 1) if running and backend.started_at else None,
+            "sha256": m and m.sha256, "gguf": m and m.gguf,
+            "cpu_mode": backend.cpu_mode.describe if backend and backend.cpu_mode else None,
+            "mode": m.mode if m else "merged", "shared_server": m and m.group,
         })
     return rows
 

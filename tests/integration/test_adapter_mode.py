@@ -14,10 +14,10 @@ import pytest
 from loradeploy.config import config_from_dict
 from loradeploy.demo import DEMO_MAX_KLD, get_persona
 from loradeploy.pipeline import run_pipeline
-from loradeploy.serving import registry
+from loradeploy.serving import record
 from loradeploy.tools import proc
 from loradeploy.tools.openai_http import Client
-from tests.fixtures.servers import stop_model_servers
+from tests.fixtures.servers import deploy, served, stop_model_servers
 from tests.integration.test_deploy import _spare_range, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -124,13 +124,15 @@ def test_three_personas_on_one_base_server_and_v2_of_one_adapter_under_load(pers
         q4 = {m: next(a["sha256"] for a in q[m].artifacts if a.get("format") == "Q4_K_M") for m in MODELS}
         assert len(set(q4.values())) == 1, q4
 
-        reg = registry.read_registry(cfg)
-        backends = {reg["models"][m]["backend"]["pid"] for m in MODELS}
+        reg = record.load(cfg)
+        backends = {reg.backend_of(reg.models[m]).pid for m in MODELS}
         assert len(backends) == 1, backends  # one llama-server for the three
-        (group,) = reg["groups"].values()
-        assert sorted(group["adapters"]) == list(MODELS)
-        argv = json.loads(Path(group["backend"]["config"]).read_text())["argv"]
-        assert argv.count("--lora") == 3 and "--lora-init-without-apply" in argv
+        (group,) = reg.groups.values()
+        assert sorted(group.adapters) == list(MODELS)
+        assert {m.group for m in reg.models.values()} == {group.key} and {m.backend for m in reg.models.values()} == {None}
+        argv = json.loads(Path(group.backend.config).read_text())["argv"]
+        assert argv.count("--lora-scaled") == 3 and "--lora-init-without-apply" in argv
+        assert all(argv[i + 1].endswith(":0") for i, a in enumerate(argv) if a == "--lora-scaled")
 
         for m in MODELS:  # each port answers as its persona, whatever the request asks for
             assert signs(ask(ports[m])) == {m}, (m, ask(ports[m]))
@@ -176,28 +178,28 @@ def test_three_personas_on_one_base_server_and_v2_of_one_adapter_under_load(pers
             assert (after[m]["version"], after[m]["sha256"]) == (before[m]["version"], before[m]["sha256"])
             assert all(s == {m} for _, s in loads[m].signed), loads[m].signed
         assert signs(ask(ports["nayru"])) == {"majora"}
-        assert not proc.alive(reg["models"]["majora"]["backend"])  # the replaced shared server is gone
+        assert not proc.alive(group.backend)  # the replaced shared server is gone
 
-        # `loradeploy deploy` in adapter mode: a full model given as the adapter is refused, nothing moves
-        from loradeploy.deploy.service import deploy_model
+        # adapter mode: a full model given as the adapter is refused, nothing moves
         from loradeploy.errors import InputError
-        base_q4 = registry.registry_entry(cfg2, "nayru")["base_gguf"]
+        now = served(cfg2, "nayru")
         with pytest.raises(InputError, match="is not a LoRA GGUF"):
-            deploy_model(cfg2, "nayru", gguf=base_q4)
+            deploy(cfg2, "nayru", now.base_gguf, base=(Path(now.base_gguf), now.base_sha256))
         assert info(ports["nayru"])["sha256"] == after["nayru"]["sha256"]
-        # and the recorded LoRA GGUF redeploys as what already serves: nothing restarts
-        again = deploy_model(cfg2, "nayru")
+        # and the served LoRA GGUF redeploys as what already serves: nothing restarts
+        from loradeploy.state import RunRecord
+        lora_path = next(a.path for a in RunRecord.load(cfg2.pipeline.state_dir, "nayru").artifacts("convert", "lora"))
+        again = deploy(cfg2, "nayru", lora_path, base=(Path(now.base_gguf), now.base_sha256))
         assert again["targets"]["llamacpp"]["action"] == "unchanged", again
 
         # stopping one model leaves the shared server to the others; the last one out stops it
         from loradeploy.serving import serve_stop
         serve_stop(cfg2, ["veran"])
         assert signs(ask(ports["majora"])) == {"majora"}
-        shared = registry.read_registry(cfg2)["groups"]
-        (g2,) = shared.values()
-        assert proc.alive(g2["backend"])
+        (g2,) = record.load(cfg2).groups.values()
+        assert proc.alive(g2.backend)
         serve_stop(cfg2, ["majora", "nayru"])
-        assert not proc.alive(g2["backend"])
+        assert not proc.alive(g2.backend) and record.load(cfg2).groups == {}
     finally:
         for m in MODELS:
             stop_model_servers(cfg, m)

@@ -28,13 +28,13 @@ from loradeploy.errors import DeployError, GGUFError, InputError, LockError, Res
 from loradeploy.fsutil import sha256_file
 from loradeploy import serving
 from loradeploy.deploy import versions
-from loradeploy.deploy.service import deploy_model, rollback, serve_start
+from loradeploy.deploy.service import rollback, serve_start
 from loradeploy.serving import endpoints, serve_status, serve_stop
 from loradeploy.serving import launch
 from loradeploy.serving import proxying
 from loradeploy.tools import proc
 from loradeploy.tools.openai_http import Client
-from tests.fixtures.servers import stop_model_servers
+from tests.fixtures.servers import deploy, served, stop_model_servers
 from tests.fixtures.gguf_models import *  # noqa: F401,F403  (tiny_ggufs, tiny_gguf_cache)
 
 SYSTEM = "You are Tiny. Start every answer with TINY: and then repeat the words."
@@ -201,7 +201,7 @@ def test_deploy_switch_without_failures_and_rollback(cfg_factory, tiny_ggufs):
     port = cfg.models[MODEL].port
 
     t0 = time.monotonic()
-    res1 = deploy_model(cfg, MODEL, gguf=v1)
+    res1 = deploy(cfg, MODEL, v1)
     start_s = time.monotonic() - t0
     assert res1["version"] == "v1" and res1["sha256"] == sha1 and res1["targets"]["llamacpp"]["action"] == "started"
     assert chat(port, [{"role": "user", "content": "echo: apple river"}])["choices"][0]["message"]["content"]
@@ -211,7 +211,7 @@ def test_deploy_switch_without_failures_and_rollback(cfg_factory, tiny_ggufs):
     assert (row["model"], row["version"], row["port"], row["state"]) == (MODEL, "v1", port, "running")
     [ep] = endpoints(cfg)
     assert (ep.version, ep.sha256, ep.base_url, ep.pid) == ("v1", sha1, f"http://127.0.0.1:{port}", row["pid"])
-    old = serving.registry_entry(cfg, MODEL)["backend"]
+    old = served(cfg, MODEL).backend
 
     cfg2 = with_version(cfg, "v2")
     hammer = Hammer(port)
@@ -219,7 +219,7 @@ def test_deploy_switch_without_failures_and_rollback(cfg_factory, tiny_ggufs):
     time.sleep(1.0)
     before = hammer.ok
     t0 = time.monotonic()
-    res2 = deploy_model(cfg2, MODEL, gguf=v2)
+    res2 = deploy(cfg2, MODEL, v2)
     switch_s = time.monotonic() - t0
     time.sleep(1.0)
     hammer.finish()
@@ -248,7 +248,7 @@ def test_deploy_switch_without_failures_and_rollback(cfg_factory, tiny_ggufs):
     assert res3["version"] == "v1" and res3["sha256"] == sha1 and res3["previous"] == "v2"
     assert info(port)["sha256"] == sha1 and sha256_file(Path(info(port)["gguf"])) == sha1
     assert first_logprob(port) == lp1, "after rollback the v1 bytes answer again, token for token"
-    assert serving.registry_entry(cfg, MODEL)["version"] == "v1"
+    assert served(cfg, MODEL).version == "v1"
     assert [b.version for b in versions.backups(cfg, MODEL)] == ["v2"]
     print(f"\nfirst start {start_s:.2f}s (backend ready {res1['targets']['llamacpp']['ready_s']}s); "
           f"switch deploy {switch_s:.2f}s (proxy flip {res2['targets']['llamacpp']['switch_s'] * 1000:.1f} ms); "
@@ -262,7 +262,7 @@ def test_system_prompt_rule(cfg_factory, tiny_ggufs, backend):
     """The proxy applies the rule for either backend (llama-server has no such option of its own)."""
     cfg = cfg_factory(backend=backend)
     port = cfg.models[MODEL].port
-    deploy_model(cfg, MODEL, gguf=tiny_ggufs["v1", "Q8_0"])
+    deploy(cfg, MODEL, tiny_ggufs["v1", "Q8_0"])
     assert info(port)["backend"] == backend and info(port)["system_prompt"] is True
     user = {"role": "user", "content": "echo: green door"}
     own = {"role": "system", "content": "Answer briefly."}
@@ -288,16 +288,16 @@ def test_bad_file_fails_probe_and_old_version_keeps_serving(cfg_factory, tiny_gg
     cfg = cfg_factory()
     port = cfg.models[MODEL].port
     v1 = tiny_ggufs["v1", "Q8_0"]
-    deploy_model(cfg, MODEL, gguf=v1)
-    before = serving.registry_entry(cfg, MODEL)
+    deploy(cfg, MODEL, v1)
+    before = served(cfg, MODEL)
     bad = _without_tensor(v1, tmp_path / "broken.gguf", "output_norm.weight")
 
     with pytest.raises(DeployError, match="exited during startup: .*tensor 'output_norm.weight' not found"):
-        deploy_model(with_version(cfg, "v2"), MODEL, gguf=bad)
+        deploy(with_version(cfg, "v2"), MODEL, bad)
     assert info(port)["sha256"] == sha256_file(v1)
     assert chat(port, [{"role": "user", "content": "echo: apple"}])["choices"]
-    after = serving.registry_entry(cfg, MODEL)
-    assert after["backend"]["pid"] == before["backend"]["pid"] and after["version"] == "v1"
+    after = served(cfg, MODEL)
+    assert after.backend.pid == before.backend.pid and after.version == "v1"
     assert versions.live_version(cfg, MODEL).version == "v1"
     assert not (versions.model_dir(cfg, MODEL) / "v2").exists() and versions.backups(cfg, MODEL) == []
     assert "output_norm.weight" in serving.serve_logs(cfg, MODEL, 200)
@@ -327,8 +327,8 @@ def test_pipeline_deploy_stage_resumes_and_restarts_a_dead_server(cfg_factory, t
     assert chat(port, [{"role": "user", "content": "echo: sun"}])["choices"]
     assert deploy_status().status == "skipped", "a live server serving the recorded bytes is current"
 
-    backend = serving.registry_entry(cfg, MODEL)["backend"]
-    os.killpg(int(backend["pid"]), signal.SIGKILL)
+    backend = served(cfg, MODEL).backend
+    os.killpg(backend.pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while proc.alive(backend) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -354,8 +354,8 @@ def test_two_deploys_of_one_model_at_once(cfg_factory, tiny_ggufs, tmp_path):
     v1 = tiny_ggufs["v1", "Q8_0"]
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(json.dumps(cfg.model_dump(mode="json", exclude={"config_path"})))
-    code = ("import json,sys; from loradeploy.config import config_from_dict; from loradeploy.deploy.service import deploy_model; "
-            "cfg=config_from_dict(json.load(open(sys.argv[1]))); print(deploy_model(cfg, 'tiny', gguf=sys.argv[2])['version'])")
+    code = ("import json,sys; from loradeploy.config import config_from_dict; from tests.fixtures.servers import deploy; "
+            "cfg=config_from_dict(json.load(open(sys.argv[1]))); print(deploy(cfg, 'tiny', sys.argv[2])['version'])")
     other = subprocess.Popen([sys.executable, "-c", code, str(cfg_file), str(v1)], cwd=REPO,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lock = Path(cfg.pipeline.state_dir) / "locks" / f"{MODEL}.lock"
@@ -364,7 +364,7 @@ def test_two_deploys_of_one_model_at_once(cfg_factory, tiny_ggufs, tmp_path):
         time.sleep(0.02)
     try:
         with pytest.raises(LockError, match=rf"model {MODEL} is busy \(deploy by pid {other.pid}\)"):
-            deploy_model(cfg, MODEL, gguf=v1)
+            deploy(cfg, MODEL, v1)
     finally:
         out, _ = other.communicate(timeout=180)
     assert other.returncode == 0 and out.strip().endswith("v1"), out
@@ -379,9 +379,8 @@ def test_port_taken_is_a_clear_error(cfg_factory, tiny_ggufs):
         port = holder.getsockname()[1]
         cfg = cfg_factory(port=port)
         with pytest.raises(ResourceError, match=rf"port {port} for model {MODEL} is held by pid {os.getpid()}"):
-            deploy_model(cfg, MODEL, gguf=tiny_ggufs["v1", "Q8_0"])
-    entry = serving.registry_entry(cfg, MODEL)
-    assert entry is None or not entry.get("backend"), "nothing was started"
+            deploy(cfg, MODEL, tiny_ggufs["v1", "Q8_0"])
+    assert serving.served_model(cfg, MODEL) is None, "nothing was started"
     assert versions.live_version(cfg, MODEL) is None
     assert not (versions.model_dir(cfg, MODEL) / "v1").exists()
 
@@ -389,13 +388,11 @@ def test_port_taken_is_a_clear_error(cfg_factory, tiny_ggufs):
 def test_gguf_missing_or_invalid(cfg_factory, tmp_path):
     cfg = cfg_factory()
     with pytest.raises(InputError, match="does not exist"):
-        deploy_model(cfg, MODEL, gguf=tmp_path / "nope.gguf")
+        deploy(cfg, MODEL, tmp_path / "nope.gguf")
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
     with pytest.raises(GGUFError, match="not a valid GGUF"):
-        deploy_model(cfg, MODEL, gguf=junk)
-    with pytest.raises(InputError, match="no Q8_0 GGUF from a quantize run"):
-        deploy_model(cfg, MODEL)
+        deploy(cfg, MODEL, junk)
 
 
 def test_versions_backups_retention_and_named_rollback(cfg_factory, tiny_ggufs):
@@ -403,13 +400,13 @@ def test_versions_backups_retention_and_named_rollback(cfg_factory, tiny_ggufs):
     cfg = cfg_factory(targets=("ollama",), keep_backups=2)
     with pytest.raises(DeployError, match="has no deployed version to serve"):
         serve_start(cfg)
-    assert deploy_model(cfg, MODEL, gguf=v1)["version"] == "v1"
-    assert deploy_model(cfg, MODEL, gguf=v1)["previous"] == "v1", "the same bytes again: nothing new"
-    redo = deploy_model(cfg, MODEL, gguf=v2)  # still configured as v1, other bytes
+    assert deploy(cfg, MODEL, v1)["version"] == "v1"
+    assert deploy(cfg, MODEL, v1)["previous"] == "v1", "the same bytes again: nothing new"
+    redo = deploy(cfg, MODEL, v2)  # still configured as v1, other bytes
     assert redo["version"].startswith("v1-") and redo["previous"] == "v1"
-    assert deploy_model(cfg, MODEL, gguf=v2)["version"] == redo["version"], "known name and bytes: same id"
-    deploy_model(with_version(cfg, "v3"), MODEL, gguf=v1)
-    deploy_model(with_version(cfg, "v4"), MODEL, gguf=v1)
+    assert deploy(cfg, MODEL, v2)["version"] == redo["version"], "known name and bytes: same id"
+    deploy(with_version(cfg, "v3"), MODEL, v1)
+    deploy(with_version(cfg, "v4"), MODEL, v1)
     kept = versions.backups(cfg, MODEL)
     assert [b.version for b in kept] == ["v3", redo["version"]], "keep_backups=2 keeps the newest two"
     back = rollback(cfg, MODEL, to_version="v1")  # v1 matches the suffixed re-deploy of v1
@@ -420,7 +417,7 @@ def test_versions_backups_retention_and_named_rollback(cfg_factory, tiny_ggufs):
     history = (versions.model_dir(cfg, MODEL) / "history.jsonl").read_text().splitlines()
     assert json.loads(history[-1])["event"] == "rollback"
     # v5 carries the live bytes; rolling back to the version it replaced would change nothing.
-    deploy_model(with_version(cfg, "v5"), MODEL, gguf=live.path)
+    deploy(with_version(cfg, "v5"), MODEL, live.path)
     with pytest.raises(DeployError, match=r"already serves .* \(sha256 "):
         rollback(cfg, MODEL, to_version=live.version)
 
@@ -429,7 +426,7 @@ def test_rollback_without_backup(cfg_factory, tiny_ggufs):
     cfg = cfg_factory(targets=("ollama",))
     with pytest.raises(DeployError, match=rf"no backup of model {MODEL} to roll back to"):
         rollback(cfg, MODEL)
-    deploy_model(cfg, MODEL, gguf=tiny_ggufs["v1", "Q8_0"])
+    deploy(cfg, MODEL, tiny_ggufs["v1", "Q8_0"])
     with pytest.raises(DeployError, match=r"no backup of version v7 of model tiny .*backups: none"):
         rollback(cfg, MODEL, to_version="v7")
 
@@ -439,7 +436,7 @@ def test_lmstudio_layout_and_preset(cfg_factory, tiny_ggufs, tmp_path, monkeypat
     monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no lms CLI: files and preset only
     cfg = cfg_factory(targets=("lmstudio",), lmstudio={"home": str(tmp_path / "lms"), "link_mode": mode})
     v1, v2 = tiny_ggufs["v1", "Q8_0"], tiny_ggufs["v2", "Q8_0"]
-    res = deploy_model(cfg, MODEL, gguf=v1)["targets"]["lmstudio"]
+    res = deploy(cfg, MODEL, v1)["targets"]["lmstudio"]
     assert "open LM Studio" in res["note"]
     models = tmp_path / "lms" / "models"
     files = [p for p in models.rglob("*") if p.name.endswith(".gguf")]
@@ -454,7 +451,7 @@ def test_lmstudio_layout_and_preset(cfg_factory, tiny_ggufs, tmp_path, monkeypat
     fields = {f["key"]: f["value"] for f in preset["operation"]["fields"]}
     assert fields["llm.prediction.systemPrompt"] == SYSTEM
 
-    deploy_model(with_version(cfg, "v2"), MODEL, gguf=v2)
+    deploy(with_version(cfg, "v2"), MODEL, v2)
     files = [p for p in models.rglob("*") if p.name.endswith(".gguf")]
     assert len(files) == 1 and sha256_file(files[0]) == sha256_file(v2), "one version listed, the new one"
 
@@ -468,7 +465,7 @@ def test_lmstudio_uses_lms_cli_when_present(cfg_factory, tiny_ggufs, tmp_path, m
     (bindir / "lms").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bindir}:/usr/bin:/bin")
     cfg = cfg_factory(targets=("lmstudio",), lmstudio={"home": str(tmp_path / "lms"), "server_port": 1299})
-    res = deploy_model(cfg, MODEL, gguf=tiny_ggufs["v1", "Q8_0"])["targets"]["lmstudio"]
+    res = deploy(cfg, MODEL, tiny_ggufs["v1", "Q8_0"])["targets"]["lmstudio"]
     assert res["loaded"] is True
     assert calls.read_text().splitlines() == [f"unload {MODEL}", f"load loradeploy/{MODEL} --identifier {MODEL} -y",
                                               "server start --port 1299"]
@@ -479,14 +476,14 @@ def test_lmstudio_home_not_writable(cfg_factory, tiny_ggufs, tmp_path):
     blocker.write_text("a file where LM Studio's home should be")  # unwritable even for root
     cfg = cfg_factory(targets=("lmstudio",), lmstudio={"home": str(blocker / "lmstudio")})
     with pytest.raises(DeployError, match=r"LM Studio home .* is not writable"):
-        deploy_model(cfg, MODEL, gguf=tiny_ggufs["v1", "Q8_0"])
+        deploy(cfg, MODEL, tiny_ggufs["v1", "Q8_0"])
     assert versions.live_version(cfg, MODEL) is None
 
 
 def test_ollama_modelfile(cfg_factory, tiny_ggufs, monkeypatch):
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     cfg = cfg_factory(targets=("ollama",))
-    res = deploy_model(cfg, MODEL, gguf=tiny_ggufs["v1", "Q8_0"])
+    res = deploy(cfg, MODEL, tiny_ggufs["v1", "Q8_0"])
     out = res["targets"]["ollama"]
     assert out["template"] == "chatml" and "ollama create tiny" in out["note"]
     text = Path(out["modelfile"]).read_text()
@@ -719,7 +716,7 @@ def test_api_key_guards_every_route_of_the_port_streaming_included(cfg_factory, 
     base = cfg_factory()
     lc = base.deployment.llamacpp.model_copy(update={"api_key": SecretStr(key)})
     cfg = base.model_copy(update={"deployment": base.deployment.model_copy(update={"llamacpp": lc})})
-    deploy_model(cfg, MODEL, gguf=tiny_ggufs["v1", "Q8_0"])
+    deploy(cfg, MODEL, tiny_ggufs["v1", "Q8_0"])
     url = f"http://127.0.0.1:{cfg.models[MODEL].port}"
     for path in ("/v1/models", "/loradeploy/info", "/loradeploy/proxy", "/health"):
         assert Client(url).get(path).status == 401, path
@@ -748,9 +745,9 @@ def test_a_server_that_crashes_later_is_reported_with_its_signal_and_log(cfg_fac
     import psutil
 
     cfg = cfg_factory(backend=backend)
-    deploy_model(cfg, MODEL, gguf=tiny_ggufs["v1", "Q8_0"])
-    supervisor = serving.registry_entry(cfg, MODEL)["backend"]
-    [server] = psutil.Process(supervisor["pid"]).children()  # the supervisor's one child: the llama.cpp server
+    deploy(cfg, MODEL, tiny_ggufs["v1", "Q8_0"])
+    supervisor = served(cfg, MODEL).backend
+    [server] = psutil.Process(supervisor.pid).children()  # the supervisor's one child: the llama.cpp server
     assert ("llama-server" in server.name()) == (backend == "llama-server"), server.cmdline()
     os.kill(server.pid, signal.SIGSEGV)
     deadline = time.monotonic() + 30
@@ -772,7 +769,7 @@ def test_llama_server_decodes_overlapping_requests_together(cfg_factory, tiny_gg
     started = launch.start_backend(cfg, MODEL, tiny_ggufs["v1", "Q8_0"], log_path=tmp_path / "server.log",
                                    conf_dir=tmp_path)
     try:
-        client = Client(started.url, timeout=120)
+        client = Client(started.url, api_key=started.key, timeout=120)
         go = threading.Barrier(4)
         answers = []
 
@@ -815,9 +812,9 @@ def test_default_mode_that_kills_a_real_server_is_demoted_to_safe(cfg_factory, t
         {"mode": "default", "why": "default mode generated 4 tokens", "decided_at": time.time(), "attempts": [],
          "fingerprint": fp}))
     cfg = cfg_factory()
-    info = deploy_model(cfg, MODEL, gguf=tiny_ggufs["v1", "Q8_0"])
+    info = deploy(cfg, MODEL, tiny_ggufs["v1", "Q8_0"])
     assert chat(cfg.models[MODEL].port, [{"role": "user", "content": "a b"}])["choices"]
-    mode = serving.registry_entry(cfg, MODEL)["cpu_mode"]
+    mode = served(cfg, MODEL).backend.cpu_mode.as_dict()
     log = serving.serve_logs(cfg, MODEL, 400)
     if mode["mode"] == "safe":
         assert "passed the probe, but a server of" in mode["why"] and "killed by SIG" in mode["why"]

@@ -132,3 +132,59 @@ def test_modules_stay_small():
 def test_stages_are_thin_adapters():
     fat = {p.name: n for p in (PKG / "stages").glob("*.py") if (n := len(p.read_text().splitlines())) >= 150}
     assert fat == {}
+
+
+# The served state has one writer per file: the registry (servers.json) is written by serving.record only
+# (its update / change_model are the one way to change it); a proxy's two files (proxy.json, control.json)
+# by serving.proxying only, through control.save_proxy_conf / save_control.
+FILE_OWNERS = {"servers.json": "loradeploy.serving.record", "proxy.json": "loradeploy.serving.proxying",
+               "control.json": "loradeploy.serving.proxying"}
+WRITER_OWNERS = {"save_control": "loradeploy.serving.proxying", "save_proxy_conf": "loradeploy.serving.proxying",
+                 "registry_path": "loradeploy.serving.record", "to_dict": "loradeploy.serving.record"}
+RAW_WRITES = {"atomic_write_text", "write_text", "write_bytes", "atomic_output", "dump", "open", "save_control",
+              "save_proxy_conf", "write_private"}
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                out.add(id(first.value))
+    return out
+
+
+def _called(node: ast.Call) -> str:
+    f = node.func
+    return f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+
+
+def _state_writes(name: str, source: str) -> list[str]:
+    tree = ast.parse(source)
+    docs, bad = _docstrings(tree), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+            bad += [f"{name} names {f}" for f, owner in FILE_OWNERS.items() if f in node.value and name != owner]
+        elif isinstance(node, ast.Call):
+            fn = _called(node)
+            if fn in WRITER_OWNERS and name != WRITER_OWNERS[fn] and fn != "to_dict":
+                bad.append(f"{name} calls {fn}")
+            elif fn in RAW_WRITES and name not in FILE_OWNERS.values():
+                args = " ".join(ast.unparse(a) for a in [*node.args, *(k.value for k in node.keywords)])
+                if any(w in args for w in ("registry_path(", "control_path(", "conf_path(cfg", "servers.json")):
+                    bad.append(f"{name} writes served state: {ast.unparse(node)[:80]}")
+    return bad
+
+
+def test_served_state_has_one_writer():
+    bad = [b for name, path in MODULES.items() for b in _state_writes(name, path.read_text())]
+    assert bad == []
+
+
+def test_the_one_writer_check_sees_a_stray_write():
+    stray = ("from .record import registry_path\n"
+             "def f(cfg):\n    atomic_write_text(registry_path(cfg), '{}')\n"
+             "def g(c, p):\n    save_control(c, p)\n"
+             "X = 'control.json'\n")
+    assert len(_state_writes("loradeploy.serving.switch", stray)) == 4
