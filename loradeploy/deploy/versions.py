@@ -92,7 +92,7 @@ def live_version(cfg: "Config", model: str) -> Version | None:
     if not link.is_symlink():
         return None
     v = _load(model_dir(cfg, model) / os.readlink(link))
-    return v if v is not None and v.path.is_file() and (v.mode != "adapter" or Path(v.base_path).is_file()) else None
+    return v if v is not None and v.path.is_file() and (v.base_path is None or Path(v.base_path).is_file()) else None
 
 
 def backups(cfg: "Config", model: str) -> list[Version]:

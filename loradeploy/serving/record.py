@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from ..errors import ServingError
 from ..fsutil import atomic_write_text, exclusive_lock
+from .control import MODES  # the serving modes, declared once (serving.strategy.STRATEGIES implements each)
 
 if TYPE_CHECKING:
     from ..config import Config
 
 VERSION = 2
-MODES = ("merged", "adapter")
 STATES = ("running", "starting", "stopped")
 
 

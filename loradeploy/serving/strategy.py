@@ -6,8 +6,8 @@
 
 The deploy target, serve start/stop and status take the strategy a model's mode names
 (``strategy_for(mode)``) and never branch on the mode themselves. To add a serving mode: a class with
-``mode``, ``switch``, ``stop`` and ``release``, registered in ``STRATEGIES`` (and in record.MODES and
-control.MODES, the modes the records accept).
+``mode``, ``switch``, ``stop`` and ``release``, registered in ``STRATEGIES`` (and in control.MODES, the
+modes the records accept).
 """
 from __future__ import annotations
 

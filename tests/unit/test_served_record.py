@@ -160,3 +160,11 @@ def test_a_missing_registry_is_an_empty_one(cfg):
     assert record.load(cfg) == Registry() and record.entry(cfg, "majora") is None
     assert record.change_model(cfg, "majora", state="stopped") is None
     assert Path(record.registry_path(cfg)).exists()
+
+
+def test_every_mode_a_record_accepts_has_a_strategy():
+    from loradeploy.serving.control import MODES
+    from loradeploy.serving.strategy import STRATEGIES, strategy_for
+
+    assert set(MODES) == set(STRATEGIES)
+    assert {m: strategy_for(m).mode for m in MODES} == {m: m for m in MODES}
