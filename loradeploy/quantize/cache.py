@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..tally import Tally
-from .gguf_out import TYPE_NAMES
+from .gguf_out import type_name
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class TensorCache:
         return self.limit > 0
 
     def path(self, digest: str, ggml_type: int) -> Path:
-        return self.root / digest[:2] / f"{digest}.{TYPE_NAMES[ggml_type]}.{self.version}.q"
+        return self.root / digest[:2] / f"{digest}.{type_name(ggml_type)}.{self.version}.q"
 
     def get(self, digest: str, ggml_type: int, nbytes: int) -> bytes | None:
         """The cached payload, or None (a damaged or wrong-sized entry is removed)."""

@@ -28,9 +28,19 @@ TYPE_SIZES: dict[int, tuple[int, int]] = {
     0: (1, 4), 1: (1, 2), 30: (1, 2),              # F32, F16, BF16
     2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),     # Q4_0 Q4_1 Q5_0 Q5_1 Q8_0
     10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210),  # Q2_K..Q6_K
+    16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18), 21: (256, 110),   # the IQ types
+    22: (256, 82), 23: (256, 136), 29: (256, 56),
 }
 TYPE_NAMES = {0: "F32", 1: "F16", 30: "BF16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0",
               10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
+# written only where a tensor-type recipe names them (ggml's own quantizer, with or without an imatrix)
+IQ_NAMES = {16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
+            23: "IQ4_XS", 29: "IQ1_M"}
+ALL_TYPE_NAMES = {**TYPE_NAMES, **IQ_NAMES}
+
+
+def type_name(ggml_type: int) -> str:
+    return ALL_TYPE_NAMES.get(ggml_type, str(ggml_type))
 
 _SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "B", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY, _BOOL = 8, 9, 7
@@ -188,16 +198,25 @@ def n_dims(ne: tuple[int, ...]) -> int:
     return 1
 
 
-def _u32_kv(key: str, value: int) -> bytes:
+def u32_kv(key: str, value: int) -> bytes:
     k = key.encode()
     return struct.pack("<Q", len(k)) + k + struct.pack("<II", 4, value)
 
 
-def header(src: SourceGGUF, order: list[Tensor], types: list[int], ftype: int) -> tuple[bytes, list[int]]:
+def str_kv(key: str, value: bytes) -> bytes:
+    k = key.encode()
+    return struct.pack("<Q", len(k)) + k + struct.pack("<IQ", _STRING, len(value)) + value
+
+
+def header(src: SourceGGUF, order: list[Tensor], types: list[int], ftype: int,
+           extra: tuple[tuple[str, bytes], ...] = ()) -> tuple[bytes, list[int]]:
     """The output's header bytes (padded) and each tensor's data size, for tensors ``order`` with
-    output types ``types``."""
-    kvs = [raw for key, raw in src.kvs if key not in _DROP_KEYS]
-    kvs += [_u32_kv("general.quantization_version", QNT_VERSION), _u32_kv("general.file_type", ftype)]
+    output types ``types``. ``extra`` (key, encoded entry) are set after general.file_type, as
+    llama-quantize sets its --imatrix keys (a key set again moves to the end)."""
+    drop = _DROP_KEYS | {k for k, _ in extra}
+    kvs = [raw for key, raw in src.kvs if key not in drop]
+    kvs += [u32_kv("general.quantization_version", QNT_VERSION), u32_kv("general.file_type", ftype)]
+    kvs += [raw for _, raw in extra]
     parts = [b"GGUF", struct.pack("<IQQ", GGUF_VERSION, len(order), len(kvs))] + kvs
     sizes, offset = [], 0
     for t, ty in zip(order, types):

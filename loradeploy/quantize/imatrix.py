@@ -164,21 +164,23 @@ def compute(f16: Path, f16_sha256: str, cal: CalibrationText, out_dir: Path, *, 
     return final, True
 
 
-def quantize_argv(src: Path, dst: Path, fmt: str, *, threads: int, imatrix: Optional[Path],
+def quantize_argv(src: Path, dst: Optional[Path], fmt: str, *, threads: int, imatrix: Optional[Path],
                   output_tensor_type: Optional[str] = None, token_embedding_type: Optional[str] = None,
-                  leave_output_tensor: bool = False, pure: bool = False, allow_requantize: bool = False) -> list:
+                  leave_output_tensor: bool = False, pure: bool = False, allow_requantize: bool = False,
+                  tensor_type_file: Optional[Path] = None, dry_run: bool = False) -> list:
+    """llama-quantize's command line; ``dst`` None with ``dry_run`` (it then only reports the sizes)."""
     from ..llamacpp.tools import tool
 
     argv: list = [tool("llama-quantize")]
     for flag, on in (("--allow-requantize", allow_requantize), ("--leave-output-tensor", leave_output_tensor),
-                     ("--pure", pure)):
+                     ("--pure", pure), ("--dry-run", dry_run)):
         if on:
             argv.append(flag)
     for flag, value in (("--output-tensor-type", output_tensor_type), ("--token-embedding-type", token_embedding_type),
-                        ("--imatrix", imatrix)):
+                        ("--tensor-type-file", tensor_type_file), ("--imatrix", imatrix)):
         if value:
-            argv += [flag, str(value).lower() if "type" in flag else value]
-    return argv + [src, dst, fmt, str(threads)]
+            argv += [flag, str(value).lower() if flag.endswith("-type") else value]
+    return argv + [src] + ([dst] if dst is not None else []) + [fmt, str(threads)]
 
 
 def quantize(src: Path, dst: Path, fmt: str, *, threads: int, imatrix: Optional[Path], log_path: Optional[Path],

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .gguf_out import TYPE_NAMES, row_bytes
+from .gguf_out import TYPE_NAMES, TYPE_SIZES, row_bytes, type_name
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,8 @@ except ImportError:  # pragma: no cover - depends on the build
     _kernels = None
 
 FAST_TYPES = (8, 12, 13, 14)   # Q8_0, Q4_K, Q5_K, Q6_K
+IMATRIX_BLIND = frozenset({0, 1, 30, 8})   # F32 F16 BF16 Q8_0: ggml ignores importance weights for these
+GGML_NEEDS_IMATRIX = frozenset({16, 17, 19})   # ggml_quantize_requires_imatrix: IQ2_XXS IQ2_XS IQ1_S
 _lock = threading.RLock()   # has_fast holds it while the check loads ggml
 _ggml: ctypes.CDLL | None = None
 _verified: dict[int, bool] = {}
@@ -54,15 +56,50 @@ def ggml_lib() -> ctypes.CDLL:
     return _ggml
 
 
-def ggml_quantize(ggml_type: int, x: np.ndarray, out: np.ndarray) -> None:
-    """ggml_quantize_chunk on float32 rows ``x`` (2-D, C order) into ``out`` (uint8)."""
+def ggml_quantize(ggml_type: int, x: np.ndarray, out: np.ndarray, imatrix: np.ndarray | None = None) -> None:
+    """ggml_quantize_chunk on float32 rows ``x`` (2-D, C order) into ``out`` (uint8), with the
+    importance weights ``imatrix`` (float32, one per column) where given."""
     lib = ggml_lib()
     rows, n = x.shape
     if out.nbytes < rows * row_bytes(ggml_type, n):
         raise ValueError("output buffer too small")
-    done = lib.ggml_quantize_chunk(ggml_type, x.ctypes.data, out.ctypes.data, 0, rows, n, None)
+    if imatrix is None and ggml_type in GGML_NEEDS_IMATRIX:
+        raise ValueError(f"{type_name(ggml_type)} cannot be written without importance weights")  # ggml aborts
+    if imatrix is not None and (imatrix.dtype != np.float32 or imatrix.size != n or not imatrix.flags.c_contiguous):
+        raise ValueError("imatrix must be contiguous float32, one weight per column")
+    done = lib.ggml_quantize_chunk(ggml_type, x.ctypes.data, out.ctypes.data, 0, rows, n,
+                                   None if imatrix is None else imatrix.ctypes.data)
     if done != rows * row_bytes(ggml_type, n):
-        raise RuntimeError(f"ggml_quantize_chunk wrote {done} bytes for {TYPE_NAMES.get(ggml_type)}")
+        raise RuntimeError(f"ggml_quantize_chunk wrote {done} bytes for {type_name(ggml_type)}")
+
+
+class _TypeTraits(ctypes.Structure):   # struct ggml_type_traits (ggml.h of the pinned llama.cpp)
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64), ("blck_size_interleave", ctypes.c_int64),
+                ("type_size", ctypes.c_size_t), ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p),
+                ("from_float_ref", ctypes.c_void_p)]
+
+
+_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+_to_float: dict[int, object] = {}
+
+
+def dequantize(ggml_type: int, data: np.ndarray, n_elements: int) -> np.ndarray:
+    """ggml's own to_float of ``ggml_type``: quantized bytes back to float32."""
+    with _lock:
+        if ggml_type not in _to_float:
+            lib = ggml_lib()
+            lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+            lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+            traits = lib.ggml_get_type_traits(ggml_type).contents
+            if not traits.to_float or (traits.blck_size, traits.type_size) != TYPE_SIZES[ggml_type]:
+                raise ValueError(f"ggml has no converter for {type_name(ggml_type)} as this module knows it")
+            _to_float[ggml_type] = _TO_FLOAT(traits.to_float)
+    data = np.ascontiguousarray(data, np.uint8)
+    out = np.empty(n_elements, np.float32)
+    if data.nbytes * TYPE_SIZES[ggml_type][0] != n_elements * TYPE_SIZES[ggml_type][1]:
+        raise ValueError("data size does not match the element count")
+    _to_float[ggml_type](data.ctypes.data, out.ctypes.data, n_elements)
+    return out
 
 
 def adversarial_blocks(n_blocks: int = 64, seed: int = 0) -> np.ndarray:
@@ -112,13 +149,17 @@ def kernel_info() -> dict:
             "fast_types": [TYPE_NAMES[t] for t in FAST_TYPES if _kernels is not None]}
 
 
-def quantize_rows(ggml_type: int, x: np.ndarray, out: np.ndarray, *, use_fast: bool = True) -> None:
-    """Quantize the float32 rows ``x`` into ``out``: the same bytes whichever path runs."""
+def quantize_rows(ggml_type: int, x: np.ndarray, out: np.ndarray, *, use_fast: bool = True,
+                  imatrix: np.ndarray | None = None) -> None:
+    """Quantize the float32 rows ``x`` into ``out``: the same bytes whichever path runs. Our kernels
+    take no importance weights: a type that uses them goes to ggml."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if use_fast and has_fast(ggml_type):
+    if imatrix is not None and ggml_type in IMATRIX_BLIND:
+        imatrix = None
+    if use_fast and imatrix is None and has_fast(ggml_type):
         _kernels.quantize(ggml_type, x, out)
     else:
-        ggml_quantize(ggml_type, x, out)
+        ggml_quantize(ggml_type, x, out, imatrix)
 
 
 def to_f32(raw: np.ndarray, ggml_type: int, out: np.ndarray) -> np.ndarray:

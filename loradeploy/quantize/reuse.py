@@ -19,9 +19,9 @@ def changed_hf_names(pairs: Iterable[str], full_tensors: Iterable[str]) -> set[s
     return {f"{m}.weight" for m in pairs} | set(full_tensors)
 
 
-def adapter_tensors(gguf: Path, hf_names: Iterable[str]) -> Optional[list[str]]:
-    """The GGUF names of ``hf_names`` in ``gguf``, through the converter's own name map; None when one
-    of them has no tensor there (a name the map does not know: nothing can be said to be untouched)."""
+def gguf_names(gguf: Path, hf_names: Iterable[str]) -> Optional[dict[str, Optional[str]]]:
+    """Each of ``hf_names`` -> its tensor's name in ``gguf`` (None where it has none there), through the
+    converter's own name map; None for an architecture the map does not know."""
     import gguf as gguf_py
 
     src = read_source(Path(gguf))
@@ -29,11 +29,23 @@ def adapter_tensors(gguf: Path, hf_names: Iterable[str]) -> Optional[list[str]]:
     if src.arch not in archs:
         return None
     names = gguf_py.get_tensor_name_map(archs[src.arch], int(src.get(f"{src.arch}.block_count", 0) or 0))
-    out = []
+    out: dict[str, Optional[str]] = {}
     for hf in sorted(hf_names):
         g = names.get_name(hf, try_suffixes=(".weight", ".bias"))
-        if g is None or g not in src.by_name:
-            if hf == "lm_head.weight" and "output.weight" not in src.by_name:
+        out[hf] = g if g is not None and g in src.by_name else None
+    return out
+
+
+def adapter_tensors(gguf: Path, hf_names: Iterable[str]) -> Optional[list[str]]:
+    """The GGUF names of ``hf_names`` in ``gguf``; None when one of them has no tensor there (a name
+    the map does not know: nothing can be said to be untouched)."""
+    mapped = gguf_names(gguf, hf_names)
+    if mapped is None:
+        return None
+    out = []
+    for hf, g in mapped.items():
+        if g is None:
+            if hf == "lm_head.weight" and "output.weight" not in read_source(Path(gguf)).by_name:
                 continue  # tied to the embeddings, which the adapter's embed_tokens entry names
             return None
         out.append(g)

@@ -9,15 +9,19 @@ tensor's type with llama_model_quantize's output is what says it still holds.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-from .gguf_out import TYPE_NAMES, TYPE_SIZES, SourceGGUF, Tensor, n_dims
+from .gguf_out import TYPE_NAMES, TYPE_SIZES, SourceGGUF, Tensor, n_dims, type_name
 
 LLAMA_CPP_VERSION = "0.3.36"   # the llama-cpp-python release these rules were read from
 ARCHS = frozenset({"llama", "qwen2"})
 
 F32, F16, Q4_0, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 6, 7, 8, 10, 11, 12, 13, 14, 30
-TYPE_IDS = {v: k for k, v in TYPE_NAMES.items()}
+TYPE_IDS = {v: k for k, v in TYPE_NAMES.items()}   # the types the config's options may name
+IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ4_NL, IQ3_S, IQ2_S, IQ4_XS, IQ1_M = 16, 17, 18, 19, 20, 21, 22, 23, 29
+# tensor_requires_imatrix: these cannot be written without one (token_embd and output excepted)
+NEEDS_IMATRIX = frozenset({IQ3_XXS, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_M, IQ1_S})
 
 # format -> (llama_ftype, the ftype's default tensor type)
 FORMATS: dict[str, tuple[int, int]] = {
@@ -44,7 +48,8 @@ _CATEGORIES = (("attn_qkv.weight", "attn_v"), ("attn_kv_b.weight", "attn_v"), ("
                ("ffn_up", "ffn_up"), ("ffn_gate", "ffn_gate"), ("ffn_down", "ffn_down"))
 
 # a 256-block type that does not fit a row falls back to a 32-block one
-_FALLBACK = {Q2_K: Q4_0, Q3_K: Q4_0, Q4_K: Q5_0, Q5_K: Q5_1, Q6_K: Q8_0}
+_FALLBACK = {Q2_K: Q4_0, Q3_K: Q4_0, Q4_K: Q5_0, Q5_K: Q5_1, Q6_K: Q8_0,
+             **dict.fromkeys((IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ4_XS), IQ4_NL)}
 
 
 class Unsupported(Exception):
@@ -57,6 +62,8 @@ class Options:
     token_embedding_type: int | None = None     # --token-embedding-type
     quantize_output: bool = True                # not --leave-output-tensor
     pure: bool = False                          # --pure
+    # --tensor-type / --tensor-type-file: (lower-cased regex, type), the first that matches a tensor wins
+    overrides: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def of(cls, output_tensor_type: str | None, token_embedding_type: str | None, leave_output_tensor: bool,
@@ -125,8 +132,8 @@ def _more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def _fallback(t: Tensor, ty: int) -> int:
-    ncols = t.n_per_row
+def fallback_type(ncols: int, ty: int) -> int:
+    """tensor_type_fallback: ``ty``, or what llama.cpp writes instead for rows of ``ncols`` it does not fit."""
     if ty not in TYPE_SIZES:
         raise Unsupported(f"tensor type {ty}")
     blck = TYPE_SIZES[ty][0]
@@ -135,7 +142,7 @@ def _fallback(t: Tensor, ty: int) -> int:
     if ty in _FALLBACK:
         ty = _FALLBACK[ty]
     elif blck > 32:
-        raise Unsupported(f"no fallback for type {TYPE_NAMES.get(ty, ty)}")
+        raise Unsupported(f"no fallback for type {type_name(ty)}")
     return ty if ncols % TYPE_SIZES[ty][0] == 0 else F16
 
 
@@ -175,12 +182,24 @@ def _impl(t: Tensor, cat: str, ty: int, ftype: int, model: Model, opts: Options,
     return ty
 
 
-def tensor_types(order: list[Tensor], model: Model, fmt: str, opts: Options = Options()) -> list[int]:
+def _manual(name: str, patterns: list[tuple[re.Pattern, int]]) -> int | None:
+    """llama_tensor_get_type: the first override whose regex is found in the name (std::regex_search,
+    ECMAScript; the recipes written here use only syntax both dialects read alike)."""
+    return next((ty for pat, ty in patterns if pat.search(name)), None)
+
+
+def requires_imatrix(name: str, ty: int) -> bool:
+    return ty in NEEDS_IMATRIX and category(name) not in ("token_embd", "output")
+
+
+def tensor_types(order: list[Tensor], model: Model, fmt: str, opts: Options = Options(),
+                 has_imatrix: bool = False) -> list[int]:
     """The type of each tensor of ``order`` (llama_model_loader order) in format ``fmt``."""
     if fmt not in FORMATS:
         raise Unsupported(f"format {fmt}")
     ftype, default = FORMATS[fmt]
     c = _Counters(order, model)
+    patterns = [(re.compile(p), ty) for p, ty in opts.overrides]
     out = []
     for t in order:
         if t.ggml_type not in (F32, F16, BF16):
@@ -194,9 +213,14 @@ def tensor_types(order: list[Tensor], model: Model, fmt: str, opts: Options = Op
         elif opts.output_tensor_type is not None and cat == "output":
             ty = opts.output_tensor_type
         else:
-            ty = default if opts.pure else _impl(t, cat, default, ftype, model, opts, c)
-            ty = _fallback(t, ty)
+            # a manual type skips the mix's rules, and with them its attn_v / ffn_down counters
+            ty = _manual(t.name, patterns) if patterns else None
+            if ty is None:
+                ty = default if opts.pure else _impl(t, cat, default, ftype, model, opts, c)
+            ty = fallback_type(t.n_per_row, ty)
         if ty not in TYPE_SIZES or t.n_per_row % TYPE_SIZES[ty][0]:
-            raise Unsupported(f"type {TYPE_NAMES.get(ty, ty)} for {t.name}")
+            raise Unsupported(f"type {type_name(ty)} for {t.name}")
+        if not has_imatrix and requires_imatrix(t.name, ty):
+            raise Unsupported(f"{type_name(ty)} for {t.name} needs an importance matrix")
         out.append(ty)
     return out

@@ -1,0 +1,210 @@
+"""Choosing a type per group under a file-size budget, and the budget's spelling.
+
+The objective is the sum over groups of ``weight[g] * error[g][type]`` (sensitivity.py), the constraint
+the file's exact bytes (recipe.Sizer). Three passes, best result kept:
+- Lagrangian: each group's (bytes, error) options reduced to their lower convex hull, then the steps
+  with the most error removed per byte taken first while they fit (a step that does not fit is skipped,
+  cheaper ones of other groups still go);
+- fill: single upgrades on the full option lists while any fits;
+- exchange, from the hull's result and from a given start (the stock format's own assignment): swap one
+  group down and another up wherever that lowers the error within the budget, until none does. Started
+  from the stock assignment it can only improve on it, so at the stock format's size the result is never
+  worse than the stock mix by this estimate.
+"""
+from __future__ import annotations
+
+import heapq
+import re
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..rules import FORMATS
+
+Options = dict[str, list[tuple[int, int, float]]]     # group -> [(type, bytes, weighted error)], by bytes
+
+
+class BudgetError(ValueError):
+    """The budget cannot be met, or is spelled wrong."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    spec: str                  # as written, e.g. TUNED@Q4_K_M
+    kind: str                  # "format" | "bpw" | "bytes"
+    value: float | str
+
+    def limit(self, *, head: int, n_elements: int, stock_size: Callable[[str], int]) -> int:
+        """The most bytes the tuned file may have. A format's budget is that format's own file size (the
+        tuned file is never larger than the stock one it replaces); bits per weight count the tensor
+        data as llama.cpp's "quant size ... BPW" does, so the bpw it prints is at most the one asked."""
+        if self.kind == "format":
+            return stock_size(str(self.value))
+        if self.kind == "bpw":
+            return head + int(float(self.value) * n_elements / 8)
+        return int(self.value)
+
+
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+_NUM = r"(\d+(?:\.\d+)?)"
+
+
+def parse_budget(spec: str) -> Budget:
+    """``TUNED@Q4_K_M`` (that format's size), ``TUNED@4.8bpw``, ``TUNED@4.5GB`` / ``GiB`` / ``MB`` ..."""
+    head, sep, what = spec.partition("@")
+    if head.upper() != "TUNED" or not sep or not what:
+        raise BudgetError(f"{spec!r} is no tuned target: write TUNED@<format>, TUNED@<n>bpw or TUNED@<n>GB")
+    if what.upper() in FORMATS:
+        return Budget(spec, "format", what.upper())
+    if m := re.fullmatch(_NUM + r"\s*bpw", what, re.I):
+        bpw = float(m.group(1))
+        if not 1.0 <= bpw <= 16.0:
+            raise BudgetError(f"{spec}: {bpw} bits per weight is outside 1..16")
+        return Budget(spec, "bpw", bpw)
+    if m := re.fullmatch(_NUM + r"\s*([KMG]i?B|B)", what, re.I):
+        n = float(m.group(1)) * _UNITS[m.group(2).upper()]
+        if n <= 0:
+            raise BudgetError(f"{spec}: the size must be above 0")
+        return Budget(spec, "bytes", int(n))
+    raise BudgetError(f"{spec}: {what!r} is neither a format ({', '.join(FORMATS)}), <n>bpw nor a size like 4.5GB")
+
+
+@dataclass
+class Allocation:
+    types: dict[str, int]
+    bytes: int                 # of the groups (padded), not the whole file
+    budget: int                # the groups' share of the limit
+    error: float               # weighted estimate
+    method: str
+
+
+def options_of(costs: dict[str, dict[int, int]], errors: dict[str, dict[int, float]],
+               weights: dict[str, float], keep: Optional[dict[str, int]] = None) -> Options:
+    """Each group's types with bytes and weighted error, by bytes; a type that costs more without
+    lowering the error is dropped, unless ``keep`` names it for that group."""
+    out: Options = {}
+    for g, by_type in errors.items():
+        w = weights.get(g, 1.0)
+        opts = sorted(((ty, costs[g][ty], w * e) for ty, e in by_type.items()), key=lambda o: (o[1], o[2]))
+        kept: list[tuple[int, int, float]] = []
+        for o in opts:
+            if not kept or o[2] < min(k[2] for k in kept) or (keep and keep.get(g) == o[0]):
+                kept.append(o)
+        out[g] = kept
+    return out
+
+
+def _hull(opts: list[tuple[int, int, float]]) -> list[int]:
+    """Indices of the lower convex hull of (bytes, error), cheapest first, each lowering the error."""
+    h: list[int] = []
+    for i, (_, c, e) in enumerate(opts):
+        if h and e >= opts[h[-1]][2]:
+            continue
+        while len(h) >= 2:
+            (_, c1, e1), (_, c2, e2) = opts[h[-2]], opts[h[-1]]
+            if (e2 - e1) * (c - c1) >= (e - e1) * (c2 - c1):   # h[-1] lies on or above the chord
+                h.pop()
+            else:
+                break
+        h.append(i)
+    return h
+
+
+def _total(opts: Options, pick: dict[str, int]) -> tuple[int, float]:
+    return sum(opts[g][i][1] for g, i in pick.items()), sum(opts[g][i][2] for g, i in pick.items())
+
+
+def _lagrangian(opts: Options, budget: int) -> dict[str, int]:
+    hulls = {g: _hull(o) for g, o in opts.items()}
+    pos = {g: 0 for g in opts}
+    pick = {g: h[0] for g, h in hulls.items()}
+    spent = _total(opts, pick)[0]
+    heap = []
+
+    def push(g: str) -> None:
+        h, k = hulls[g], pos[g]
+        if k + 1 < len(h):
+            a, b = opts[g][h[k]], opts[g][h[k + 1]]
+            heapq.heappush(heap, (-(a[2] - b[2]) / max(1, b[1] - a[1]), g))
+
+    for g in opts:
+        push(g)
+    while heap:
+        _, g = heapq.heappop(heap)
+        h, k = hulls[g], pos[g]
+        step = opts[g][h[k + 1]][1] - opts[g][h[k]][1]
+        if spent + step > budget:
+            continue
+        spent += step
+        pos[g] = k + 1
+        pick[g] = h[k + 1]
+        push(g)
+    return pick
+
+
+def _fill(opts: Options, pick: dict[str, int], budget: int) -> dict[str, int]:
+    pick = dict(pick)
+    spent = _total(opts, pick)[0]
+    while True:
+        best = None
+        for g, i in pick.items():
+            c0, e0 = opts[g][i][1], opts[g][i][2]
+            for j in range(i + 1, len(opts[g])):
+                dc, de = opts[g][j][1] - c0, e0 - opts[g][j][2]
+                ratio = de / dc if dc > 0 else float("inf")
+                if spent + dc <= budget and de > 0 and (best is None or ratio > best[0]):
+                    best = (ratio, g, j, dc)
+        if best is None:
+            return pick
+        _, g, j, dc = best
+        pick[g], spent = j, spent + dc
+
+
+def _exchange(opts: Options, pick: dict[str, int], budget: int, max_rounds: int = 10000) -> dict[str, int]:
+    """Pairwise swaps (one group to a cheaper option, another to a dearer one) while the error drops."""
+    pick = dict(pick)
+    names = list(opts)
+    for _ in range(max_rounds):
+        spent, err = _total(opts, pick)
+        slack, tol = budget - spent, -1e-12 * max(err, 1e-300)
+        moves = [(gi, g, j, opts[g][j][1] - opts[g][pick[g]][1], opts[g][j][2] - opts[g][pick[g]][2])
+                 for gi, g in enumerate(names) for j in range(len(opts[g])) if j != pick[g]]
+        if not moves:
+            return pick
+        gi, dc, de = (np.array([m[k] for m in moves]) for k in (0, 3, 4))
+        # any single move that fits and helps, else the best pair
+        single = np.where((dc <= slack) & (de < 0), de, 0.0)
+        pair = de[:, None] + de[None, :]
+        ok = (dc[:, None] + dc[None, :] <= slack) & (gi[:, None] != gi[None, :])
+        pair = np.where(ok, pair, 0.0)
+        s, p = int(single.argmin()), int(pair.argmin())
+        if single[s] >= tol and pair.flat[p] >= tol:
+            return pick
+        if single[s] <= pair.flat[p]:
+            chosen = [moves[s]]
+        else:
+            a, b = divmod(p, len(moves))
+            chosen = [moves[a], moves[b]]
+        for _, g, j, _, _ in chosen:
+            pick[g] = j
+    return pick
+
+
+def allocate(opts: Options, budget: int, start: Optional[dict[str, int]] = None) -> Allocation:
+    """The assignment of least weighted error whose groups fit in ``budget`` bytes; ``start`` (group ->
+    type, e.g. the stock format's) is improved on too, when it fits and each of its types is an option."""
+    cheapest = sum(o[0][1] for o in opts.values())
+    if cheapest > budget:
+        raise BudgetError(f"the budget leaves {budget} bytes for the weights; the smallest types need {cheapest}")
+    tries = {}
+    lag = _lagrangian(opts, budget)
+    tries["lagrangian"] = _exchange(opts, _fill(opts, lag, budget), budget)
+    if start is not None:
+        index = {g: next((i for i, o in enumerate(opts[g]) if o[0] == start.get(g)), None) for g in opts}
+        if all(i is not None for i in index.values()) and _total(opts, index)[0] <= budget:
+            tries["from-stock"] = _exchange(opts, _fill(opts, index, budget), budget)
+    method, pick = min(tries.items(), key=lambda kv: _total(opts, kv[1])[1])
+    spent, err = _total(opts, pick)
+    assert spent <= budget
+    return Allocation({g: opts[g][i][0] for g, i in pick.items()}, spent, budget, err, method)

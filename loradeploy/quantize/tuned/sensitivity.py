@@ -1,0 +1,172 @@
+"""Cheap sensitivity of each tensor group: what each candidate type costs it, before any model runs.
+
+- ``quant_errors``: per group and type, the importance-weighted noise-to-signal of quantizing and
+  dequantizing the weight with ggml's own routines (the imatrix given, as llama-quantize would use it):
+  ``sum(imatrix[j] * (w - dequant(quant(w)))**2) / sum(imatrix[j] * w**2)`` over rows and columns. With
+  ``imatrix[j]`` the mean squared activation of column j, numerator and denominator are the expected
+  squared change and the expected squared size of the layer's output per token, so groups with and without
+  an imatrix entry (token_embd: a lookup, never a matmul) are on one scale. Rows are sampled evenly
+  (``max_rows``).
+- ``adapter_deltas``: per group, the Frobenius norm of the LoRA delta ``scale * B @ A``, from the r x r
+  products (no weight-sized matrix is formed); tensors the adapter replaces outright are listed apart.
+
+The measured KLD against the PEFT reference is what confirms these (phase 2 of issue 20).
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+
+from .. import kernels
+from ..gguf_out import TYPE_SIZES, SourceGGUF, row_bytes
+from ..importance import Importance
+from ..rules import (IQ3_S, IQ3_XXS, IQ4_XS, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_0, Unsupported, fallback_type,
+                     requires_imatrix)
+from .recipe import Group
+
+# Types both this engine and llama.cpp write, from the fewest bits to the most; the IQ types only with an
+# imatrix (IQ3_XXS cannot be written without one; the others lose much more without).
+K_TYPES = (Q3_K, Q4_K, Q5_K, Q6_K, Q8_0)
+IQ_TYPES = (IQ3_XXS, IQ3_S, IQ4_XS)
+LOW_TYPES = (Q2_K,)
+
+
+def candidates(g: Group, has_imatrix: bool, *, low_bits: bool = False) -> list[int]:
+    """The types ``g`` may take: a type whose block does not fit its rows becomes llama.cpp's fallback."""
+    wanted = (LOW_TYPES if low_bits else ()) + K_TYPES + (IQ_TYPES if has_imatrix else ())
+    out: list[int] = []
+    for ty in wanted:
+        try:
+            ty = fallback_type(g.n_per_row, ty)
+        except Unsupported:
+            continue
+        if ty not in out and g.n_per_row % TYPE_SIZES[ty][0] == 0:
+            out.append(ty)
+    return out
+
+
+@dataclass
+class Errors:
+    by_group: dict[str, dict[int, float]]          # group -> type -> importance-weighted noise-to-signal
+    frob2: dict[str, float]                        # group -> squared Frobenius norm of the weight
+    sampled_rows: dict[str, int] = field(default_factory=dict)
+
+
+def _sample(rows: int, max_rows: int) -> np.ndarray:
+    if rows <= max_rows:
+        return np.arange(rows)
+    return np.unique(np.linspace(0, rows - 1, max_rows).round().astype(np.int64))
+
+
+def _one(src: SourceGGUF, data: np.memmap, g: Group, types: list[int], im: Optional[np.ndarray],
+         max_rows: int) -> tuple[dict[int, float], float, int]:
+    t = src.by_name[g.name]
+    rb = row_bytes(t.ggml_type, t.n_per_row)
+    idx = _sample(t.rows, max_rows)
+    start = src.data_start + t.offset
+    raw = np.concatenate([data[start + i * rb:start + (i + 1) * rb] for i in idx])
+    x = kernels.to_f32(raw, t.ggml_type, np.empty(len(idx) * t.n_per_row, np.float32)).reshape(len(idx), -1)
+    w = np.ones(t.n_per_row, np.float64) if im is None else im.astype(np.float64)
+    x64 = x.astype(np.float64)
+    signal = float((x64 ** 2 @ w).sum()) or 1.0
+    out = {}
+    for ty in types:
+        if ty == t.ggml_type:
+            out[ty] = 0.0
+            continue
+        if requires_imatrix(g.name, ty) and im is None:
+            continue                     # llama.cpp refuses it
+        q = np.empty(len(idx) * row_bytes(ty, t.n_per_row), np.uint8)
+        kernels.quantize_rows(ty, x, q, imatrix=im)
+        y = kernels.dequantize(ty, q, x.size).reshape(x.shape)
+        out[ty] = float(((x64 - y) ** 2 @ w).sum()) / signal
+    return out, float((x64 ** 2).sum()) * t.rows / len(idx), len(idx)
+
+
+def quant_errors(src: SourceGGUF, groups: Iterable[Group], types: dict[str, list[int]],
+                 imatrix: Optional[Importance] = None, *, max_rows: int = 256, threads: int = 1) -> Errors:
+    """Each group's error in each of ``types[group]`` (see the module doc)."""
+    groups = list(groups)
+    data = np.memmap(src.path, np.uint8, mode="r")
+    res = Errors({}, {})
+
+    def work(g: Group):
+        im = imatrix.for_tensor(src.by_name[g.name]) if imatrix is not None else None
+        return g.name, _one(src, data, g, types[g.name], im, max_rows)
+
+    with cf.ThreadPoolExecutor(max(1, threads)) as pool:
+        for name, (errs, frob2, n) in pool.map(work, groups):
+            res.by_group[name], res.frob2[name], res.sampled_rows[name] = errs, frob2, n
+    return res
+
+
+# ------------------------------------------------------------------------------------------ the adapter
+
+@dataclass
+class Deltas:
+    norm: dict[str, float]            # GGUF tensor name -> ||scale * B @ A||_F
+    replaced: set[str]                # tensors the adapter saves whole (modules_to_save)
+    unmapped: list[str]               # adapter modules with no tensor in the GGUF
+
+
+def _st_tensor(path: Path, header: dict, key: str, start: int) -> np.ndarray:
+    meta = header[key]
+    code = {"F16": 1, "BF16": 30, "F32": 0}.get(meta["dtype"])
+    if code is None:
+        raise Unsupported(f"adapter tensor {key} is {meta['dtype']}")
+    b0, b1 = meta["data_offsets"]
+    with open(path, "rb") as f:
+        f.seek(start + b0)
+        raw = np.frombuffer(f.read(b1 - b0), np.uint8)
+    n = math.prod(meta["shape"])
+    return kernels.to_f32(raw, code, np.empty(n, np.float32)).reshape(meta["shape"]).astype(np.float64)
+
+
+def delta_norm(a: np.ndarray, b: np.ndarray, scale: float) -> float:
+    """||scale * B @ A||_F = |scale| * sqrt(trace((B^T B)(A A^T))), from r x r matrices."""
+    return abs(scale) * math.sqrt(max(0.0, float(((b.T @ b) * (a @ a.T)).sum())))
+
+
+def adapter_deltas(adapter_dir: Path, gguf: Path) -> Deltas:
+    """Per tensor of ``gguf`` (the merged F16), how much the adapter at ``adapter_dir`` changes it."""
+    from ...merge.hf_folder import load_adapter_info
+    from ..reuse import gguf_names
+
+    info = load_adapter_info(adapter_dir)
+    hf = {f"{m}.weight": m for m in info.pairs}
+    mapped = gguf_names(gguf, [*hf, *info.full_tensors]) or {}
+    with open(info.weights, "rb") as f:
+        start = 8 + struct.unpack("<Q", f.read(8))[0]
+    header = {k: v for k, v in json.loads(info.weights.read_bytes()[8:start]).items() if k != "__metadata__"}
+    out = Deltas({}, set(), [])
+    for name, module in hf.items():
+        g = mapped.get(name)
+        if g is None:
+            out.unmapped.append(module)
+            continue
+        pair = info.pairs[module]
+        a = _st_tensor(info.weights, header, pair.a_key, start)
+        b = _st_tensor(info.weights, header, pair.b_key, start)
+        out.norm[g] = delta_norm(a, b, info.scale(module))
+    for name in info.full_tensors:
+        if mapped.get(name) is not None:
+            out.replaced.add(mapped[name])
+    return out
+
+
+def adapter_weights(deltas: Deltas, frob2: dict[str, float], *, strength: float = 1.0) -> dict[str, float]:
+    """A multiplier per group for its quantization error: 1 where the adapter left the tensor alone,
+    ``1 + strength * rel / mean(rel)`` where it changed it by ``rel = ||dW|| / ||W||`` (replaced tensors
+    count as the most changed), so at equal error the groups the adapter changed most win bits."""
+    rel = {n: d / math.sqrt(frob2[n]) for n, d in deltas.norm.items() if frob2.get(n, 0) > 0}
+    top = max(rel.values(), default=1.0) or 1.0
+    rel.update({n: top for n in deltas.replaced if n in frob2})
+    mean = sum(rel.values()) / len(rel) if rel else 1.0
+    return {n: 1.0 + strength * rel.get(n, 0.0) / (mean or 1.0) for n in frob2}
