@@ -21,6 +21,7 @@ from .metrics import body_tokens, tail_tokens, tokens_of
 from .policy import Forward
 
 if TYPE_CHECKING:
+    from .control import Control
     from .proxy import Proxy
 
 READ = 256 * 1024
@@ -63,24 +64,28 @@ def request_bytes(fw: Forward, port: int, key: Optional[str], headers) -> tuple[
     return out + conn.send(h11.EndOfMessage()), conn
 
 
-async def _connect(proxy: "Proxy") -> tuple[int, asyncio.StreamReader, asyncio.StreamWriter]:
-    """The current backend; a refused connect re-reads the control file and retries for a while, which
-    covers the moment between a switch and the old backend closing its socket."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + CONNECT_RETRY_S
+class Moved(Exception):
+    """The backend this request was routed for is gone and the control file names another: route it
+    again (in adapter mode the port's lora selection belongs to one backend's adapter ids)."""
+
+
+async def _connect(proxy: "Proxy", control: Optional["Control"], deadline: float):
+    """A connection to ``control``'s backend. A refused connect re-reads the control file and retries
+    until ``deadline``, which covers the moment between a switch and the old backend closing its
+    socket; when the file names another backend by then: Moved."""
     while True:
-        port = proxy.backend_port
-        if port is not None:
+        if control is not None:
             try:
                 async with asyncio.timeout(CONNECT_RETRY_S):
-                    r, w = await asyncio.open_connection("127.0.0.1", port, limit=READ)
-                return port, r, w
+                    return await asyncio.open_connection("127.0.0.1", control.backend_port, limit=READ)
             except (OSError, TimeoutError):
                 pass
-        if loop.time() > end:
-            raise BackendError(502, "no backend is reachable" if port else "no backend is configured")
+        if asyncio.get_running_loop().time() > deadline:
+            raise BackendError(502, "no backend is reachable" if control else "no backend is configured")
         await asyncio.sleep(0.05)
         proxy.reload_control()
+        if proxy.control != control:
+            raise Moved
 
 
 class _Exchange:
@@ -106,14 +111,18 @@ class _Exchange:
             await self.more()
 
 
-async def relay(proxy: "Proxy", fw: Forward, headers, client: Client) -> tuple[int, Optional[tuple[int, int]]]:
-    """Send ``fw`` to the backend and its answer to ``client``: (status, (prompt, generated) tokens)."""
-    port, reader, writer = await _connect(proxy)
+async def relay(proxy: "Proxy", control: Optional["Control"], fw: Forward, headers, client: Client,
+                deadline: float) -> tuple[int, Optional[tuple[int, int]]]:
+    """Send ``fw`` (routed for ``control``) to its backend and the answer to ``client``: (status,
+    (prompt, generated) tokens)."""
+    reader, writer = await _connect(proxy, control, deadline)
+    assert control is not None
+    port = control.backend_port
     key = str(port)
     inflight = proxy.inflight
     inflight[key] = inflight.get(key, 0) + 1
     try:
-        data, conn = request_bytes(fw, port, proxy.backend_key, headers)
+        data, conn = request_bytes(fw, port, control.backend_key, headers)
         writer.write(data)
         ex = _Exchange(reader, conn, proxy.limits.backend_timeout_s)
         resp = await ex.event()

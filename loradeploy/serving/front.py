@@ -27,7 +27,7 @@ import h11
 
 from . import forward
 from .metrics import CONTENT_TYPE, route_label
-from .policy import BadRequest, Forward, Reply, error, normalise_path, route
+from .policy import BadRequest, Reply, error, normalise_path, route
 
 if TYPE_CHECKING:
     from .control import Limits
@@ -242,17 +242,23 @@ class Conn:
         body = await self.body(lim.max_body)
         if isinstance(body, int):
             return body
-        decided = route(method, req.target, headers, body, p.port_info)
-        if isinstance(decided, Reply):
-            if decided.page == "metrics":
-                return await self.reply(200, p.metrics_text().encode(), CONTENT_TYPE.encode())
-            hs = [(k.encode(), v.encode()) for k, v in decided.headers]
-            return await self.reply(decided.status, json.dumps(decided.obj).encode(), headers=hs)
-        return await self.forward(decided, headers)
+        deadline = asyncio.get_running_loop().time() + forward.CONNECT_RETRY_S
+        while True:
+            control, info = p.control, p.port_info  # one consistent pair: a SIGHUP sets both at once
+            decided = route(method, req.target, headers, body, info)
+            if isinstance(decided, Reply):
+                if decided.page == "metrics":
+                    return await self.reply(200, p.metrics_text().encode(), CONTENT_TYPE.encode())
+                hs = [(k.encode(), v.encode()) for k, v in decided.headers]
+                return await self.reply(decided.status, json.dumps(decided.obj).encode(), headers=hs)
+            try:
+                return await self.forward(forward.relay(p, control, decided, headers, self, deadline))
+            except forward.Moved:
+                continue  # routed again for the backend the control file names now
 
-    async def forward(self, fw: Forward, headers) -> int:
+    async def forward(self, relaying) -> int:
         """Relay to the backend while watching the client: EOF from it cancels the relay."""
-        relay = asyncio.ensure_future(forward.relay(self.p, fw, headers, self))
+        relay = asyncio.ensure_future(relaying)
         watch: Optional[asyncio.Future] = None
         watched = 0
         try:

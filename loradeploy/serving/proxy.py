@@ -62,10 +62,6 @@ class Proxy:
     def backend_port(self) -> Optional[int]:
         return self.control.backend_port if self.control else None
 
-    @property
-    def backend_key(self) -> Optional[str]:
-        return self.control.backend_key if self.control else None
-
     def reload(self) -> None:
         """SIGHUP: both files again."""
         try:
