@@ -396,7 +396,8 @@ def test_sighup_rereads_both_files_and_keeps_state_on_a_bad_file(proxy, backend)
     assert r.status == 200, "the key is gone again"
 
 
-_SAMPLE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\]|\\.)*",?)*\})? -?[0-9.e+Inf]+$')
+_SAMPLE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\]|\\.)*",?)*\})? '
+                     r'(-?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?|[+-]Inf|NaN)$')
 
 
 def test_metrics_are_prometheus_text(proxy):
@@ -427,6 +428,8 @@ def test_metrics_render_and_tail_counts():
     assert 'loradeploy_request_seconds_count{route="/v1/models"} 2' in text
     assert "loradeploy_requests_in_flight 2" in text and 'version="v\\"1"' in text
     assert text.endswith("\n")
+    m.observe("/health", 200, 0.00001)  # a sum printed with an exponent is still a sample
+    assert all(_SAMPLE.match(line) for line in m.render(0, {}).splitlines() if not line.startswith("#"))
     tail = [b'data: {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 9}}\n\n', b"data: [DONE]\n\n"]
     assert tail_tokens(tail) == (7, 9)
     assert tail_tokens([b'data: {"choices": [{"finish_reason": "stop"}], "timings": {"prompt_n": 1, "predicted_n": 2}}'
