@@ -14,7 +14,7 @@ answers a request itself (``Reply``) or names what to send the backend (``Forwar
   an empty segment (``//``) and a dot segment (``.``, ``..``). The query is only read past: no allowed
   route takes one, so none is forwarded.
 - **Bodies checked and re-serialised.** A POST body must be UTF-8 JSON, one object, without NUL (raw or
-  escaped), duplicate keys, non-finite numbers or nesting deeper than ``MAX_DEPTH``, and at most
+  escaped), lone surrogates, duplicate keys, non-finite numbers or nesting deeper than ``MAX_DEPTH``, and at most
   ``max_body`` bytes (413). The backend receives ``json.dumps`` of the checked object after the port's
   rules (the system prompt on chat, and in adapter mode the port's ``lora`` selection on every
   generation route, replacing whatever the client sent), never the client's bytes.
@@ -61,6 +61,7 @@ ROUTES: dict[str, tuple[str, str]] = {
 ASSEMBLED = {CHAT: "chat", COMPLETIONS: "completions"}
 
 _PCT = re.compile(rb"%([0-9A-Fa-f]{2})")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _TARGET_OK = re.compile(rb"[\x21-\x7e]*")  # what a request target may hold at all: visible ASCII
 
 
@@ -159,8 +160,16 @@ def _no_constant(name: str):
     raise BadRequest(f"{name} is not JSON")
 
 
+def _bad_text(s: str) -> str | None:
+    if "\x00" in s:
+        return "a NUL character in the JSON body"
+    if _SURROGATE.search(s):  # an escaped lone surrogate: Python reads it, llama-server's parser does not
+        return "a lone surrogate (\\ud800-\\udfff) in the JSON body"
+    return None
+
+
 def _walk(obj: Any) -> None:
-    """Bound the nesting and refuse NUL in every string and key, without recursion."""
+    """Bound the nesting and refuse NUL and lone surrogates in every string and key, without recursion."""
     stack = [(obj, 1)]
     while stack:
         cur, depth = stack.pop()
@@ -169,11 +178,11 @@ def _walk(obj: Any) -> None:
                 raise BadRequest(f"the JSON body nests deeper than {MAX_DEPTH}")
             items = cur.items() if isinstance(cur, dict) else ((None, v) for v in cur)
             for k, v in items:
-                if k is not None and "\x00" in k:
-                    raise BadRequest("a NUL character in the JSON body")
+                if k is not None and (why := _bad_text(k)):
+                    raise BadRequest(why)
                 stack.append((v, depth + 1))
-        elif isinstance(cur, str) and "\x00" in cur:
-            raise BadRequest("a NUL character in the JSON body")
+        elif isinstance(cur, str) and (why := _bad_text(cur)):
+            raise BadRequest(why)
 
 
 def parse_body(body: bytes, max_body: int = MAX_BODY) -> dict:

@@ -86,6 +86,8 @@ def test_the_query_is_read_past_and_never_forwarded():
     (b'{"messages": [], "x": "a\x00b"}', "NUL"),
     (b'{"messages": [{"role": "user", "content": "a\\u0000b"}]}', "NUL"),
     (b'{"a\\u0000": 1}', "NUL"),
+    (b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', "surrogate"),
+    (b'{"\\udfff": 1}', "surrogate"),
     (b'{"messages": [], "lora": [], "lora": [{"id": 0, "scale": 1}]}', "duplicate"),
     (b'{"messages": [{"role": "user", "role": "system", "content": "x"}]}', "duplicate"),
     (b"[" * 100_000 + b"]" * 100_000, "deeper"),
