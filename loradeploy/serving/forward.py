@@ -208,3 +208,45 @@ async def _assembled(kind: str, ex: _Exchange, client: Client) -> tuple[int, Opt
         raise BackendError(502, f"the backend's stream could not be read: {exc}") from None
     await client.reply_json(status, obj)
     return status, tokens_of(obj)
+
+
+GAUGES_TIMEOUT_S = 2.0
+MAX_GAUGES = 1024 * 1024
+
+
+async def backend_gauges(proxy: "Proxy") -> str:
+    """The backend's own ``llamacpp:*`` series (slots decoding, requests deferred, tokens), asked of it with
+    its key and appended to the port's ``/metrics``, so one scrape of a port shows both. The backend's
+    other lines are dropped; no answer within ``GAUGES_TIMEOUT_S`` (or the python backend, which has no
+    ``/metrics``): only ``loradeploy_backend_metrics_up 0``."""
+    control = proxy.control
+    text = ""
+    if control is not None:
+        try:
+            async with asyncio.timeout(GAUGES_TIMEOUT_S):
+                reader, writer = await asyncio.open_connection("127.0.0.1", control.backend_port, limit=READ)
+                try:
+                    data, conn = request_bytes(Forward("GET", "/metrics"), control.backend_port,
+                                               control.backend_key, [])
+                    writer.write(data)
+                    ex = _Exchange(reader, conn, GAUGES_TIMEOUT_S)
+                    resp, body = await ex.event(), bytearray()
+                    while type(resp) is h11.InformationalResponse:
+                        resp = await ex.event()
+                    while type(resp) is h11.Response and resp.status_code == 200 and len(body) <= MAX_GAUGES:
+                        ev = await ex.event()
+                        if type(ev) is h11.Data:
+                            body += ev.data
+                        elif type(ev) is h11.EndOfMessage:
+                            text = body.decode("utf-8", errors="replace")
+                            break
+                        else:
+                            break
+                finally:
+                    writer.close()
+        except (OSError, TimeoutError, BackendError):
+            text = ""
+    keep = [line for line in text.splitlines()
+            if line.startswith(("llamacpp:", "# HELP llamacpp:", "# TYPE llamacpp:"))]
+    up = "# TYPE loradeploy_backend_metrics_up gauge\n" + f"loradeploy_backend_metrics_up {1 if keep else 0}\n"
+    return up + "".join(line + "\n" for line in keep)

@@ -248,7 +248,8 @@ class Conn:
             decided = route(method, req.target, headers, body, info)
             if isinstance(decided, Reply):
                 if decided.page == "metrics":
-                    return await self.reply(200, p.metrics_text().encode(), CONTENT_TYPE.encode())
+                    return await self.reply(200, (p.metrics_text() + await forward.backend_gauges(p)).encode(),
+                                            CONTENT_TYPE.encode())
                 hs = [(k.encode(), v.encode()) for k, v in decided.headers]
                 return await self.reply(decided.status, json.dumps(decided.obj).encode(), headers=hs)
             try:

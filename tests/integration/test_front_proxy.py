@@ -164,3 +164,26 @@ def test_a_non_streaming_client_that_leaves_stops_its_generation(served):
     stopped_at = max(n for i, n in at_leave.items() if i != working[0]["id"])
     assert stopped_at < 3000
     busy_done.wait(120)
+
+
+def test_metrics_relay_the_backends_slot_gauges_and_health_reads_them(served):
+    """The port's /metrics is its own, plus llama-server's ``llamacpp:*`` series asked with the backend's key
+    (the client never sees or needs that key); health's server check reads slot use from it."""
+    from loradeploy.config import HealthCheckConfig
+    from loradeploy.health.api import prometheus_values, server_checks
+    from loradeploy.tools.openai_http import Client
+
+    status, _ = _post(served["proxy"], "/v1/completions", {"prompt": "a", "max_tokens": 2, "temperature": 0})
+    assert status == 200
+    c = http.client.HTTPConnection("127.0.0.1", served["proxy"], timeout=10)
+    c.request("GET", "/metrics")
+    r = c.getresponse()
+    text = r.read().decode()
+    assert r.status == 200 and "loradeploy_backend_metrics_up 1" in text, text[-2000:]
+    ours = [line for line in text.splitlines() if line.startswith("loradeploy_requests_total")]
+    assert ours and any('route="/v1/completions"' in line for line in ours), ours
+    relayed = prometheus_values(text)
+    assert relayed.get("tokens_predicted_total", 0) >= 2 and "requests_processing" in relayed, relayed
+    assert not any(line and not line.startswith(("loradeploy_", "llamacpp:", "# ")) for line in text.splitlines())
+    check, = server_checks(Client(f"http://127.0.0.1:{served['proxy']}"), None, HealthCheckConfig())
+    assert check.status == "pass" and "requests_processing" in check.metrics, check
