@@ -10,6 +10,7 @@ from typing import Annotated, Literal, Optional
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo, model_validator
 
 from ..stagespec import STAGES, Stage  # noqa: F401  (declared once, in stagespec.SPECS)
+from .tuned import is_tuned, parse_tuned
 
 # llama.cpp quantization types by name (llama_ftype). Kept here so config validation needs no
 # compiled library; tools/llama_quantize.py checks it against the linked llama.cpp at run time.
@@ -92,10 +93,12 @@ RelPath = Annotated[Path, AfterValidator(resolve_path)]
 
 
 def _quant_name(v: str) -> str:
+    if is_tuned(v):   # TUNED@Q4_K_M ... -> one file-safe label, TUNED-Q4_K_M
+        return parse_tuned(v).label
     name = str(v).strip().upper()
     if name not in QUANT_TYPES:
         known = ", ".join(sorted(QUANT_TYPES))
-        raise ValueError(f"unknown llama.cpp quantization type {v!r}; known: {known}")
+        raise ValueError(f"unknown llama.cpp quantization type {v!r}; known: {known}, or TUNED@<format> (issue 20)")
     return name
 
 

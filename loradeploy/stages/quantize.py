@@ -5,11 +5,12 @@ import concurrent.futures as cf
 import contextlib
 from pathlib import Path
 
+from ..config.tuned import is_tuned
 from ..errors import InputError, QuantizeError
 from ..fsutil import atomic_output
 from ..llamacpp import runtime
 from ..lora.shared_base import once
-from ..quantize import ENGINE_VERSION, FORMATS, Options, TensorCache, cache_dir, quantize_formats, why_unsupported
+from ..quantize import ENGINE_VERSION, FORMATS, Options, quantize_formats, why_unsupported
 from ..quantize import imatrix as imx
 from ..quantize.cache import trim
 from ..quantize.reuse import reusable
@@ -17,7 +18,7 @@ from ..resources import cpu_budget, thread_plan
 from .base import Artifact, StageContext, StageResult
 from .convert import validate
 from .memory import quantize_memory
-from .merge import adapter_dir_for
+from .tuned import TUNED_CODE, build_tuned, calibration_source, engine_cache
 
 
 class QuantizeStage:
@@ -35,13 +36,8 @@ class QuantizeStage:
         return {"source": self._source(ctx).sha256, "formats": ctx.cfg.formats_for(ctx.model_name),
                 "opts": [q.output_tensor_type, q.token_embedding_type, q.leave_output_tensor, q.pure,
                          q.allow_requantize], "llama_cpp": runtime.llama_cpp_version(),
-                "imatrix": imx.setting_inputs(q.imatrix, self._cal(ctx))}
-
-    def _cal(self, ctx: StageContext) -> imx.CalibrationSource:
-        v, samples = ctx.cfg.verify, ctx.cfg.samples_for(ctx.model_name)
-        return imx.CalibrationSource(ctx.model.base_model, adapter_dir_for(ctx), ctx.model.system_prompt,
-                                     v.calibration, samples if samples.is_file() else None, v.max_tokens,
-                                     v.max_seq_len)
+                "imatrix": imx.setting_inputs(q.imatrix, calibration_source(ctx)),
+                **({"tuned": TUNED_CODE} if any(map(is_tuned, ctx.cfg.formats_for(ctx.model_name))) else {})}
 
     def _split(self, ctx: StageContext, src: Path, formats: list[str], imatrix) -> tuple[list[str], str | None]:
         """(formats for loradeploy's engine, why the others are not)."""
@@ -62,9 +58,8 @@ class QuantizeStage:
         return mine, ("not an engine format: " + ", ".join(other)) if other else None
 
     def _engine(self, ctx: StageContext, src: Path, fmts: list[str], threads: int) -> tuple[dict, dict]:
-        perf, q = ctx.cfg.performance, ctx.cfg.quantization
-        root, changed = cache_dir(ctx.state_dir), ctx.upstream.get("convert", {}).get("info", {}).get("adapter_tensors")
-        cache = TensorCache(root, int(perf.tensor_cache_gb * 2**30), ENGINE_VERSION)
+        q = ctx.cfg.quantization
+        cache, root, changed = engine_cache(ctx)
         ctx.log.info("loradeploy engine: %s from %s, %d threads; cache: %s", fmts, src.name, threads, "off (changed "
                      "tensors unknown)" if changed is None else f"all but the {len(changed)} tensors the adapter changed")
         try:
@@ -116,12 +111,15 @@ class QuantizeStage:
         cores = cpu_budget(ctx.cfg.performance.max_cpu_threads)
         budget = min(q.threads, cores) if q.threads else cores
         memory = quantize_memory(ctx, src, budget)  # refused here, before anything is written
-        imatrix, note = imx.resolve(q.imatrix, src, src_art.sha256, self._cal(ctx), ctx.paths.gguf_dir / "imatrix",
-                                    threads=budget, log_path=ctx.log_path)
+        imatrix, note = imx.resolve(q.imatrix, src, src_art.sha256, calibration_source(ctx),
+                                    ctx.paths.gguf_dir / "imatrix", threads=budget, log_path=ctx.log_path)
         ctx.log.info("%s", note or "no importance matrix")
-        mine, why_not = self._split(ctx, src, formats, imatrix)
+        tuned = [f for f in formats if is_tuned(f)]
+        mine, why_not = self._split(ctx, src, [f for f in formats if f not in tuned], imatrix)
         arts, stats = self._engine(ctx, src, mine, budget) if mine else ({}, None)
         ours = set(arts)
+        made, recipes, tuned_info = build_tuned(ctx, src, tuned, imatrix, budget) if tuned else ({}, [], {})
+        arts.update(made)
         # the converted file already is this format
         arts.update({f: Artifact.of(src, "gguf", f, sha256=src_art.sha256) for f in formats if ctx.paths.gguf(f) == src})
         jobs = imx.plan(formats, ctx.paths.gguf, imatrix, set(arts))
@@ -139,11 +137,11 @@ class QuantizeStage:
             results = [fut.result() for fut in futs]
         arts.update({a.format: a for a in results if a.kind == "gguf"})
         ordered = [arts[f] for f in formats] + [a for a in results if a.kind != "gguf"] + \
-            ([Artifact.of(imatrix, "imatrix")] if imatrix else [])
-        engine = {f: "loradeploy" if f in ours else "llama.cpp-imatrix" if imatrix and imx.uses_imatrix(f)
-                  else "llama.cpp" for f in formats}
+            recipes + ([Artifact.of(imatrix, "imatrix")] if imatrix else [])
+        engine = {f: tuned_info[f]["engine"] + "-tuned" if f in tuned_info else "loradeploy" if f in ours
+                  else "llama.cpp-imatrix" if imatrix and imx.uses_imatrix(f) else "llama.cpp" for f in formats}
         return StageResult(ordered, {"formats": formats, "parallel": parallel, "threads_each": threads,
                                      "engine": engine, "engine_note": why_not, "engine_stats": stats,
                                      "sizes": {a.format: a.size for a in ordered if a.kind == "gguf"},
-                                     "imatrix": str(imatrix) if imatrix else None,
+                                     "imatrix": str(imatrix) if imatrix else None, "tuned": tuned_info,
                                      "primary": ctx.cfg.serve_format_for(ctx.model_name), **memory})

@@ -101,6 +101,7 @@ def verify_model(req: VerifyRequest, *, log: Optional[logging.Logger] = None,
     from .metrics import noise_to_signal
     from .reference import eos_ids, run_reference
     from .report import append_history, stamp, write_verify_json
+    from .tuned import recipe_entry
 
     log = log or logging.getLogger("loradeploy.verify")
     s = req.settings
@@ -138,6 +139,8 @@ def verify_model(req: VerifyRequest, *, log: Optional[logging.Logger] = None,
                                     behaviour=s.behaviour and cand.gated, progress=progress)
             memory["candidates"][cand.label]["measured_peak_rss_bytes"] = cand_peak.peak
             e["noise_to_signal"] = noise_to_signal(e.get("kld_mean"), signal)
+            if (tuned := recipe_entry(cand.label, cand.path)) is not None:
+                e["tuned"] = tuned
             limits = limits_for(cand.fmt, s)
             e["limits"] = limits.to_dict()
             if cand.gated or cand.variant:  # a variant (the plain twin) is judged, though never served

@@ -55,11 +55,23 @@ class Limits:
         return {"max_kld": self.max_kld, "min_top1": self.min_top1, "max_noise_to_signal": self.max_noise_to_signal}
 
 
+def sized_after(fmt: str) -> str:
+    """The stock format a tuned one (TUNED-Q4_K_M) is sized after, and so held to; any other format itself."""
+    from ..config.tuned import is_tuned, parse_tuned
+
+    if is_tuned(fmt):
+        t = parse_tuned(fmt)
+        return str(t.value) if t.kind == "format" else fmt.upper()
+    return fmt.upper()
+
+
 def limits_for(fmt: str, vcfg: "VerifyConfig") -> Limits:
-    kld, top1 = defaults_for(fmt)
-    kld = vcfg.max_kld.get(fmt.upper(), kld)
+    """The limits written for ``fmt``, else those of the format it is sized after (a tuned one), else the defaults."""
+    fmt, base = fmt.upper(), sized_after(fmt)
+    kld, top1 = defaults_for(base)
+    kld = vcfg.max_kld.get(fmt, vcfg.max_kld.get(base, kld))
     if isinstance(vcfg.min_top1, dict):
-        top1 = vcfg.min_top1.get(fmt.upper(), top1)
+        top1 = vcfg.min_top1.get(fmt, vcfg.min_top1.get(base, top1))
     elif vcfg.min_top1 is not None:
         top1 = float(vcfg.min_top1)
     return Limits(kld, top1, vcfg.max_noise_to_signal)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from ..fsutil import atomic_output, atomic_write_text
+from .tuned import CHART_NAME as SIZE_CHART, recipe_lines, write_size_chart
 
 JSON_NAME = "verify.json"
 CHART_NAME = "verify_kld.png"
@@ -160,10 +161,14 @@ def markdown_section(verdicts: Iterable[dict], out_dir: Path, *, charts: bool = 
             out += [stop_line(v), ""]
         out += ["| " + " | ".join(HEADERS) + " |", "|:---|" + "---:|" * (len(HEADERS) - 1)]
         out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in table_rows(v)] + [""]
+        out += recipe_lines(v)
     if charts:
         chart = write_chart(verdicts, Path(out_dir) / CHART_NAME)
         if chart:
             out += [f"![KLD per format against the adapter's signal]({chart.name})", ""]
+        sized = write_size_chart(verdicts, Path(out_dir) / SIZE_CHART)
+        if sized:
+            out += [f"![KLD against file size: stock formats and tuned recipes]({sized.name})", ""]
     return out
 
 

@@ -14,13 +14,12 @@ the file's exact bytes (recipe.Sizer). Three passes, best result kept:
 from __future__ import annotations
 
 import heapq
-import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
 
-from ..rules import FORMATS
+from ...config.tuned import parse_tuned
 
 Options = dict[str, list[tuple[int, int, float]]]     # group -> [(type, bytes, weighted error)], by bytes
 
@@ -46,28 +45,14 @@ class Budget:
         return int(self.value)
 
 
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-_NUM = r"(\d+(?:\.\d+)?)"
-
-
 def parse_budget(spec: str) -> Budget:
-    """``TUNED@Q4_K_M`` (that format's size), ``TUNED@4.8bpw``, ``TUNED@4.5GB`` / ``GiB`` / ``MB`` ..."""
-    head, sep, what = spec.partition("@")
-    if head.upper() != "TUNED" or not sep or not what:
-        raise BudgetError(f"{spec!r} is no tuned target: write TUNED@<format>, TUNED@<n>bpw or TUNED@<n>GB")
-    if what.upper() in FORMATS:
-        return Budget(spec, "format", what.upper())
-    if m := re.fullmatch(_NUM + r"\s*bpw", what, re.I):
-        bpw = float(m.group(1))
-        if not 1.0 <= bpw <= 16.0:
-            raise BudgetError(f"{spec}: {bpw} bits per weight is outside 1..16")
-        return Budget(spec, "bpw", bpw)
-    if m := re.fullmatch(_NUM + r"\s*([KMG]i?B|B)", what, re.I):
-        n = float(m.group(1)) * _UNITS[m.group(2).upper()]
-        if n <= 0:
-            raise BudgetError(f"{spec}: the size must be above 0")
-        return Budget(spec, "bytes", int(n))
-    raise BudgetError(f"{spec}: {what!r} is neither a format ({', '.join(FORMATS)}), <n>bpw nor a size like 4.5GB")
+    """``TUNED@Q4_K_M`` (that format's size), ``TUNED@4.8bpw``, ``TUNED@4.5GB`` / ``GiB`` / ``MB`` ...
+    (config.tuned spells them; ``-`` for ``@`` too)."""
+    try:
+        t = parse_tuned(spec)
+    except ValueError as exc:
+        raise BudgetError(str(exc)) from None
+    return Budget(spec, t.kind, t.value)
 
 
 @dataclass

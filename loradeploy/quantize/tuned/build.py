@@ -1,0 +1,91 @@
+"""One tuned GGUF from an F16 GGUF: plan the recipe, write it beside the GGUF, quantize with it.
+
+The recipe file is ``<gguf minus .gguf>.tensor-types.txt``; the GGUF is what
+``llama-quantize --tensor-type-file R [--imatrix I] F16 OUT BASE`` writes, byte for byte: loradeploy's
+engine where it can (the imatrix named by the same path string, which ends up in the header), else that
+very command. The quantization options of the stock formats (--pure, --output-tensor-type ...) do not
+apply: the recipe names every quantizable tensor's type.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..cache import TensorCache
+from ..engine import quantize_formats, why_unsupported
+from ..importance import Importance, load
+from ..rules import Unsupported
+from . import TunedPlan, plan_tuned
+
+SUFFIX = ".tensor-types.txt"
+CODE_VERSION = 1     # bump when what chooses a recipe changes: tuned files are made again
+
+
+def recipe_path(gguf: Path) -> Path:
+    """Where the recipe of the tuned GGUF ``gguf`` lives: beside it."""
+    gguf = Path(gguf)
+    stem = gguf.name[:-5] if gguf.name.endswith(".gguf") else gguf.name
+    return gguf.with_name(stem + SUFFIX)
+
+
+@dataclass
+class Built:
+    label: str
+    path: Path
+    recipe: Path
+    sha256: Optional[str]          # None when llama-quantize wrote it (the caller hashes)
+    engine: str                    # loradeploy | llama.cpp
+    plan: TunedPlan
+    seconds: dict = field(default_factory=dict)
+    note: Optional[str] = None     # why llama-quantize wrote it
+
+    def info(self) -> dict:
+        """For the run record: the budget, the recipe (file and text), sizes, who wrote it, how long it took."""
+        return {**self.plan.summary(), "recipe_file": str(self.recipe), "recipe": self.plan.recipe.text(),
+                "engine": self.engine, "engine_note": self.note, "seconds": self.seconds,
+                "adapter_weighted": any(w != 1.0 for w in self.plan.weights.values())}
+
+
+def _importance(imatrix: Optional[Path]) -> tuple[Optional[Importance], Optional[str]]:
+    if imatrix is None:
+        return None, None
+    try:
+        return load(imatrix, given_as=str(imatrix)), None
+    except Unsupported as exc:          # llama-quantize reads it; the estimates go without it
+        return None, str(exc)
+
+
+def build(src: Path, label: str, dst: Path, *, imatrix: Optional[Path] = None, adapter_dir: Optional[Path] = None,
+          threads: int = 1, engine: str = "auto", cache: Optional[TensorCache] = None,
+          reusable: Optional[Callable[[str], bool]] = None, log_path: Optional[Path] = None,
+          progress: Optional[Callable[[float, float], None]] = None) -> Built:
+    """The tuned GGUF ``label`` (TUNED-Q4_K_M ...) of ``src`` at ``dst``, its recipe beside it.
+    ``engine``: auto | loradeploy | llama.cpp, as quantization.engine."""
+    from ...errors import QuantizeError
+    from ...fsutil import atomic_output
+    from ..imatrix import quantize
+
+    t0 = time.perf_counter()
+    im, im_note = _importance(imatrix)
+    plan = plan_tuned(src, label, imatrix=im, adapter_dir=adapter_dir, threads=threads)
+    rpath = plan.recipe.write(recipe_path(dst))
+    seconds = {"plan": round(time.perf_counter() - t0, 3)}
+    recipes = {label: (plan.recipe.base, plan.recipe.overrides())}
+    why = im_note or (None if engine == "llama.cpp" else why_unsupported(src, [label], recipes=recipes, imatrix=im))
+    if engine == "loradeploy" and why:
+        raise QuantizeError(f"quantization.engine is loradeploy, but it cannot do {label}: {why}",
+                            hint="set quantization.engine: auto to let llama-quantize --tensor-type-file do it")
+    t1 = time.perf_counter()
+    if engine != "llama.cpp" and why is None:
+        with atomic_output(Path(dst)) as tmp:
+            res = quantize_formats(src, {label: tmp}, threads=threads, cache=cache, reusable=reusable,
+                                   recipes=recipes, imatrix=im, progress=progress)
+        seconds["quantize"] = round(time.perf_counter() - t1, 3)
+        return Built(label, Path(dst), rpath, res.outputs[label].sha256, "loradeploy", plan, seconds)
+    quantize(src, Path(dst), plan.recipe.base, threads=threads, imatrix=imatrix, log_path=log_path,
+             tensor_type_file=rpath)
+    seconds["quantize"] = round(time.perf_counter() - t1, 3)
+    return Built(label, Path(dst), rpath, None, "llama.cpp", plan, seconds,
+                 why or "quantization.engine is llama.cpp")
