@@ -831,6 +831,64 @@ def test_garbage_gets_an_answer_and_a_close(deployed, case):
     assert a.closed, f"{case}: {a!r}"
 
 
+def test_a_key_in_chunked_trailers_does_not_authenticate(deployed):
+    data = request("POST", "/v1/chat/completions", None, headers={"Transfer-Encoding": "chunked",
+                                                                   "Content-Type": "application/json"}) + \
+        f"{len(CHAT_JSON):x}\r\n".encode() + CHAT_JSON + f"\r\n0\r\nAuthorization: Bearer {KEY}\r\n\r\n".encode()
+    a = exchange(port(deployed), data, timeout=15)
+    assert a.status in (400, 401), a
+
+
+def test_upgrade_is_never_switched_to(deployed):
+    for up in ("websocket", "h2c"):
+        a = exchange(port(deployed), request("GET", "/health", key=KEY, headers={
+            "Connection": "Upgrade, HTTP2-Settings", "Upgrade": up, "HTTP2-Settings": "AAMAAABkAAQAAP__",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version": "13"}), timeout=10)
+        assert a.status is not None and a.status != 101, (up, a)
+
+
+def test_a_huge_chunk_extension_is_refused(deployed):
+    data = request("POST", "/v1/chat/completions", None, key=KEY, headers={"Transfer-Encoding": "chunked"}) + \
+        f"{len(CHAT_JSON):x};".encode() + b"e" * 200_000 + b"\r\n" + CHAT_JSON + b"\r\n0\r\n\r\n"
+    a = exchange(port(deployed), data, timeout=15, wait_close=2)
+    assert_refused(a, (400, 413, 431), close=True, what="a 200 KB chunk extension")
+
+
+def test_twenty_thousand_one_byte_chunks_are_answered_in_time(deployed):
+    data = request("POST", "/v1/chat/completions", None, key=KEY, headers={"Transfer-Encoding": "chunked"}) + \
+        b"".join(b"1\r\n" + bytes([c]) + b"\r\n" for c in CHAT_JSON[:-1] + b" " * 20_000 + b"}") + b"0\r\n\r\n"
+    a = exchange(port(deployed), data, timeout=20)
+    assert a.status == 200 and signs(text_of(a)) == {TARGET}, a
+    assert a.elapsed < 10, a
+
+
+def test_a_client_that_half_closes_mid_body_is_not_waited_for(deployed):
+    with rawhttp.connect(port(deployed)) as s:
+        s.sendall(request("POST", "/v1/chat/completions", None, key=KEY, headers={"Content-Length": "100"}) + b'{"m')
+        s.shutdown(socket.SHUT_WR)
+        t0 = time.monotonic()
+        left = _wait_closed([s], t0 + 5)
+        assert not left, "the proxy still waits for a body its client has stopped sending"
+
+
+# (a bare LF is a line end RFC 9112 lets a server accept: two headers, not an injection)
+@pytest.mark.parametrize("header", [b"X-A: a\rb", b"X-A: a\rContent-Length: 5", b"X\x00A: b", b"X-A\t: b",
+                                    b": empty-name"])
+def test_control_characters_in_headers_are_refused(deployed, header):
+    data = b"GET /health HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n" + header + b"\r\n\r\n"
+    a = exchange(port(deployed), data, timeout=10, wait_close=2)
+    assert a.status == 400 and a.closed, (header, a)
+
+
+@pytest.mark.parametrize("model", [TARGET, MERGED])
+def test_no_answer_shows_the_backend_key(deployed, model):
+    _, bkey = deployed.backend(model)
+    assert bkey
+    for path in ("/loradeploy/info", "/loradeploy/proxy", "/metrics", "/health", "/v1/models", "/nothing"):
+        a = get(deployed, path, model)
+        assert a.status is not None and bkey.encode() not in a.raw, (path, a)
+
+
 def test_keep_alive_serves_several_requests_on_one_connection(deployed):
     s = rawhttp.connect(port(deployed))
     try:
