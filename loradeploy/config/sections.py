@@ -89,6 +89,10 @@ class QuantizationConfig(_Section):
     keep_f16: bool = Field(True, description="keep the converted F16 GGUF after quantizing")
     engine: Literal["auto", "loradeploy", "llama.cpp"] = Field(
         "auto", description="auto: loradeploy's byte-identical engine where it applies, else llama.cpp's quantizer")
+    tuned_measure: bool = Field(
+        True, description="TUNED@ formats: correct the cheap per-tensor estimates by KLD measured on verify's "
+                          "calibration text (a llama.cpp pass per tensor kind) and keep the stock mix where nothing "
+                          "measures better; off: the cheap estimates alone")
 
     _tt = field_validator("output_tensor_type", "token_embedding_type")(classmethod(lambda cls, v: tensor_type(v)))
 

@@ -74,15 +74,19 @@ class CalibrationSource:
         return {"calibration": sha256_file(f) if f is not None and Path(f).is_file() else None,
                 "max_tokens": self.max_tokens, "max_seq_len": self.max_seq_len, "system_prompt": self.system_prompt}
 
-    def text(self) -> CalibrationText:
-        """Verify's calibration set, decoded back to text with its special tokens (llama-imatrix reads
-        text; ``--parse-special`` turns the chat template's markers back into their tokens)."""
+    def build(self):
+        """(the tokenizer, verify's calibration set: verify.calibration.Calibration)."""
         from ..merge import resolve_base
         from ..verify.calibration import build_calibration, load_tokenizer
 
         tok = load_tokenizer(resolve_base(self.base_model), self.adapter_dir)
-        cal = build_calibration(tok, system_prompt=self.system_prompt, calibration=self.calibration,
-                                samples=self.samples, max_tokens=self.max_tokens, max_seq_len=self.max_seq_len)
+        return tok, build_calibration(tok, system_prompt=self.system_prompt, calibration=self.calibration,
+                                      samples=self.samples, max_tokens=self.max_tokens, max_seq_len=self.max_seq_len)
+
+    def text(self) -> CalibrationText:
+        """Verify's calibration set, decoded back to text with its special tokens (llama-imatrix reads
+        text; ``--parse-special`` turns the chat template's markers back into their tokens)."""
+        tok, cal = self.build()
         bos = getattr(tok, "bos_token", None)
         parts = []
         for seq in cal.sequences:

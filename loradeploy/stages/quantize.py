@@ -18,7 +18,7 @@ from ..resources import cpu_budget, thread_plan
 from .base import Artifact, StageContext, StageResult
 from .convert import validate
 from .memory import quantize_memory
-from .tuned import TUNED_CODE, build_tuned, calibration_source, engine_cache
+from .tuned import build_tuned, calibration_source, engine_cache, tuned_inputs
 
 
 class QuantizeStage:
@@ -37,7 +37,7 @@ class QuantizeStage:
                 "opts": [q.output_tensor_type, q.token_embedding_type, q.leave_output_tensor, q.pure,
                          q.allow_requantize], "llama_cpp": runtime.llama_cpp_version(),
                 "imatrix": imx.setting_inputs(q.imatrix, calibration_source(ctx)),
-                **({"tuned": TUNED_CODE} if any(map(is_tuned, ctx.cfg.formats_for(ctx.model_name))) else {})}
+                **tuned_inputs(ctx)}
 
     def _split(self, ctx: StageContext, src: Path, formats: list[str], imatrix) -> tuple[list[str], str | None]:
         """(formats for loradeploy's engine, why the others are not)."""

@@ -8,11 +8,12 @@ from ..quantize import ENGINE_VERSION, TensorCache, cache_dir
 from ..quantize import imatrix as imx
 from ..quantize.reuse import reusable
 from ..quantize.tuned.build import CODE_VERSION as TUNED_CODE, build
+from ..quantize.tuned.measure import Scorer
 from .base import Artifact, StageContext
 from .convert import validate
 from .merge import adapter_dir_for
 
-__all__ = ["TUNED_CODE", "build_tuned", "calibration_source", "engine_cache"]
+__all__ = ["TUNED_CODE", "build_tuned", "calibration_source", "engine_cache", "tuned_inputs"]
 
 
 def calibration_source(ctx: StageContext) -> imx.CalibrationSource:
@@ -34,14 +35,28 @@ def build_tuned(ctx: StageContext, src: Path, labels: list[str], imatrix, thread
     cache, _, changed = engine_cache(ctx)
     adapter = None if ctx.paths.shared_base is not None else adapter_dir_for(ctx)
     arts, recipes, info = {}, [], {}
+    scorer = None
+    if ctx.cfg.quantization.tuned_measure:
+        ctx.progress("tuned: reference logits (F16)", 0, 0)
+        scorer = Scorer.of_gguf(src, calibration_source(ctx).build()[1].sequences, threads)
     for f in labels:
         b = build(src, f, ctx.paths.gguf(f), imatrix=imatrix, adapter_dir=adapter, threads=threads,
                   engine=ctx.cfg.quantization.engine, cache=cache, reusable=reusable(changed), log_path=ctx.log_path,
-                  progress=lambda d, t, f=f: ctx.progress(f"quantizing {f}", d, t))
+                  progress=lambda d, t, f=f: ctx.progress(f"quantizing {f}", d, t), scorer=scorer)
         validate(b.path, ctx.log)
-        ctx.log.info("%s from %s: %s, %d bytes (at most %d), %s, %s", f, b.plan.recipe.base, b.plan.recipe.counts(),
-                     b.plan.size, b.plan.limit, b.engine, b.seconds)
+        ctx.log.info("%s from %s: %s, %d bytes (at most %d), %s, %s; measured: %s", f, b.plan.recipe.base,
+                     b.plan.recipe.counts(), b.plan.size, b.plan.limit, b.engine, b.seconds, b.measured)
         arts[f] = Artifact.of(b.path, "gguf", f, sha256=b.sha256)
         recipes.append(Artifact.of(b.recipe, "recipe", f))
         info[f] = {**b.info(), "tuned_for": "the base (adapter mode)" if adapter is None else "this adapter"}
     return arts, recipes, info
+
+
+def tuned_inputs(ctx: StageContext) -> dict:
+    """What the tuned formats add to the quantize stage's inputs hash."""
+    from ..config.tuned import is_tuned
+
+    if not any(map(is_tuned, ctx.cfg.formats_for(ctx.model_name))):
+        return {}
+    q = ctx.cfg.quantization
+    return {"tuned": [TUNED_CODE, q.tuned_measure] + ([calibration_source(ctx).inputs()] if q.tuned_measure else [])}

@@ -54,6 +54,10 @@ def _check_quantize(cfg, imatrix: bool) -> tuple[dict, Path]:
     t = q["tuned"][TUNED]
     assert t["recipe"] == recipe.read_text() and t["base"] == "Q4_K_M" and t["budget"] == TUNED
     assert t["adapter_weighted"] is True and t["engine"] == "loradeploy"
+    # measured: the recipe kept is the lowest-KLD of the stock mix, the estimate's and the corrected one
+    m = t["measured"]
+    assert m["kld"][m["chosen"]] == min(m["kld"][k] for k in ("stock", "estimate", "corrected"))
+    assert {"lower:output", "lower:attn_q", "lower:ffn_down"} <= set(m["kld"])
     # size within budget: never larger than the stock Q4_K_M it replaces (with the same imatrix or none)
     assert t["bytes"] == gguf.stat().st_size <= t["limit_bytes"]
     if not imatrix:
@@ -92,6 +96,8 @@ def test_a_tuned_format_is_quantized_verified_deployed_and_evaluated(tuned_serve
     assert e["passed"] is True and e["tuned"]["recipe"] == t["recipe"] and e["tuned"]["budget"] == TUNED
     assert "--tensor-type-file" in e["tuned"]["rebuild"] and e["limits"] == v["formats"]["Q4_K_M"]["limits"]
     assert v["served_format"] == TUNED
+    # chosen by KLD against the F16 on verify's calibration text: no worse than the stock format against PEFT
+    assert e["kld_mean"] <= 1.05 * v["formats"]["Q4_K_M"]["kld_mean"]
     # deployed: the served version is the tuned file, and it answers
     live = versions.live_version(cfg, MODEL)
     assert live.format == TUNED and live.sha256 == sha(gguf) and live.path.name.endswith("-tuned-q4_k_m.gguf")

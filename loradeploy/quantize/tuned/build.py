@@ -9,7 +9,7 @@ apply: the recipe names every quantizable tensor's type.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -18,9 +18,10 @@ from ..engine import quantize_formats, why_unsupported
 from ..importance import Importance, load
 from ..rules import Unsupported
 from . import TunedPlan, plan_tuned
+from .recipe import Sizer
 
 SUFFIX = ".tensor-types.txt"
-CODE_VERSION = 1     # bump when what chooses a recipe changes: tuned files are made again
+CODE_VERSION = 2     # bump when what chooses a recipe changes: tuned files are made again
 
 
 def recipe_path(gguf: Path) -> Path:
@@ -40,11 +41,12 @@ class Built:
     plan: TunedPlan
     seconds: dict = field(default_factory=dict)
     note: Optional[str] = None     # why llama-quantize wrote it
+    measured: Optional[dict] = None   # measure.Measured.to_dict(): the KLDs that chose the recipe
 
     def info(self) -> dict:
         """For the run record: the budget, the recipe (file and text), sizes, who wrote it, how long it took."""
         return {**self.plan.summary(), "recipe_file": str(self.recipe), "recipe": self.plan.recipe.text(),
-                "engine": self.engine, "engine_note": self.note, "seconds": self.seconds,
+                "engine": self.engine, "engine_note": self.note, "seconds": self.seconds, "measured": self.measured,
                 "adapter_weighted": any(w != 1.0 for w in self.plan.weights.values())}
 
 
@@ -60,9 +62,10 @@ def _importance(imatrix: Optional[Path]) -> tuple[Optional[Importance], Optional
 def build(src: Path, label: str, dst: Path, *, imatrix: Optional[Path] = None, adapter_dir: Optional[Path] = None,
           threads: int = 1, engine: str = "auto", cache: Optional[TensorCache] = None,
           reusable: Optional[Callable[[str], bool]] = None, log_path: Optional[Path] = None,
-          progress: Optional[Callable[[float, float], None]] = None) -> Built:
+          progress: Optional[Callable[[float, float], None]] = None, scorer=None) -> Built:
     """The tuned GGUF ``label`` (TUNED-Q4_K_M ...) of ``src`` at ``dst``, its recipe beside it.
-    ``engine``: auto | loradeploy | llama.cpp, as quantization.engine."""
+    ``engine``: auto | loradeploy | llama.cpp, as quantization.engine. ``scorer`` (measure.Scorer): the
+    estimates are corrected by measured KLD, and the stock mix kept where nothing measures better."""
     from ...errors import QuantizeError
     from ...fsutil import atomic_output
     from ..imatrix import quantize
@@ -70,20 +73,33 @@ def build(src: Path, label: str, dst: Path, *, imatrix: Optional[Path] = None, a
     t0 = time.perf_counter()
     im, im_note = _importance(imatrix)
     plan = plan_tuned(src, label, imatrix=im, adapter_dir=adapter_dir, threads=threads)
-    rpath = plan.recipe.write(recipe_path(dst))
-    seconds = {"plan": round(time.perf_counter() - t0, 3)}
-    recipes = {label: (plan.recipe.base, plan.recipe.overrides())}
-    why = im_note or (None if engine == "llama.cpp" else why_unsupported(src, [label], recipes=recipes, imatrix=im))
+    seconds, measured = {"plan": round(time.perf_counter() - t0, 3)}, None
+
+    def why_not(plan: TunedPlan) -> Optional[str]:
+        if im_note or engine == "llama.cpp":
+            return im_note
+        return why_unsupported(src, [label], recipes={label: (plan.recipe.base, plan.recipe.overrides())}, imatrix=im)
+
+    why = why_not(plan)
     if engine == "loradeploy" and why:
         raise QuantizeError(f"quantization.engine is loradeploy, but it cannot do {label}: {why}",
                             hint="set quantization.engine: auto to let llama-quantize --tensor-type-file do it")
+    if scorer is not None and why is None:     # probes need the engine's one pass
+        from .measure import refine
+
+        recipe, m = refine(src, plan, scorer, imatrix=im, threads=threads, work_dir=Path(dst).parent, cache=cache,
+                           reusable=reusable)
+        plan = replace(plan, recipe=recipe, size=Sizer.of(src, im).size(recipe.types))
+        measured, seconds["measure"], why = m.to_dict(), m.seconds["total"], why_not(plan)
+    rpath = plan.recipe.write(recipe_path(dst))
+    recipes = {label: (plan.recipe.base, plan.recipe.overrides())}
     t1 = time.perf_counter()
     if engine != "llama.cpp" and why is None:
         with atomic_output(Path(dst)) as tmp:
             res = quantize_formats(src, {label: tmp}, threads=threads, cache=cache, reusable=reusable,
                                    recipes=recipes, imatrix=im, progress=progress)
         seconds["quantize"] = round(time.perf_counter() - t1, 3)
-        return Built(label, Path(dst), rpath, res.outputs[label].sha256, "loradeploy", plan, seconds)
+        return Built(label, Path(dst), rpath, res.outputs[label].sha256, "loradeploy", plan, seconds, None, measured)
     quantize(src, Path(dst), plan.recipe.base, threads=threads, imatrix=imatrix, log_path=log_path,
              tensor_type_file=rpath)
     seconds["quantize"] = round(time.perf_counter() - t1, 3)
