@@ -23,7 +23,6 @@ from loradeploy.config import config_from_dict
 from loradeploy.demo import get_persona
 from loradeploy.paths import servers_dir
 from loradeploy.pipeline import run_pipeline
-from loradeploy.serving import registry
 from tests.fixtures.servers import stop_model_servers
 from tests.integration.test_deploy import _spare_range, free_port
 from tests.security import rawhttp
@@ -106,21 +105,6 @@ class Deployed:
             return None
         return sorted((d["id"], d["scale"]) for d in a.json())
 
-    def registry(self) -> dict:
-        return registry.read_registry(self.cfg)
-
-    def ask(self, model_or_port, body: dict | None = None, *, path: str = "/v1/chat/completions",
-            timeout: float = 60) -> rawhttp.Answer:
-        port = self.ports[model_or_port] if isinstance(model_or_port, str) else model_or_port
-        b = json.dumps(body or rawhttp.chat_body(PROMPT)).encode()
-        return rawhttp.exchange(port, rawhttp.request("POST", path, b, key=self.key), timeout=timeout)
-
-
-def _answer_text(a: rawhttp.Answer) -> str:
-    d = a.json()
-    ch = d["choices"][0]
-    return ch["message"]["content"] if "message" in ch else ch["text"]
-
 
 def make_cfg_like(d: "Deployed", key: Optional[str]):
     """The suite's config again, with another api key."""
@@ -153,12 +137,11 @@ def deployed(tmp_path_factory) -> Deployed:
         for m in ports:
             stop_model_servers(cfg, m)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(
-                rawhttp_port_open(p) for p in ports.values()):
+        while time.monotonic() < deadline and any(_port_open(p) for p in ports.values()):
             time.sleep(0.1)
 
 
-def rawhttp_port_open(port: int) -> bool:
+def _port_open(port: int) -> bool:
     import socket
     try:
         socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
