@@ -20,7 +20,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from .control import Control, ControlError, Limits, ProxyConf, load_hashed as _read
 from .front import Conn, over_capacity
@@ -48,7 +48,8 @@ class Proxy:
         self.requests_in_flight = 0
         self.inflight: dict[str, int] = {}
         self.status = {"backend_port": None, "version": None, "inflight": self.inflight, "served": 0,
-                       "refused": 0, "pid": os.getpid(), "conf_sha256": conf_sha, "control_sha256": None}
+                       "refused": 0, "pid": os.getpid(), "conf_sha256": conf_sha, "control_sha256": None,
+                       "event_loop": None}
         self.port_info = PortInfo()
         self.reload_control()
 
@@ -129,6 +130,7 @@ class Proxy:
 async def _serve(proxy: Proxy) -> None:
     conf = proxy.conf
     loop = asyncio.get_running_loop()
+    proxy.status["event_loop"] = type(loop).__module__.split(".")[0]  # "uvloop" or "asyncio"
     loop.add_signal_handler(signal.SIGHUP, proxy.reload)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -145,6 +147,20 @@ async def _serve(proxy: Proxy) -> None:
     _log("proxy stopped")
 
 
+def loop_factory() -> Optional[Callable[[], asyncio.AbstractEventLoop]]:
+    """uvloop's event loop (libuv: about half the CPU per relayed event of asyncio's own, measured in
+    bench/frontdoor.py) where it is installed, else asyncio's; ``LORADEPLOY_EVENT_LOOP=asyncio`` forces
+    asyncio's (tests run the proxy both ways)."""
+    if os.environ.get("LORADEPLOY_EVENT_LOOP", "auto") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop
+    return None
+
+
 def run_proxy(conf_path: Path | str) -> int:
     try:
         proxy = Proxy(conf_path)
@@ -152,7 +168,8 @@ def run_proxy(conf_path: Path | str) -> int:
         _log(f"proxy cannot start: {exc}")
         return 2
     try:
-        asyncio.run(_serve(proxy))
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            runner.run(_serve(proxy))
     except OSError as exc:
         _log(f"proxy cannot listen on {proxy.conf.host}:{proxy.conf.port}: {exc}")
         return 3

@@ -111,7 +111,7 @@ def _free_port() -> int:
 
 
 class Proxy:
-    def __init__(self, tmp: Path, backend: Backend):
+    def __init__(self, tmp: Path, backend: Backend, env: dict | None = None):
         self.tmp, self.port = tmp, _free_port()
         self.control_path, self.conf_path = tmp / "control.json", tmp / "proxy.json"
         self.control = Control(backend_port=backend.port, version="v1", format="Q8_0", sha256="abc", gguf="/m.gguf",
@@ -122,7 +122,7 @@ class Proxy:
         save_proxy_conf(self.conf, self.conf_path)
         self.log = tmp / "proxy.log"
         self.proc = subprocess.Popen([sys.executable, "-m", "loradeploy.serving.worker", "proxy", str(self.conf_path)],
-                                     cwd=ROOT, stderr=open(self.log, "wb"))
+                                     cwd=ROOT, stderr=open(self.log, "wb"), env={**os.environ, **(env or {})})
         self.wait(lambda st: True)
 
     def state(self) -> dict | None:
@@ -461,3 +461,27 @@ def test_no_reachable_backend_is_502(proxy):
         assert r.status == 502 and json.loads(data)["error"]["type"] == "server_error"
     finally:
         proxy.hup(control=proxy.control)
+
+
+@pytest.mark.parametrize("loop", ["auto", "asyncio"])
+def test_the_proxy_runs_on_either_event_loop(tmp_path, backend, loop):
+    """uvloop where installed (the default), asyncio's own loop as the fallback: the same answers on both."""
+    p = Proxy(tmp_path, backend, env={"LORADEPLOY_EVENT_LOOP": loop})
+    try:
+        st = p.state()
+        try:
+            import uvloop  # noqa: F401
+            want = "uvloop" if loop == "auto" else "asyncio"
+        except ImportError:
+            want = "asyncio"
+        assert st["event_loop"] == want, st
+        out = raw(p.port, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer " + KEY.encode()
+                  + b"\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
+        assert out.startswith(b"HTTP/1.1 200"), out[:300]
+        out = raw(p.port, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n"
+                  b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 400"), out[:300]
+    finally:
+        p.proc.terminate()
+        p.proc.wait(10)
+    assert "Traceback" not in p.log.read_text()
