@@ -65,7 +65,9 @@ $(STAMP): pyproject.toml
 
 # llama.cpp's own tools (llama-server, llama-quantize, llama-imatrix, llama-perplexity) from the llama.cpp
 # source in the pinned llama-cpp-python's sdist: built once per version (about 25 minutes on 2 cores) into
-# ~/.cache/loradeploy/llama.cpp/, a few seconds when already built
+# ~/.cache/loradeploy/llama.cpp/, a few seconds when already built. With CUDA where nvcc and an NVIDIA driver
+# are found (else the CPU; Metal on macOS); the environment chooses: LORADEPLOY_LLAMA_GPU=auto|cuda|cpu,
+# LORADEPLOY_CUDA_ARCHS=90 (default: this machine's GPUs), e.g. `LORADEPLOY_LLAMA_GPU=cpu make setup`
 llama-tools: $(STAMP)
 	$(PY) -m loradeploy.llamacpp.build --jobs 2
 

@@ -1157,6 +1157,153 @@ def parent(a) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- --ours: build.py's own CUDA build
+
+def ours(a) -> int:
+    """loradeploy's own build (loradeploy.llamacpp.build.ensure_built, the backend auto-detected) of the carried
+    source, then llama-server started with serving.backends' argv at n_gpu_layers -1 (no LD_LIBRARY_PATH of
+    ours: the build's RPATH has to do), health's offload check, and the offload lines of its log. The JSON is
+    rewritten after every step (and every 15 s of the build), so a run cut short still says how far it got."""
+    import tarfile
+    import urllib.request
+    from dataclasses import asdict
+
+    os.environ.setdefault("LORADEPLOY_CACHE_DIR", str(Path(a.workdir) / "cache"))
+    from loradeploy.llamacpp import build, runtime, tools
+    version = "0.3.36"                      # llama-cpp-python is not installed there: the carried source's
+    runtime.llama_cpp_version = lambda: version
+    out_dir = Path(a.json).resolve().parent
+    res: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count(), "jobs": a.jobs,
+                 "env": {k: os.environ.get(k) for k in (tools.GPU_ENV, tools.ARCHS_ENV, "LD_LIBRARY_PATH", "PATH")}}
+    t_start = time.monotonic()
+
+    def save() -> None:
+        res["elapsed_s"] = round(time.monotonic() - t_start, 1)
+        Path(a.json).write_text(json.dumps(res, indent=2, default=str))
+
+    t = time.monotonic()
+    backend = tools.gpu_backend()
+    res["backend"] = {**asdict(backend), "label": backend.label(), "decide_s": round(time.monotonic() - t, 2),
+                      "nvidia_smi": tools.find_nvidia_smi(), "driver_lib": tools.find_driver_lib()}
+    folder = tools.build_dir(version, tools.build_key(backend))
+    res["dir"] = str(folder)
+    res["cmake_argv"] = build._cmake(folder, "sdist-832db0699007", backend)
+    save()
+    log(f"backend {backend.label()} ({backend.why}); folder {folder}")
+    (folder / "src").mkdir(parents=True, exist_ok=True)
+    with tarfile.open(a.llama_src) as tar:
+        tar.extractall(folder / "src", filter="data")
+    # the carried source leaves out gguf-py (the converters' package, not the build's): a stand-in, so that
+    # fetch_source takes the folder as the sdist's source instead of asking pip (no network there)
+    res["stand_ins"] = [p for p in build.NEEDED if not (folder / "src" / p).exists()]
+    for p in res["stand_ins"]:
+        (folder / "src" / p).parent.mkdir(parents=True, exist_ok=True)
+        (folder / "src" / p).write_text("")
+    steps: dict = {}
+
+    def progress(msg, done, total):
+        steps.update(msg=msg, done=done, total=total)
+
+    done = threading.Event()
+
+    def saver():
+        while not done.wait(15):
+            res["build_progress"] = dict(steps, at_s=round(time.monotonic() - t, 1))
+            save()
+    threading.Thread(target=saver, daemon=True).start()
+    t = time.monotonic()
+    try:
+        m = build.ensure_built(jobs=a.jobs, progress=progress)
+        res["build"] = {"ok": True, "seconds": round(time.monotonic() - t, 1), "steps": steps.get("total"),
+                        **{k: m.get(k) for k in ("backend", "backend_label", "backend_why", "key", "cuda_archs",
+                                                 "cuda_sms", "cuda_version", "cuda_driver_lib", "rpath", "cached")}}
+    except Exception as exc:  # noqa: BLE001 - the finding is how it failed
+        res["build"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "seconds": round(time.monotonic() - t, 1),
+                        "steps": dict(steps)}
+    done.set()
+    logf = folder / "build.log"
+    if logf.exists():
+        lines = logf.read_text(errors="replace").splitlines()
+        keep = [l for l in lines if re.search(r"CUDA|cuda|error|Error", l)][:120]
+        (out_dir / "gpu-build.log").write_text("\n".join(lines[:60] + ["..."] + keep + ["..."] + lines[-80:]) + "\n")
+    save()
+    if not res["build"]["ok"]:
+        log(f"build failed: {res['build']['error'][:300]}")
+        return 1
+    exe = tools.tool("llama-server")
+    for cmd, key in (([ "readelf", "-d", str(exe)], "readelf"), (["ldd", str(exe)], "ldd"),
+                     ([str(exe), "--version"], "version"), ([str(exe), "--list-devices"], "list_devices")):
+        try:
+            cp = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+            text = cp.stdout + cp.stderr
+            if key == "readelf":
+                text = "\n".join(l for l in text.splitlines() if re.search(r"NEEDED|RPATH|RUNPATH", l))
+            res[key] = text.strip()[-3000:]
+        except Exception as exc:  # noqa: BLE001
+            res[key] = f"error: {exc}"
+    save()
+    from loradeploy.config.load import config_from_dict
+    from loradeploy.health.system import offload_checks
+    from loradeploy.serving import backends
+    work = Path(a.workdir)
+    port = _free_port()
+    cfg = config_from_dict({"models": {"m": {"base_model": str(work), "adapter": str(work), "port": port + 1}},
+                            "deployment": {"llamacpp": {"n_gpu_layers": -1, "backend": "llama-server"}}})
+    res["health_offload"] = [c.to_dict() for c in offload_checks(cfg)]
+    mode = runtime.Mode("safe", "env", "gpu_check --ours: no probe on the device (llama-cpp-python absent)")
+    argv = backends.llama_server_argv(cfg, "m", Path(a.gguf).resolve(), port, mode)
+    serve: dict = {"argv": argv}
+    res["serve"] = serve
+    before = nvidia_smi("--query-gpu=memory.used").get("--query-gpu=memory.used")
+    log_path = out_dir / "llama-server-ours.log"
+    with open(log_path, "w") as f:
+        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "LLAMA_ARG_LOG_VERBOSITY": "4"})
+    t = time.monotonic()
+    try:
+        up = False
+        while time.monotonic() < t + 60 and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        up = True
+                        break
+            except Exception:  # noqa: BLE001 - loading
+                time.sleep(0.3)
+        serve.update(up=up, ready_s=round(time.monotonic() - t, 2), exit_code=proc.poll())
+        if up:
+            body = json.dumps({"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16}).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=60) as r:
+                reply = json.loads(r.read())
+            serve["reply"] = reply.get("choices", [{}])[0].get("message")
+            serve["timings"] = reply.get("timings")
+            serve["nvidia_smi_apps"] = nvidia_smi("--query-compute-apps=pid,process_name,used_memory")
+            serve["vram_used_before_after_mib"] = [before, nvidia_smi("--query-gpu=memory.used").get(
+                "--query-gpu=memory.used")]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    text = log_path.read_text(errors="replace")
+    serve["log_lines"] = [l for l in text.splitlines()
+                          if re.search(r"offload|CUDA0|VRAM|ggml_cuda|no usable|error", l)][:30]
+    mo = re.search(r"offloaded (\d+)/(\d+) layers", text)
+    serve["offloaded"] = f"{mo.group(1)}/{mo.group(2)}" if mo else None
+    res["pass"] = bool(res["build"].get("backend") == "cuda" and up and serve.get("reply") and mo
+                       and mo.group(1) == mo.group(2) and res["health_offload"]
+                       and res["health_offload"][0]["status"] == "pass")
+    save()
+    log(f"build {res['build']['seconds']}s ({res['build'].get('backend_label')}); served: up {up}, offloaded "
+        f"{serve['offloaded']}, VRAM {serve.get('vram_used_before_after_mib')}; pass {res['pass']}")
+    return 0 if res["pass"] else 1
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write the results here")
@@ -1170,11 +1317,15 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--serve-reserve", type=float, default=30, help="seconds kept after the build for serving")
     ap.add_argument("--cpu-test", action="store_true", help="dry run of the CUDA checks on the CPU, tiny shapes")
+    ap.add_argument("--ours", action="store_true", help="only: loradeploy's own build.py (CUDA auto-detected) of "
+                    "--llama-src, then llama-server from it at n_gpu_layers -1 on --gguf")
     ap.add_argument("--child", choices=CHECKS, help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     ap.add_argument("--cap", type=float, default=60, help=argparse.SUPPRESS)
     ap.add_argument("--out-dir", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.ours:
+        sys.exit(ours(a))
     if a.child:
         child(a)
     else:

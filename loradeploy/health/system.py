@@ -131,6 +131,41 @@ def gpu_checks(max_memory_fraction: float) -> list[Check]:
             pass
 
 
+def offload_checks(cfg: "Config") -> list[Check]:
+    """deployment.llamacpp.n_gpu_layers asks for the GPU: can the server that runs the models use one?
+    A llama.cpp built for the CPU alone ignores -ngl (llama-server: "no usable GPU found, --gpu-layers
+    option will be ignored") and serves on the CPU; this says so instead of leaving it silent."""
+    s = cfg.deployment.llamacpp
+    if s.n_gpu_layers == 0:
+        return []
+    layers = "all layers" if s.n_gpu_layers < 0 else f"{s.n_gpu_layers} layers"
+    asked = f"deployment.llamacpp.n_gpu_layers is {s.n_gpu_layers} ({layers} on the GPU)"
+    if s.backend == "llama-server":
+        from ..errors import LlamaRuntimeError
+        from ..llamacpp import tools
+        try:
+            _, manifest = tools.locate()
+        except LlamaRuntimeError as exc:
+            return [Check("system.gpu_offload", SKIP, f"skipped: {exc.message}")]
+        gpu = tools.built_backend(manifest) != "cpu"
+        what = f"llama-server is built for {tools.backend_label(manifest) if gpu else 'the CPU only (no CUDA or Metal)'}"
+        fix = (f"rebuild llama.cpp's tools with CUDA: {tools.GPU_ENV}=cuda make setup (needs nvcc and an NVIDIA "
+               "driver), or set deployment.llamacpp.n_gpu_layers: 0")
+    else:
+        try:
+            import llama_cpp
+            gpu = bool(llama_cpp.llama_supports_gpu_offload())
+        except Exception as exc:  # noqa: BLE001 - not installed or a broken build: the server would say so itself
+            return [Check("system.gpu_offload", SKIP, f"skipped: llama-cpp-python: {exc}")]
+        what = f"the installed llama-cpp-python {'can' if gpu else 'cannot'} offload to a GPU"
+        fix = ("set deployment.llamacpp.backend: llama-server (built with CUDA by make setup where nvcc is found), "
+               "install a GPU build of llama-cpp-python, or set deployment.llamacpp.n_gpu_layers: 0")
+    metrics = {"n_gpu_layers": s.n_gpu_layers, "backend": s.backend, "gpu_backend": gpu}
+    if gpu:
+        return [Check("system.gpu_offload", PASS, f"{asked}: {what}", metrics=metrics)]
+    return [Check("system.gpu_offload", WARN, f"{asked} but {what}: the models run on the CPU", fix, metrics)]
+
+
 def system_checks(cfg: "Config", endpoints: Sequence[EndpointLike] = ()) -> list[Check]:
     hc = cfg.health_check
     paths = {"models_dir": cfg.deployment.models_dir, "work_dir": cfg.pipeline.work_dir}
@@ -138,4 +173,4 @@ def system_checks(cfg: "Config", endpoints: Sequence[EndpointLike] = ()) -> list
         if ep.gguf_path:
             paths.setdefault(f"{ep.model} GGUF", Path(ep.gguf_path).parent)
     return [*disk_checks(paths, hc.min_free_disk_gb), memory_check(hc.min_free_memory_gb),
-            *gpu_checks(hc.max_gpu_memory_fraction)]
+            *gpu_checks(hc.max_gpu_memory_fraction), *offload_checks(cfg)]

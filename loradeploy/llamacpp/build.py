@@ -2,10 +2,12 @@
 sdist: ``python -m loradeploy.llamacpp.build`` (``make setup`` runs it; safe to run twice).
 
 The sdist is fetched with pip (``pip download --no-binary :all: --no-deps llama-cpp-python==VER``),
-its ``vendor/llama.cpp`` kept as the source, then cmake builds the tools (Release, the CPU backend and
-Metal on macOS; no curl/TLS, no tests or examples, no web UI download). Everything lives under
-tools.build_dir(); a finished build has a manifest.json and is reused in seconds, and the venv links
-to it (tools.venv_link()).
+its ``vendor/llama.cpp`` kept as the source, then cmake builds the tools (Release; the CPU backend,
+Metal on macOS, CUDA where an nvcc and an NVIDIA driver are found: tools.gpu_backend(), overridden by
+``LORADEPLOY_LLAMA_GPU=auto|cuda|cpu`` or ``--gpu``; no curl/TLS, no tests or examples, no web UI
+download). Everything lives under tools.build_dir(), one folder per backend; a finished build has a
+manifest.json (which backend included) and is reused in seconds, and the venv links to it
+(tools.venv_link()). A failed CUDA build leaves the CPU build and the venv's link as they were.
 """
 from __future__ import annotations
 
@@ -20,11 +22,18 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..errors import LlamaRuntimeError
+from ..errors import LlamaRuntimeError, ProcError
 from ..fsutil import atomic_symlink, atomic_write_text, exclusive_lock
 from . import runtime, tools
 
 Progress = Callable[[str, Optional[int], Optional[int]], None]
+
+
+class BuildStepError(ProcError, LlamaRuntimeError):
+    """A build command that failed (pip download, cmake): tools.proc.run raises its error_cls with the
+    command and its output tail, which a plain LlamaRuntimeError does not take."""
+
+
 SOURCE_MARK = ".loradeploy-source.json"
 NEEDED = ("CMakeLists.txt", "tools/server/CMakeLists.txt", "tools/quantize/CMakeLists.txt",
           "tools/imatrix/CMakeLists.txt", "tools/perplexity/CMakeLists.txt", "convert_lora_to_gguf.py",
@@ -36,12 +45,34 @@ CMAKE_OPTIONS = ("-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLA
                  "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
                  "-DLLAMA_OPENSSL=OFF")
 # macOS: Metal on (llama.cpp's default there, written out), its shaders compiled into the static
-# binaries rather than looked for beside them. Elsewhere the CPU build.
+# binaries rather than looked for beside them. Elsewhere the CPU build, or CUDA (cuda_options).
 DARWIN_OPTIONS = ("-DGGML_METAL=ON", "-DGGML_METAL_EMBED_LIBRARY=ON")
 
 
-def cmake_options() -> tuple[str, ...]:
-    return CMAKE_OPTIONS + (DARWIN_OPTIONS if sys.platform == "darwin" else ())
+def cuda_options(b: tools.Backend) -> tuple[str, ...]:
+    """ggml's CUDA backend (ggml/src/ggml-cuda/CMakeLists.txt): kernels for ``b.archs``; no NCCL (it only
+    speeds up splitting one model over several GPUs, and would be one more library to find at run time);
+    the libcuda that tools.gpu_backend() found linked by path (a toolkit without its stub has none
+    cmake's FindCUDAToolkit would find), or no VMM pool where there is none at all."""
+    opts = ["-DGGML_CUDA=ON", *([f"-DCMAKE_CUDA_ARCHITECTURES={b.archs}"] if b.archs else []),
+            "-DGGML_CUDA_NCCL=OFF", f"-DCMAKE_CUDA_COMPILER={b.nvcc}"]
+    if b.cuda_driver_lib:
+        opts.append(f"-DCUDA_cuda_driver_LIBRARY={b.cuda_driver_lib}")
+    if b.no_vmm:
+        opts.append("-DGGML_CUDA_NO_VMM=ON")
+    if b.rpath:
+        opts.append(f"-DCMAKE_BUILD_RPATH={';'.join(b.rpath)}")
+    return tuple(opts)
+
+
+def cmake_options(backend: Optional[tools.Backend] = None) -> tuple[str, ...]:
+    """The options for ``backend``; None: the platform's own (Metal on macOS, else the CPU)."""
+    name = backend.name if backend else ("metal" if sys.platform == "darwin" else "cpu")
+    if name == "cuda":
+        return CMAKE_OPTIONS + cuda_options(backend)
+    if name == "metal":
+        return CMAKE_OPTIONS + DARWIN_OPTIONS
+    return CMAKE_OPTIONS + (("-DGGML_METAL=OFF",) if sys.platform == "darwin" else ())
 
 
 def _install_hint() -> str:
@@ -90,7 +121,7 @@ def fetch_source(folder: Path, version: str, log_path: Path, progress: Optional[
     with tempfile.TemporaryDirectory(prefix="llama-sdist-", dir=folder.parent) as tmp:
         run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
              f"llama-cpp-python=={version}", "-d", tmp], log_path=log_path, timeout=1800,
-            error_cls=LlamaRuntimeError, what="pip download llama-cpp-python sdist")
+            error_cls=BuildStepError, what="pip download llama-cpp-python sdist")
         sdist = next(iter(sorted(Path(tmp).glob("llama_cpp_python-*.tar.gz"))), None)
         if sdist is None:
             raise LlamaRuntimeError(f"pip download left no llama-cpp-python {version} sdist", hint=f"see {log_path}")
@@ -120,22 +151,37 @@ def fetch_source(folder: Path, version: str, log_path: Path, progress: Optional[
     return mark
 
 
-def _cmake(folder: Path, commit: str) -> list[str]:
+def _cmake(folder: Path, commit: str, backend: Optional[tools.Backend] = None) -> list[str]:
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-    return ["cmake", "-S", str(folder / "src"), "-B", str(folder / "build"), *gen, *cmake_options(),
+    return ["cmake", "-S", str(folder / "src"), "-B", str(folder / "build"), *gen, *cmake_options(backend),
             "-DGGML_CCACHE=OFF", "-DLLAMA_BUILD_NUMBER=0", f"-DLLAMA_BUILD_COMMIT={commit}"]
+
+
+def _cuda_failed(step: str, exc: LlamaRuntimeError, log_path: Path) -> LlamaRuntimeError:
+    return LlamaRuntimeError(f"the CUDA build of llama.cpp's tools failed ({step}: {exc.message})",
+                             hint=f"set {tools.GPU_ENV}=cpu to build them for the CPU, or install a complete CUDA "
+                                  f"toolkit (nvcc and cuBLAS) that matches the driver; see {log_path}")
 
 
 _STEP = re.compile(r"^\[\s*(\d+)\s*/\s*(\d+)\]|^\[\s*(\d+)%\]")
 
 
-def compile_tools(folder: Path, commit: str, jobs: int, log_path: Path, progress: Optional[Progress] = None) -> None:
+def compile_tools(folder: Path, commit: str, jobs: int, log_path: Path, progress: Optional[Progress] = None,
+                  backend: Optional[tools.Backend] = None) -> None:
     from ..tools.proc import run
 
     if not shutil.which("cmake"):
         raise LlamaRuntimeError("cmake is not installed: it builds llama.cpp's tools", hint=_install_hint())
-    _note(progress, "configuring llama.cpp (cmake)")
-    run(_cmake(folder, commit), log_path=log_path, timeout=1800, error_cls=LlamaRuntimeError, what="cmake configure")
+    cuda = backend is not None and backend.name == "cuda"
+    if cuda and backend.error:
+        raise LlamaRuntimeError(f"cannot build llama.cpp's tools with CUDA: {backend.error}",
+                                hint=f"or set {tools.GPU_ENV}=cpu to build them for the CPU")
+    _note(progress, f"configuring llama.cpp (cmake, {backend.label() if backend else 'CPU'})")
+    try:
+        run(_cmake(folder, commit, backend), log_path=log_path, timeout=1800, error_cls=BuildStepError,
+            what="cmake configure")
+    except LlamaRuntimeError as exc:
+        raise _cuda_failed("cmake configure", exc, log_path) if cuda else exc from None
 
     def on_line(line: str) -> None:
         m = _STEP.match(line.strip())
@@ -145,8 +191,11 @@ def compile_tools(folder: Path, commit: str, jobs: int, log_path: Path, progress
             _note(progress, "compiling llama.cpp", int(m.group(3)), 100)
 
     _note(progress, f"compiling llama.cpp with -j{jobs}", 0, None)
-    run(["cmake", "--build", str(folder / "build"), "--config", "Release", f"-j{jobs}", "--target", *tools.TOOLS],
-        log_path=log_path, timeout=4 * 3600, error_cls=LlamaRuntimeError, what="cmake --build", on_line=on_line)
+    try:
+        run(["cmake", "--build", str(folder / "build"), "--config", "Release", f"-j{jobs}", "--target", *tools.TOOLS],
+            log_path=log_path, timeout=4 * 3600, error_cls=BuildStepError, what="cmake --build", on_line=on_line)
+    except LlamaRuntimeError as exc:
+        raise _cuda_failed("cmake --build", exc, log_path) if cuda else exc from None
     bindir = folder / "bin"
     bindir.mkdir(exist_ok=True)
     for name in tools.TOOLS:
@@ -169,15 +218,27 @@ def link_venv(folder: Path) -> Optional[Path]:
     return link
 
 
-def ensure_built(*, jobs: int = 2, force: bool = False, progress: Optional[Progress] = None) -> dict:
-    """Build (or reuse) the tools for the installed llama-cpp-python; returns the manifest plus
-    ``dir``, ``cached`` and ``seconds``."""
+def backend_manifest(backend: tools.Backend) -> dict:
+    """What the manifest says of the backend (tools.built_backend / backend_label read it back)."""
+    out = {"backend": backend.name, "backend_label": backend.label(), "backend_why": backend.why}
+    if backend.name == "cuda":
+        out.update(cuda_version=backend.cuda_version, cuda_archs=backend.archs, cuda_sms=list(backend.sms),
+                   nvcc=backend.nvcc, cuda_driver_lib=backend.cuda_driver_lib, rpath=list(backend.rpath))
+    return out
+
+
+def ensure_built(*, jobs: int = 2, force: bool = False, progress: Optional[Progress] = None,
+                 gpu: Optional[str] = None) -> dict:
+    """Build (or reuse) the tools for the installed llama-cpp-python with the backend ``gpu`` (auto, cuda,
+    cpu; None: $LORADEPLOY_LLAMA_GPU, else auto); returns the manifest plus ``dir``, ``cached`` and
+    ``seconds``."""
     t0 = time.monotonic()
     version = runtime.llama_cpp_version()
     if version == "not installed":
         raise LlamaRuntimeError("llama-cpp-python is not installed: its sdist is the tools' source",
                                 hint="run `make setup`")
-    key = tools.build_key()
+    backend = tools.gpu_backend(gpu)
+    key = tools.build_key(backend)
     folder = tools.build_dir(version, key)
     with _locked(folder):
         manifest = None if force else tools._read_manifest(folder)
@@ -190,16 +251,18 @@ def ensure_built(*, jobs: int = 2, force: bool = False, progress: Optional[Progr
             log_path = folder / "build.log"
             mark = fetch_source(folder, version, log_path, progress)
             commit = f"sdist-{mark['sdist_sha256'][:12]}"
-            compile_tools(folder, commit, jobs, log_path, progress)
+            compile_tools(folder, commit, jobs, log_path, progress, backend)
             manifest = {"llama_cpp_python": version, "sdist": mark["sdist"], "sdist_sha256": mark["sdist_sha256"],
                         "commit": commit, "build_number": 0, "key": key, "compiler": tools.compiler_id(),
-                        "cmake_options": list(cmake_options()), "tools": list(tools.TOOLS),
+                        **backend_manifest(backend), "cmake_options": list(cmake_options(backend)),
+                        "tools": list(tools.TOOLS),
                         "scripts": list(tools.SCRIPTS), "built_at": time.time(),
                         "build_s": round(time.monotonic() - t0, 1), "jobs": jobs}
             atomic_write_text(folder / tools.MANIFEST, json.dumps(manifest, indent=2))
         link = link_venv(folder)
     tools._located.cache_clear()
-    return {**manifest, "dir": str(folder), "venv_link": str(link) if link else None, "cached": cached,
+    return {**manifest, "backend": tools.built_backend(manifest), "backend_label": tools.backend_label(manifest),
+            "backend_why": backend.why, "dir": str(folder), "venv_link": str(link) if link else None, "cached": cached,
             "seconds": round(time.monotonic() - t0, 2)}
 
 
@@ -212,6 +275,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loradeploy.llamacpp.build", description=__doc__.split("\n")[0])
     ap.add_argument("--jobs", "-j", type=int, default=2)
     ap.add_argument("--force", action="store_true", help="rebuild even when a finished build exists")
+    ap.add_argument("--gpu", choices=tools.GPU_CHOICES, default=None,
+                    help=f"the GPU backend: auto (CUDA where nvcc and an NVIDIA driver are found, Metal on macOS, "
+                         f"else the CPU), cuda or cpu (default: ${tools.GPU_ENV}, else auto)")
     args = ap.parse_args(argv)
     console = Console(stderr=True)
     last = {"msg": None, "pct": -10}
@@ -231,10 +297,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                      TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console,
                      transient=True) as bar:
                 task = bar.add_task("llama.cpp tools", total=None)
-                out = ensure_built(jobs=args.jobs, force=args.force,
+                out = ensure_built(jobs=args.jobs, force=args.force, gpu=args.gpu,
                                    progress=lambda m, d, t: bar.update(task, description=m, completed=d or 0, total=t))
         else:
-            out = ensure_built(jobs=args.jobs, force=args.force, progress=plain)
+            out = ensure_built(jobs=args.jobs, force=args.force, gpu=args.gpu, progress=plain)
     except LlamaRuntimeError as exc:
         console.print(f"[red]llama.cpp tools: {exc.one_line()}[/red]")
         return 1
@@ -242,6 +308,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     console.print(f"llama.cpp tools for llama-cpp-python {out['llama_cpp_python']} ({out['commit']}): {how}, "
                   f"{out['dir']}" + (f" (linked from {out['venv_link']})" if out["venv_link"] else ""), highlight=False,
                   soft_wrap=True)
+    console.print(f"llama.cpp: {out['backend_label']} ({out['backend_why']})", highlight=False, soft_wrap=True)
     return 0
 
 
