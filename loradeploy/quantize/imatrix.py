@@ -83,6 +83,16 @@ class CalibrationSource:
         return tok, build_calibration(tok, system_prompt=self.system_prompt, calibration=self.calibration,
                                       samples=self.samples, max_tokens=self.max_tokens, max_seq_len=self.max_seq_len)
 
+    def build_with_more(self, extra: int):
+        """(verify's calibration set, the same source read ``extra`` tokens further): the tuned search
+        scores on the sequences only the second holds (tuned.scorer.search_sequences)."""
+        from ..verify.calibration import build_calibration
+
+        tok, cal = self.build()
+        more = build_calibration(tok, system_prompt=self.system_prompt, calibration=self.calibration,
+                                 samples=self.samples, max_tokens=cal.n_tokens + extra, max_seq_len=self.max_seq_len)
+        return cal, more
+
     def text(self) -> CalibrationText:
         """Verify's calibration set, decoded back to text with its special tokens (llama-imatrix reads
         text; ``--parse-special`` turns the chat template's markers back into their tokens)."""

@@ -8,7 +8,7 @@ from ..quantize import ENGINE_VERSION, TensorCache, cache_dir
 from ..quantize import imatrix as imx
 from ..quantize.reuse import reusable
 from ..quantize.tuned.build import CODE_VERSION as TUNED_CODE, build
-from ..quantize.tuned.measure import Scorer
+from ..quantize.tuned.scorer import MAX_TOKENS, Scorer, search_sequences
 from .base import Artifact, StageContext
 from .convert import validate
 from .merge import adapter_dir_for
@@ -38,7 +38,9 @@ def build_tuned(ctx: StageContext, src: Path, labels: list[str], imatrix, thread
     scorer = None
     if ctx.cfg.quantization.tuned_measure:
         ctx.progress("tuned: reference logits (F16)", 0, 0)
-        scorer = Scorer.of_gguf(src, calibration_source(ctx).build()[1].sequences, threads)
+        cal, more = calibration_source(ctx).build_with_more(4 * MAX_TOKENS)
+        seqs, text = search_sequences(cal.sequences, more.sequences)   # held out from verify's when there is more
+        scorer = Scorer.of_gguf(src, seqs, threads, source=text)
     for f in labels:
         b = build(src, f, ctx.paths.gguf(f), imatrix=imatrix, adapter_dir=adapter, threads=threads,
                   engine=ctx.cfg.quantization.engine, cache=cache, reusable=reusable(changed), log_path=ctx.log_path,

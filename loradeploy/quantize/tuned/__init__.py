@@ -2,7 +2,8 @@
 written as llama.cpp's own --tensor-type-file so stock llama-quantize rebuilds the same bytes.
 
 recipe.py (groups, the file format, exact sizes), sensitivity.py (cheap per-group estimates),
-allocate.py (budgets and the allocator); ``plan_tuned`` runs the three.
+allocate.py (budgets and the allocator); ``plan_tuned`` runs the three. measure.py corrects the plan by
+measured KLD (probes scored by scorer.py: one batched llama.cpp pass each), build.py makes the file.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def _base_for(limit: int, size_of) -> str:
 
 
 def plan_tuned(src_path: Path, spec: str, *, imatrix: Optional[Importance] = None,
-               adapter_dir: Optional[Path] = None, strength: float = 1.0, max_rows: int = 256, threads: int = 1,
+               adapter_dir: Optional[Path] = None, strength: float = 1.0, max_rows: int = 64, threads: int = 1,
                low_bits: bool = False) -> TunedPlan:
     """The recipe for ``spec`` (``TUNED@Q4_K_M``, ``TUNED@4.8bpw``, ``TUNED@4.5GB``) on the F16 GGUF
     ``src_path``, by the cheap estimates (quantization error, weighted up where the adapter changed most)."""

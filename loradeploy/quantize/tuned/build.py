@@ -21,7 +21,7 @@ from . import TunedPlan, plan_tuned
 from .recipe import Sizer
 
 SUFFIX = ".tensor-types.txt"
-CODE_VERSION = 2     # bump when what chooses a recipe changes: tuned files are made again
+CODE_VERSION = 3     # bump when what chooses a recipe changes: tuned files are made again
 
 
 def recipe_path(gguf: Path) -> Path:
@@ -87,10 +87,19 @@ def build(src: Path, label: str, dst: Path, *, imatrix: Optional[Path] = None, a
     if scorer is not None and why is None:     # probes need the engine's one pass
         from .measure import refine
 
-        recipe, m = refine(src, plan, scorer, imatrix=im, threads=threads, work_dir=Path(dst).parent, cache=cache,
-                           reusable=reusable)
-        plan = replace(plan, recipe=recipe, size=Sizer.of(src, im).size(recipe.types))
-        measured, seconds["measure"], why = m.to_dict(), m.seconds["total"], why_not(plan)
+        def measured_recipe(out: Optional[Path]):
+            recipe, m, sha = refine(src, plan, scorer, imatrix=im, threads=threads, work_dir=Path(dst).parent,
+                                    cache=cache, reusable=reusable, out=out)
+            seconds["measure"] = m.seconds["total"]
+            return replace(plan, recipe=recipe, size=Sizer.of(src, im).size(recipe.types)), m.to_dict(), sha
+
+        if engine != "llama.cpp":              # the file kept is the one the search wrote and scored
+            with atomic_output(Path(dst)) as tmp:
+                plan, measured, sha = measured_recipe(tmp)
+            rpath = plan.recipe.write(recipe_path(dst))
+            seconds["quantize"] = 0.0
+            return Built(label, Path(dst), rpath, sha, "loradeploy", plan, seconds, None, measured)
+        plan, measured, _ = measured_recipe(None)
     rpath = plan.recipe.write(recipe_path(dst))
     recipes = {label: (plan.recipe.base, plan.recipe.overrides())}
     t1 = time.perf_counter()

@@ -1,0 +1,69 @@
+"""The tuned search's cheap parts (issue 20): the scorer's prefix-tree batch, the held-out split from
+verify's text, the top-1 guard when choosing the recipe, and probes spread over a kind's layers."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from loradeploy.quantize.tuned.measure import choose, probes
+from loradeploy.quantize.tuned.scorer import MIN_HELDOUT, heldout, layout, search_sequences
+
+
+def test_a_shared_prefix_is_one_batch_entry_carrying_every_sequence():
+    seqs = [[1, 2, 3, 4], [1, 2, 5], [1, 2, 3, 6, 7], [9]]          # [9] predicts nothing: skipped
+    lay = layout(seqs, max_tokens=100, max_positions=100)
+    assert lay.n_seq == 3 and lay.n_tokens == 7                      # 1 2 3 4 | 5 | 6 7
+    by = {(int(t), int(p)): ids for t, p, ids in zip(lay.tokens, lay.pos, lay.seq_ids)}
+    assert by[(1, 0)] == (0, 1, 2) and by[(2, 1)] == (0, 1, 2) and by[(3, 2)] == (0, 2)
+    assert by[(4, 3)] == (0,) and by[(5, 2)] == (1,) and by[(7, 4)] == (2,)
+    # every node with a successor is scored once, its next token the first successor seen
+    scored = {int(lay.tokens[i]): int(n) for i, n in zip(lay.out, lay.nxt)}
+    assert scored == {1: 2, 2: 3, 3: 4, 6: 7}
+
+
+def test_the_batch_is_capped_in_tokens_and_positions():
+    rng = np.random.default_rng(0)
+    seqs = [list(rng.integers(0, 1000, 50)) for _ in range(20)]
+    lay = layout(seqs, max_tokens=120, max_positions=30)
+    assert lay.n_tokens == 120 and lay.out.size == 30 and lay.n_seq == 3
+    assert np.all(np.diff(lay.out) > 0)
+    # positions within a sequence stay in order, so one decode call sees each prefix before it is used
+    for s in range(lay.n_seq):
+        pos = [int(p) for p, ids in zip(lay.pos, lay.seq_ids) if s in ids]
+        assert pos == list(range(len(pos)))
+
+
+def test_the_search_reads_text_verify_does_not_score():
+    verify = [[1, 2, 3], [1, 2, 4, 5]]                                 # the last one cut at verify's budget
+    more = [[1, 2, 3], [1, 2, 4, 5, 6, 7], [1, 2, 8] + [9] * MIN_HELDOUT, [10, 11] * MIN_HELDOUT]
+    assert heldout(verify, more) == more[2:]
+    seqs, text = search_sequences(verify, more)
+    assert text == "heldout" and seqs == more[2:]
+    seqs, text = search_sequences(verify, more[:2])                    # nothing beyond verify's: its own text
+    assert text == "in-sample" and seqs == verify
+
+
+def test_a_recipe_with_worse_top1_than_the_stock_mix_is_not_kept():
+    kld = {"stock": 0.010, "estimate": 0.006, "corrected": 0.004}
+    assert choose(kld, {"stock": 0.95, "estimate": 0.96, "corrected": 0.95}) == ("corrected", {})
+    chosen, rejected = choose(kld, {"stock": 0.95, "estimate": 0.95, "corrected": 0.94})
+    assert chosen == "estimate" and set(rejected) == {"corrected"}
+    chosen, rejected = choose(kld, {"stock": 0.95, "estimate": 0.90, "corrected": 0.94})
+    assert chosen == "stock" and "below the stock mix" in rejected["estimate"]
+    # equal KLD: the corrected recipe, then the estimate, before the stock mix
+    assert choose({k: 0.01 for k in kld}, {k: 0.9 for k in kld})[0] == "corrected"
+
+
+def test_a_probe_lowers_a_few_layers_spread_over_the_kind():
+    names = [f"blk.{i}.ffn_up.weight" for i in range(12)] + ["output.weight"]
+    stock = {n: 12 for n in names}                                   # Q4_K
+    errs = {n: {11: 0.3, 12: 0.1, 13: 0.05} for n in names}          # Q3_K, Q4_K, Q5_K
+    plan = SimpleNamespace(errors=SimpleNamespace(by_group=errs), weights={n: 1.0 for n in names}, stock=stock)
+    sizer = SimpleNamespace(cost=lambda n, ty: {11: 3, 12: 4, 13: 5}[ty])
+    lowered, est, kinds = probes(plan, sizer, layers=4)
+    low = lowered["lower:ffn_up"]
+    changed = sorted(int(n.split(".")[1]) for n in names if low[n] != stock[n])
+    assert changed == [0, 4, 7, 11] and all(low[f"blk.{i}.ffn_up.weight"] == 11 for i in changed)
+    assert abs(est["ffn_up"] - 4 * 0.2) < 1e-12 and lowered["lower:output"]["output.weight"] == 11
+    assert kinds["ffn_up"] == names[:12]
