@@ -55,10 +55,13 @@ def _check_quantize(cfg, imatrix: bool) -> tuple[dict, Path]:
     assert t["recipe"] == recipe.read_text() and t["base"] == "Q4_K_M" and t["budget"] == TUNED
     assert t["adapter_weighted"] is True and t["engine"] == "loradeploy"
     # measured: the recipe kept is the lowest-KLD of the stock mix, the estimate's and the corrected one
-    # whose top-1 is no worse than the stock mix's; the search read calibration text verify does not score
+    # whose top-1 is no worse than the stock mix's (one position's flip allowed); the search read calibration
+    # text verify does not score
     m = t["measured"]
-    kept = [k for k in ("stock", "estimate", "corrected") if m["top1"][k] >= m["top1"]["stock"]]
-    assert set(m["rejected"]) == {"stock", "estimate", "corrected"} - set(kept)
+    slack = 1 / m["text"]["positions"] + 1e-9
+    have = [k for k in ("stock", "estimate", "corrected") if k in m["kld"]]
+    kept = [k for k in have if m["top1"][k] >= m["top1"]["stock"] - slack]
+    assert set(m["rejected"]) == set(have) - set(kept)
     assert m["kld"][m["chosen"]] == min(m["kld"][k] for k in kept)
     assert m["text"]["text"] == "heldout" and m["text"]["positions"] > 0
     assert t["seconds"]["quantize"] == 0.0          # the file kept is the one the search wrote and scored

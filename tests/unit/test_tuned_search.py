@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from loradeploy.quantize.tuned.measure import choose, probes
+from loradeploy.quantize.tuned.measure import TimeBudget, choose, probes, stock_seconds
 from loradeploy.quantize.tuned.scorer import MIN_HELDOUT, heldout, layout, search_sequences
 
 
@@ -36,7 +36,7 @@ def test_the_batch_is_capped_in_tokens_and_positions():
 
 def test_the_search_reads_text_verify_does_not_score():
     verify = [[1, 2, 3], [1, 2, 4, 5]]                                 # the last one cut at verify's budget
-    more = [[1, 2, 3], [1, 2, 4, 5, 6, 7], [1, 2, 8] + [9] * MIN_HELDOUT, [10, 11] * MIN_HELDOUT]
+    more = [[1, 2, 3], [1, 2, 4, 5, 6, 7], [1, 2, 8] + [9] * (MIN_HELDOUT // 2), [10, 11] * (MIN_HELDOUT // 4)]
     assert heldout(verify, more) == more[2:]
     seqs, text = search_sequences(verify, more)
     assert text == "heldout" and seqs == more[2:]
@@ -53,6 +53,11 @@ def test_a_recipe_with_worse_top1_than_the_stock_mix_is_not_kept():
     assert chosen == "stock" and "below the stock mix" in rejected["estimate"]
     # equal KLD: the corrected recipe, then the estimate, before the stock mix
     assert choose({k: 0.01 for k in kld}, {k: 0.9 for k in kld})[0] == "corrected"
+    # one position of the sample may flip (near-tied tokens); two may not
+    assert choose(kld, {"stock": 0.95, "estimate": 0.95, "corrected": 0.95 - 1 / 200}, 200)[0] == "corrected"
+    assert choose(kld, {"stock": 0.95, "estimate": 0.95, "corrected": 0.95 - 2 / 200}, 200)[0] == "estimate"
+    # a candidate the budget left unmeasured is not chosen
+    assert choose({"stock": 0.01, "estimate": 0.02}, {"stock": 0.9, "estimate": 0.9}) == ("stock", {})
 
 
 def test_a_probe_lowers_a_few_layers_spread_over_the_kind():
@@ -67,3 +72,27 @@ def test_a_probe_lowers_a_few_layers_spread_over_the_kind():
     assert changed == [0, 4, 7, 11] and all(low[f"blk.{i}.ffn_up.weight"] == 11 for i in changed)
     assert abs(est["ffn_up"] - 4 * 0.2) < 1e-12 and lowered["lower:output"]["output.weight"] == 11
     assert kinds["ffn_up"] == names[:12]
+
+
+def test_the_stock_recipes_time_is_its_share_of_one_engine_pass():
+    n = {"a": 100, "b": 300}
+    recipes = {"stock": {"a": 12, "b": 12}, "estimate": {"a": 13, "b": 12}, "lower:x": {"a": 11, "b": 12}}
+    stats = {"seconds": 2.0, "quantize_seconds_by_type": {"Q4_K": 0.8, "Q5_K": 0.1, "Q3_K": 0.3}}
+    # Q4_K's 0.8 s went to 400 elements, all of them the stock recipe's; the 0.8 s not quantizing is
+    # shared by the three files written
+    assert abs(stock_seconds(stats, recipes, n) - (0.8 + 0.8 / 3)) < 1e-9
+    assert TimeBudget().ratio == 2.0
+
+
+def test_slow_types_are_measured_on_a_few_layers_and_scaled_on_the_rest(tmp_path):
+    from loradeploy.quantize.rules import IQ3_XXS, Q3_K, Q4_K
+    from loradeploy.quantize.tuned.recipe import Group
+    from loradeploy.quantize.tuned.sensitivity import Errors, _scale_slow
+
+    gs = [Group(f"blk.{i}.attn_q.weight", "attn_q", i, 8, 256) for i in range(6)]
+    res = Errors({g.name: {Q3_K: 0.2 + i, Q4_K: 0.1} for i, g in enumerate(gs)}, {})
+    for i in (0, 5):
+        res.by_group[gs[i].name][IQ3_XXS] = (0.2 + i) * (0.5 if i == 0 else 0.7)
+    _scale_slow(res, gs, {g.name: [Q3_K, Q4_K, IQ3_XXS] for g in gs}, {gs[0].name, gs[5].name})
+    assert abs(res.by_group[gs[2].name][IQ3_XXS] - 2.2 * 0.6) < 1e-12
+    assert res.scaled == {g.name: [IQ3_XXS] for g in gs[1:5]}

@@ -18,6 +18,7 @@ from ..engine import quantize_formats, why_unsupported
 from ..importance import Importance, load
 from ..rules import Unsupported
 from . import TunedPlan, plan_tuned
+from .measure import TimeBudget, refine
 from .recipe import Sizer
 
 SUFFIX = ".tensor-types.txt"
@@ -62,10 +63,12 @@ def _importance(imatrix: Optional[Path]) -> tuple[Optional[Importance], Optional
 def build(src: Path, label: str, dst: Path, *, imatrix: Optional[Path] = None, adapter_dir: Optional[Path] = None,
           threads: int = 1, engine: str = "auto", cache: Optional[TensorCache] = None,
           reusable: Optional[Callable[[str], bool]] = None, log_path: Optional[Path] = None,
-          progress: Optional[Callable[[float, float], None]] = None, scorer=None) -> Built:
+          progress: Optional[Callable[[float, float], None]] = None, scorer=None,
+          budget: Optional[TimeBudget] = None) -> Built:
     """The tuned GGUF ``label`` (TUNED-Q4_K_M ...) of ``src`` at ``dst``, its recipe beside it.
     ``engine``: auto | loradeploy | llama.cpp, as quantization.engine. ``scorer`` (measure.Scorer): the
-    estimates are corrected by measured KLD, and the stock mix kept where nothing measures better."""
+    estimates are corrected by measured KLD, and the stock mix kept where nothing measures better, within
+    ``budget`` (measure.TimeBudget; default 2x the stock quantize time, the plan and reference counted)."""
     from ...errors import QuantizeError
     from ...fsutil import atomic_output
     from ..imatrix import quantize
@@ -85,11 +88,11 @@ def build(src: Path, label: str, dst: Path, *, imatrix: Optional[Path] = None, a
         raise QuantizeError(f"quantization.engine is loradeploy, but it cannot do {label}: {why}",
                             hint="set quantization.engine: auto to let llama-quantize --tensor-type-file do it")
     if scorer is not None and why is None:     # probes need the engine's one pass
-        from .measure import refine
-
         def measured_recipe(out: Optional[Path]):
+            spent = time.perf_counter() - t0 + scorer.reference_seconds     # the plan, the reference
             recipe, m, sha = refine(src, plan, scorer, imatrix=im, threads=threads, work_dir=Path(dst).parent,
-                                    cache=cache, reusable=reusable, out=out)
+                                    cache=cache, reusable=reusable, out=out,
+                                    budget=replace(budget or TimeBudget(), spent_s=spent))
             seconds["measure"] = m.seconds["total"]
             return replace(plan, recipe=recipe, size=Sizer.of(src, im).size(recipe.types)), m.to_dict(), sha
 

@@ -10,9 +10,13 @@ type quantized once); each is scored by ``scorer.Scorer`` (one batched llama.cpp
 tokens) against the reference log-probabilities. A kind's correction is its measured KLD increase over its
 estimated error increase; the allocator runs again with the weights so corrected.
 
+The search keeps to a time budget (``TimeBudget``: 2x the stock format's quantize time, estimated from the
+engine pass itself): the stock mix and the estimate are always scored, probes while time is left (the kinds
+with the most bytes first; an unmeasured kind takes the median correction), the corrected recipe last.
+
 Of the stock mix, the estimate's recipe and the corrected one, the lowest measured KLD is kept among those
-whose top-1 agreement is no worse than the stock mix's (the stock mix always qualifies), so on the search's
-text the tuned file is never worse than the stock format. The kept file is the one already written and
+whose top-1 agreement is no worse than the stock mix's (one position's flip allowed; the stock mix always
+qualifies), so on the search's text the tuned file is never worse than the stock format. The kept file is the one already written and
 scored: nothing is quantized twice.
 
 The reference is the F16 GGUF's own logits, which verify measures within ~1e-6 KLD of the PEFT model.
@@ -36,6 +40,8 @@ from .recipe import Recipe, Sizer
 from .scorer import Scorer
 
 PROBE_LAYERS = 4          # layers of a kind lowered in its probe, spread evenly
+SEARCH_RATIO = 2.0        # the search takes at most this many times the stock format's quantize (issue 20) ...
+SEARCH_FLOOR_S = 5.0      # ... or this long: below it llama.cpp's fixed costs (a load, one pass) decide
 CHOICES = ("stock", "estimate", "corrected")
 
 
@@ -48,12 +54,13 @@ class Measured:
     rejected: dict[str, str] = field(default_factory=dict)    # candidate -> why the guard refused it
     seconds: dict = field(default_factory=dict)
     text: dict = field(default_factory=dict)                   # Scorer.describe(): what was scored on
+    skipped: list = field(default_factory=list)                # probes (kinds) / corrected left out by the budget
 
     def to_dict(self) -> dict:
         return {"kld": {k: round(v, 6) for k, v in self.kld.items()},
                 "top1": {k: round(v, 4) for k, v in self.top1.items()}, "chosen": self.chosen,
                 "rejected": self.rejected, "correction": {k: float(f"{v:.4g}") for k, v in self.correction.items()},
-                "seconds": self.seconds, "text": self.text}
+                "seconds": self.seconds, "text": self.text, "skipped": self.skipped}
 
 
 def _kind(name: str) -> str:
@@ -87,18 +94,54 @@ def probes(plan, sizer: Sizer, layers: int = PROBE_LAYERS) -> tuple[dict[str, di
     return out, est, kinds
 
 
-def choose(kld: dict[str, float], top1: dict[str, float]) -> tuple[str, dict[str, str]]:
-    """The candidate kept: least KLD among those with top-1 no worse than the stock mix's (ties: corrected,
-    then estimate); {candidate: why refused}."""
-    rejected = {k: f"top-1 {top1[k]:.4f} below the stock mix's {top1['stock']:.4f}" for k in CHOICES
-                if k != "stock" and top1[k] < top1["stock"]}
-    ok = [k for k in CHOICES if k not in rejected]
+def choose(kld: dict[str, float], top1: dict[str, float], positions: int = 0) -> tuple[str, dict[str, str]]:
+    """The candidate kept: least KLD among those measured whose top-1 is no worse than the stock mix's,
+    one position of ``positions`` allowed (one argmax flipping between near-tied tokens is noise at a few
+    hundred positions); ties: corrected, then estimate. Also {candidate: why refused}."""
+    slack = 1.0 / positions + 1e-9 if positions > 0 else 1e-12
+    have = [k for k in CHOICES if k in kld]
+    rejected = {k: f"top-1 {top1[k]:.4f} below the stock mix's {top1['stock']:.4f}" for k in have
+                if k != "stock" and top1[k] < top1["stock"] - slack}
+    ok = [k for k in have if k not in rejected]
     return min(ok, key=lambda k: (kld[k], -CHOICES.index(k))), rejected
 
 
+@dataclass(frozen=True)
+class TimeBudget:
+    """How long the search may take: ``ratio`` x the stock format's quantize time (estimated from the
+    engine pass itself), never under ``floor_s``; ``spent_s`` is what it took before ``refine`` (the plan,
+    the reference logits). ``ratio`` None: no limit. The stock mix and the estimate are always scored
+    (the guard needs both); probes are scored, largest kinds first, while the rest still fits, with room
+    kept for writing and scoring the corrected recipe."""
+    ratio: Optional[float] = SEARCH_RATIO
+    floor_s: float = SEARCH_FLOOR_S
+    spent_s: float = 0.0
+
+
+def stock_seconds(stats: dict, recipes: dict[str, dict[str, int]], n_elements: dict[str, int]) -> float:
+    """What writing the stock recipe alone takes, from one engine pass over all ``recipes``: its share
+    of the quantizing (per-type seconds per element, over each distinct tensor and type) plus one file's
+    share of the rest (reading, writing)."""
+    from ..gguf_out import type_name
+
+    done: dict[str, set[int]] = {}
+    for types in recipes.values():
+        for g, ty in types.items():
+            done.setdefault(g, set()).add(ty)
+    per_type: dict[str, int] = {}
+    for g, tys in done.items():
+        for ty in tys:
+            per_type[type_name(ty)] = per_type.get(type_name(ty), 0) + n_elements[g]
+    secs = stats.get("quantize_seconds_by_type", {})
+    rate = {ty: secs.get(ty, 0.0) / n for ty, n in per_type.items() if n}
+    quant = sum(n_elements[g] * rate.get(type_name(ty), 0.0) for g, ty in recipes["stock"].items())
+    rest = max(0.0, float(stats.get("seconds", 0.0)) - sum(secs.values()))
+    return quant + rest / max(1, len(recipes))
+
+
 def refine(src: Path, plan, scorer: Scorer, *, imatrix: Optional[Importance] = None, threads: int = 1,
-           work_dir: Optional[Path] = None, cache=None, reusable=None,
-           out: Optional[Path] = None) -> tuple[Recipe, Measured, Optional[str]]:
+           work_dir: Optional[Path] = None, cache=None, reusable=None, out: Optional[Path] = None,
+           budget: TimeBudget = TimeBudget()) -> tuple[Recipe, Measured, Optional[str]]:
     """(the recipe to keep for ``plan`` (a TunedPlan), what was measured, its file's sha256 when ``out``
     is given: the file scored is moved there)."""
     t0 = time.perf_counter()
@@ -106,20 +149,43 @@ def refine(src: Path, plan, scorer: Scorer, *, imatrix: Optional[Importance] = N
     errs, w, stock, base = plan.errors.by_group, plan.weights, plan.stock, plan.recipe.base
     lowered, est_delta, kinds = probes(plan, sizer)
     tmp = Path(tempfile.mkdtemp(prefix="tuned-probes-", dir=work_dir))
+    kld: dict[str, float] = {}
+    top1: dict[str, float] = {}
+    score_s: list[float] = []
+
+    def score(k: str, path: Path) -> None:
+        t = time.perf_counter()
+        r = scorer.score(path)
+        kld[k], top1[k] = float(r["kld_mean"]), float(r["top1"])
+        score_s.append(time.perf_counter() - t)
+
     try:
         recipes = {"stock": stock, **({"estimate": plan.recipe.types} if plan.recipe.types != stock else {}),
                    **lowered}
-        files = _write(src, base, recipes, tmp, imatrix, threads, cache, reusable)
+        files, stats = _write(src, base, recipes, tmp, imatrix, threads, cache, reusable)
         t_engine = time.perf_counter() - t0
-        kld, top1 = {}, {}
-        for k, (p, _) in files.items():
-            r = scorer.score(p)
-            kld[k], top1[k] = float(r["kld_mean"]), float(r["top1"])
-            if k.startswith("lower:"):
-                p.unlink()
+        t_stock = stock_seconds(stats, recipes, {g: sizer.src.by_name[g].n_elements for g in stock})
+        limit = None if budget.ratio is None else max(budget.ratio * t_stock, budget.floor_s)
+
+        def left() -> float:
+            return float("inf") if limit is None else limit - budget.spent_s - (time.perf_counter() - t0)
+
+        for k in ("stock", "estimate"):
+            if k in files:
+                score(k, files[k][0])
         if "estimate" not in files:
             kld["estimate"], top1["estimate"], files["estimate"] = kld["stock"], top1["stock"], files["stock"]
-        rise = {k: max(kld[f"lower:{k}"] - kld["stock"], 0.0) / d for k, d in est_delta.items()}
+        size = {k: sum(sizer.cost(g, stock[g]) for g in names) for k, names in kinds.items()}
+        skipped = []
+        for kind in sorted(est_delta, key=lambda k: -size[k]):      # the kinds with the most bytes first
+            per = max(score_s)
+            if left() < per + (t_stock + per):                       # room kept for the corrected recipe
+                skipped.append(kind)
+            else:
+                score(f"lower:{kind}", files[f"lower:{kind}"][0])
+            files.pop(f"lower:{kind}")[0].unlink()
+        rise = {k: max(kld[f"lower:{k}"] - kld["stock"], 0.0) / d for k, d in est_delta.items()
+                if f"lower:{k}" in kld}
         fallback = float(np.median(list(rise.values()))) if rise else 1.0
         floor = 1e-3 * max(rise.values(), default=1.0) or 1e-12
         correction = {k: max(rise.get(k, fallback), floor) for k in kinds}
@@ -130,13 +196,13 @@ def refine(src: Path, plan, scorer: Scorer, *, imatrix: Optional[Importance] = N
         same = next((k for k in ("stock", "estimate") if alloc.types == recipes.get(k, plan.recipe.types)), None)
         if same is not None:
             kld["corrected"], top1["corrected"], files["corrected"] = kld[same], top1[same], files[same]
-        else:
+        elif rise and left() >= t_stock + max(score_s):
             t1 = time.perf_counter()
-            files.update(_write(src, base, {"corrected": alloc.types}, tmp, imatrix, threads, cache, reusable))
+            new, _ = _write(src, base, {"corrected": alloc.types}, tmp, imatrix, threads, cache, reusable)
+            files.update(new)
             t_engine += time.perf_counter() - t1
-            r = scorer.score(files["corrected"][0])
-            kld["corrected"], top1["corrected"] = float(r["kld_mean"]), float(r["top1"])
-        chosen, rejected = choose(kld, top1)
+            score("corrected", files["corrected"][0])
+        chosen, rejected = choose(kld, top1, int(scorer.layout.out.size))
         types = {"stock": stock, "estimate": plan.recipe.types, "corrected": alloc.types}[chosen]
         sha = None
         if out is not None:
@@ -145,14 +211,19 @@ def refine(src: Path, plan, scorer: Scorer, *, imatrix: Optional[Importance] = N
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     total = time.perf_counter() - t0
-    seconds = {"engine": round(t_engine, 3), "score": round(total - t_engine, 3), "total": round(total, 3)}
-    return Recipe(base, types), Measured(kld, top1, correction, chosen, rejected, seconds, scorer.describe()), sha
+    seconds = {"engine": round(t_engine, 3), "score": round(sum(score_s), 3), "scores": len(score_s),
+               "total": round(total, 3),
+               "stock_estimate": round(t_stock, 3), "limit": None if limit is None else round(limit, 3),
+               "before": round(budget.spent_s, 3)}
+    skipped += [] if "corrected" in kld else ["corrected"]
+    return Recipe(base, types), Measured(kld, top1, correction, chosen, rejected, seconds, scorer.describe(),
+                                         skipped), sha
 
 
 def _write(src: Path, base: str, recipes: dict[str, dict[str, int]], tmp: Path, imatrix, threads: int, cache,
            reusable) -> dict[str, tuple[Path, str]]:
-    """Each recipe's file, all in one engine pass: {name: (path, sha256)}."""
+    """Each recipe's file, all in one engine pass: ({name: (path, sha256)}, the engine's stats)."""
     outs = {k: tmp / f"{k.replace(':', '-')}.gguf" for k in recipes}
     res = quantize_formats(src, outs, threads=threads, cache=cache, reusable=reusable, imatrix=imatrix,
                            recipes={k: (base, Recipe(base, t).overrides()) for k, t in recipes.items()})
-    return {k: (p, res.outputs[k].sha256) for k, p in outs.items()}
+    return {k: (p, res.outputs[k].sha256) for k, p in outs.items()}, res.stats

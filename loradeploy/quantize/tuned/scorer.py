@@ -27,7 +27,7 @@ MAX_TOKENS = 384          # forward-pass tokens (prefix-tree nodes) per score
 MAX_POSITIONS = 192       # positions whose logits are compared
 MIN_TOKENS = 96           # the fewest forward-pass tokens, however large the model
 TOKEN_FLOPS = 4e10        # above ~100M weights the forward pass is capped near this many weight-tokens
-MIN_HELDOUT = 64          # fewer held-out tokens than this: the search reads verify's own text
+MIN_HELDOUT = 256         # fewer held-out tokens than this: the search reads verify's own text (recorded)
 
 
 @dataclass(frozen=True)
@@ -139,17 +139,19 @@ def _logits(gguf: Path, lay: Layout, threads: int) -> np.ndarray:
 
 def tokens_for(gguf: Path) -> int:
     """Forward-pass tokens per score: ``MAX_TOKENS`` for small models, fewer as the weights grow (a score
-    costs about weights x tokens), never under ``MIN_TOKENS``."""
-    from ..gguf_out import read_source
-
-    n = sum(t.n_elements for t in read_source(gguf).tensors)
+    costs about weights x tokens; the weights counted as the 16-bit file's bytes / 2), never under
+    ``MIN_TOKENS``."""
+    n = Path(gguf).stat().st_size / 2
     return int(min(MAX_TOKENS, max(MIN_TOKENS, TOKEN_FLOPS / max(n, 1))))
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(axis=1, keepdims=True)
-    return (x - m - np.log(np.exp(x - m).sum(axis=1, keepdims=True))).astype(np.float32)
+def _log_softmax(x: np.ndarray, rows: int = 16) -> np.ndarray:
+    out = np.empty(x.shape, np.float32)
+    for lo in range(0, x.shape[0], rows):          # a few rows at a time: float64 temporaries stay small
+        c = x[lo:lo + rows].astype(np.float64)
+        c -= c.max(axis=1, keepdims=True)
+        out[lo:lo + rows] = c - np.log(np.exp(c).sum(axis=1, keepdims=True))
+    return out
 
 
 @dataclass

@@ -6,7 +6,9 @@
   ``imatrix[j]`` the mean squared activation of column j, numerator and denominator are the expected
   squared change and the expected squared size of the layer's output per token, so groups with and without
   an imatrix entry (token_embd: a lookup, never a matmul) are on one scale. Rows are sampled evenly
-  (``max_rows``; the slow IQ3 types half as many: their grid search quantizes 10-30x slower than Q4_K).
+  (``max_rows``). The slow IQ3 types (their grid search quantizes 10-30x slower than Q4_K) are measured on
+  half as many rows in up to ``SLOW_LAYERS`` layers per kind; the other layers of the kind take their own
+  Q3_K error times the kind's median IQ3/Q3_K ratio.
 - ``adapter_deltas``: per group, the Frobenius norm of the LoRA delta ``scale * B @ A``, from the r x r
   products (no weight-sized matrix is formed); tensors the adapter replaces outright are listed apart.
 
@@ -37,6 +39,7 @@ K_TYPES = (Q3_K, Q4_K, Q5_K, Q6_K, Q8_0)
 IQ_TYPES = (IQ3_XXS, IQ3_S, IQ4_XS)
 LOW_TYPES = (Q2_K,)
 SLOW_TYPES = (IQ3_XXS, IQ3_S)
+SLOW_LAYERS = 4
 MAX_ROWS = 64
 
 
@@ -59,6 +62,7 @@ class Errors:
     by_group: dict[str, dict[int, float]]          # group -> type -> importance-weighted noise-to-signal
     frob2: dict[str, float]                        # group -> squared Frobenius norm of the weight
     sampled_rows: dict[str, int] = field(default_factory=dict)
+    scaled: dict[str, list[int]] = field(default_factory=dict)   # group -> types scaled from its kind's ratio
 
 
 def _sample(rows: int, max_rows: int) -> np.ndarray:
@@ -99,15 +103,39 @@ def quant_errors(src: SourceGGUF, groups: Iterable[Group], types: dict[str, list
     groups = list(groups)
     data = np.memmap(src.path, np.uint8, mode="r")
     res = Errors({}, {})
+    by_kind: dict[str, list[Group]] = {}
+    for g in groups:
+        by_kind.setdefault(g.kind, []).append(g)
+    slow_at = {g.name for gs in by_kind.values()
+               for g in (gs if len(gs) <= SLOW_LAYERS else
+                         [gs[i] for i in np.unique(np.linspace(0, len(gs) - 1, SLOW_LAYERS).round().astype(int))])}
 
     def work(g: Group):
         im = imatrix.for_tensor(src.by_name[g.name]) if imatrix is not None else None
-        return g.name, _one(src, data, g, types[g.name], im, max_rows)
+        tys = types[g.name] if g.name in slow_at else [ty for ty in types[g.name] if ty not in SLOW_TYPES]
+        return g.name, _one(src, data, g, tys, im, max_rows)
 
     with cf.ThreadPoolExecutor(max(1, threads)) as pool:
         for name, (errs, frob2, n) in pool.map(work, groups):
             res.by_group[name], res.frob2[name], res.sampled_rows[name] = errs, frob2, n
+    for gs in by_kind.values():
+        _scale_slow(res, gs, types, slow_at)
     return res
+
+
+def _scale_slow(res: Errors, gs: list[Group], types: dict[str, list[int]], slow_at: set[str]) -> None:
+    """The slow types of the kind's unmeasured layers: Q3_K's error times the measured layers' median ratio."""
+    for ty in SLOW_TYPES:
+        ratios = [e[ty] / e[Q3_K] for g in gs if g.name in slow_at
+                  for e in [res.by_group[g.name]] if ty in e and e.get(Q3_K, 0) > 0]
+        if not ratios:
+            continue
+        r = float(np.median(ratios))
+        for g in gs:
+            e = res.by_group[g.name]
+            if g.name not in slow_at and ty in types[g.name] and e.get(Q3_K, 0) > 0:
+                e[ty] = e[Q3_K] * r
+                res.scaled.setdefault(g.name, []).append(ty)
 
 
 # ------------------------------------------------------------------------------------------ the adapter
