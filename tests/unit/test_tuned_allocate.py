@@ -106,3 +106,17 @@ def test_delta_norm_is_the_frobenius_norm_of_the_lora_delta():
     rng = np.random.default_rng(1)
     a, b = rng.standard_normal((8, 96)), rng.standard_normal((64, 8))
     assert delta_norm(a, b, 0.5) == pytest.approx(np.linalg.norm(0.5 * b @ a))
+
+
+def test_a_dominant_group_is_held_at_its_stock_type_so_the_file_meets_its_size():
+    # a tied embedding: its cheaper type frees more bytes than every other group can take up
+    costs = {"token_embd.weight": {13: 100, 14: 150}, "blk.0.w": {12: 5, 8: 10}, "blk.1.w": {12: 5, 8: 10}}
+    errors = {"token_embd.weight": {13: 0.5, 14: 0.4}, "blk.0.w": {12: 1.0, 8: 0.0}, "blk.1.w": {12: 1.0, 8: 0.0}}
+    opts = options_of(costs, errors, {g: 1.0 for g in costs})
+    stock = {"token_embd.weight": 14, "blk.0.w": 12, "blk.1.w": 12}
+    free = allocate(opts, 160, start=stock)
+    assert free.bytes == 120 and free.types["token_embd.weight"] == 13          # least error, 25 % short
+    filled = allocate(opts, 160, start=stock, at_least=158)
+    assert filled.bytes == 160 and filled.types["token_embd.weight"] == 14 and filled.method.endswith("+filled")
+    # nothing to fill with: the best assignment stands
+    assert allocate(opts, 160, start=stock, at_least=10_000).bytes == 160

@@ -13,7 +13,7 @@ from typing import Optional
 
 from ..importance import Importance
 from ..rules import FORMATS
-from .allocate import Allocation, Budget, BudgetError, allocate, options_of, parse_budget
+from .allocate import Allocation, Budget, BudgetError, allocate, at_least, options_of, parse_budget
 from .recipe import (DryRun, Group, Recipe, RecipeError, Sizer, dry_run, file_size, groups, parse_entries, read,
                      stock_types)
 from .sensitivity import Deltas, Errors, adapter_deltas, adapter_weights, candidates, quant_errors
@@ -71,6 +71,7 @@ def plan_tuned(src_path: Path, spec: str, *, imatrix: Optional[Importance] = Non
                adapter_weights(adapter_deltas(adapter_dir, src_path), errors.frob2, strength=strength))
     costs = {g.name: {ty: sizer.cost(g.name, ty) for ty in types[g.name]} for g in gs}
     opts = options_of(costs, errors.by_group, weights, keep=start)
-    alloc = allocate(opts, limit - sizer.head - sizer.fixed, start=start)
+    alloc = allocate(opts, limit - sizer.head - sizer.fixed, start=start,
+                     at_least=at_least(limit, sizer.head, sizer.fixed))
     recipe = Recipe(base, alloc.types)
     return TunedPlan(recipe, budget, limit, sizer.size(alloc.types), alloc, errors, weights, start)

@@ -14,7 +14,7 @@ the file's exact bytes (recipe.Sizer). Three passes, best result kept:
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -22,6 +22,14 @@ import numpy as np
 from ...config.tuned import parse_tuned
 
 Options = dict[str, list[tuple[int, int, float]]]     # group -> [(type, bytes, weighted error)], by bytes
+
+
+SIZE_TOL = 0.01       # a budget is met within 1 %: below (1 - SIZE_TOL) x the limit the allocator fills
+
+
+def at_least(limit: int, head: int, fixed: int) -> int:
+    """The bytes the groups should take so the file is within SIZE_TOL under ``limit``."""
+    return int(limit * (1 - SIZE_TOL)) - head - fixed
 
 
 class BudgetError(ValueError):
@@ -176,9 +184,41 @@ def _exchange(opts: Options, pick: dict[str, int], budget: int, max_rounds: int 
     return pick
 
 
-def allocate(opts: Options, budget: int, start: Optional[dict[str, int]] = None) -> Allocation:
+def allocate(opts: Options, budget: int, start: Optional[dict[str, int]] = None, *,
+             at_least: int = 0) -> Allocation:
     """The assignment of least weighted error whose groups fit in ``budget`` bytes; ``start`` (group ->
-    type, e.g. the stock format's) is improved on too, when it fits and each of its types is an option."""
+    type, e.g. the stock format's) is improved on too, when it fits and each of its types is an option.
+
+    ``at_least``: the bytes the groups should take (a budget is a size, within a tolerance). When one group
+    holds so many bytes that no type of it lands between two of the others' steps (a tied embedding: Q5_K
+    or Q6_K, nothing between), the best assignment can stop far short; then the largest group below its
+    ``start`` type is held at that type and the allocation made again, while that brings the size within
+    the tolerance without exceeding the budget (method "...+filled")."""
+    alloc = _allocate(opts, budget, start)
+    pinned = dict(opts)
+    while start is not None and alloc.bytes < at_least:
+        below = [(_bytes_of(opts[g], start[g]), g) for g in opts
+                 if g in start and _bytes_of(opts[g], alloc.types[g]) < _bytes_of(opts[g], start[g])]
+        if not below:
+            break
+        g = max(below)[1]
+        floor = _bytes_of(opts[g], start[g])
+        pinned = {**pinned, g: [o for o in pinned[g] if o[1] >= floor]}
+        try:
+            again = _allocate(pinned, budget, start)
+        except BudgetError:
+            break
+        if again.bytes <= alloc.bytes:
+            break
+        alloc = replace(again, method=again.method.split("+")[0] + "+filled")
+    return alloc
+
+
+def _bytes_of(opts: list[tuple[int, int, float]], ty: int) -> int:
+    return next((c for t, c, _ in opts if t == ty), 0)
+
+
+def _allocate(opts: Options, budget: int, start: Optional[dict[str, int]] = None) -> Allocation:
     cheapest = sum(o[0][1] for o in opts.values())
     if cheapest > budget:
         raise BudgetError(f"the budget leaves {budget} bytes for the weights; the smallest types need {cheapest}")

@@ -35,7 +35,7 @@ import numpy as np
 
 from ..engine import quantize_formats
 from ..importance import Importance
-from .allocate import allocate, options_of
+from .allocate import allocate, at_least, options_of
 from .recipe import Recipe, Sizer
 from .scorer import Scorer
 
@@ -192,7 +192,7 @@ def refine(src: Path, plan, scorer: Scorer, *, imatrix: Optional[Importance] = N
         weights = {g: w[g] * correction[_kind(g)] for g in stock}
         costs = {g: {ty: sizer.cost(g, ty) for ty in errs[g]} for g in stock}
         alloc = allocate(options_of(costs, errs, weights, keep=stock), plan.limit - sizer.head - sizer.fixed,
-                         start=stock)
+                         start=stock, at_least=at_least(plan.limit, sizer.head, sizer.fixed))
         same = next((k for k in ("stock", "estimate") if alloc.types == recipes.get(k, plan.recipe.types)), None)
         if same is not None:
             kld["corrected"], top1["corrected"], files["corrected"] = kld[same], top1[same], files[same]
