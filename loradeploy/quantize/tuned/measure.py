@@ -148,6 +148,10 @@ def refine(src: Path, plan, scorer: Scorer, *, imatrix: Optional[Importance] = N
     sizer = Sizer.of(src, imatrix)
     errs, w, stock, base = plan.errors.by_group, plan.weights, plan.stock, plan.recipe.base
     lowered, est_delta, kinds = probes(plan, sizer)
+    size = {k: sum(sizer.cost(g, stock[g]) for g in names) for k, names in kinds.items()}
+    order = sorted(est_delta, key=lambda k: -size[k])                  # the kinds with the most bytes first
+    unwritten = order[_affordable(plan, sizer, scorer, budget, threads, len(order)):]
+    lowered = {k: v for k, v in lowered.items() if k.split(":", 1)[1] not in unwritten}
     tmp = Path(tempfile.mkdtemp(prefix="tuned-probes-", dir=work_dir))
     kld: dict[str, float] = {}
     top1: dict[str, float] = {}
@@ -175,9 +179,8 @@ def refine(src: Path, plan, scorer: Scorer, *, imatrix: Optional[Importance] = N
                 score(k, files[k][0])
         if "estimate" not in files:
             kld["estimate"], top1["estimate"], files["estimate"] = kld["stock"], top1["stock"], files["stock"]
-        size = {k: sum(sizer.cost(g, stock[g]) for g in names) for k, names in kinds.items()}
-        skipped = []
-        for kind in sorted(est_delta, key=lambda k: -size[k]):      # the kinds with the most bytes first
+        skipped = list(unwritten)
+        for kind in [k for k in order if k not in unwritten]:
             per = max(score_s)
             if left() < per + (t_stock + per):                       # room kept for the corrected recipe
                 skipped.append(kind)
@@ -218,6 +221,22 @@ def refine(src: Path, plan, scorer: Scorer, *, imatrix: Optional[Importance] = N
     skipped += [] if "corrected" in kld else ["corrected"]
     return Recipe(base, types), Measured(kld, top1, correction, chosen, rejected, seconds, scorer.describe(),
                                          skipped), sha
+
+
+def _affordable(plan, sizer: Sizer, scorer: Scorer, budget: TimeBudget, threads: int, n: int) -> int:
+    """How many probes are worth writing, before the engine pass: the stock quantize time foreseen from the
+    plan's own timing of each type (CPU seconds per element over the threads), a score taken as long as the
+    reference's (an F16 pass, no cheaper than a quantized one); the pass itself, the two scores the guard
+    needs and the corrected recipe's write and score come first."""
+    if budget.ratio is None:
+        return n
+    rates = {ty: plan.errors.seconds_per_element(ty) for ty in set(plan.stock.values())}
+    if any(r is None for r in rates.values()):
+        return n
+    hint = sum(sizer.src.by_name[g].n_elements * rates[ty] for g, ty in plan.stock.items()) / max(1, threads)
+    per = max(scorer.reference_seconds, 1e-3)
+    room = max(budget.ratio * hint, budget.floor_s) - budget.spent_s - 1.3 * hint - 2 * per - (hint + per)
+    return max(0, min(n, int(room // (per + 0.1 * hint))))
 
 
 def _write(src: Path, base: str, recipes: dict[str, dict[str, int]], tmp: Path, imatrix, threads: int, cache,

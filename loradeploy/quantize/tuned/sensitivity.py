@@ -20,6 +20,7 @@ import concurrent.futures as cf
 import json
 import math
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
@@ -63,6 +64,12 @@ class Errors:
     frob2: dict[str, float]                        # group -> squared Frobenius norm of the weight
     sampled_rows: dict[str, int] = field(default_factory=dict)
     scaled: dict[str, list[int]] = field(default_factory=dict)   # group -> types scaled from its kind's ratio
+    timing: dict[int, list[float]] = field(default_factory=dict)  # type -> [seconds quantizing, elements]
+
+    def seconds_per_element(self, ty: int) -> Optional[float]:
+        """CPU seconds this machine took per element quantizing to ``ty`` (None: not measured)."""
+        s, n = self.timing.get(ty, (0.0, 0))
+        return s / n if n else None
 
 
 def _sample(rows: int, max_rows: int) -> np.ndarray:
@@ -72,7 +79,7 @@ def _sample(rows: int, max_rows: int) -> np.ndarray:
 
 
 def _one(src: SourceGGUF, data: np.memmap, g: Group, types: list[int], im: Optional[np.ndarray],
-         max_rows: int) -> tuple[dict[int, float], float, int]:
+         max_rows: int) -> tuple[dict[int, float], float, int, dict[int, tuple[float, int]]]:
     t = src.by_name[g.name]
     rb = row_bytes(t.ggml_type, t.n_per_row)
     idx = _sample(t.rows, max_rows)
@@ -81,7 +88,7 @@ def _one(src: SourceGGUF, data: np.memmap, g: Group, types: list[int], im: Optio
     x = kernels.to_f32(raw, t.ggml_type, np.empty(len(idx) * t.n_per_row, np.float32)).reshape(len(idx), -1)
     w = np.ones(t.n_per_row, np.float64) if im is None else im.astype(np.float64)
     x64 = x.astype(np.float64)
-    out = {}
+    out, timing = {}, {}
     for ty in types:
         if ty == t.ggml_type:
             out[ty] = 0.0
@@ -91,10 +98,12 @@ def _one(src: SourceGGUF, data: np.memmap, g: Group, types: list[int], im: Optio
         step = 2 if ty in SLOW_TYPES and len(idx) > 1 else 1
         xs, xs64 = np.ascontiguousarray(x[::step]), x64[::step]
         q = np.empty(len(xs) * row_bytes(ty, t.n_per_row), np.uint8)
+        t0 = time.perf_counter()
         kernels.quantize_rows(ty, xs, q, imatrix=im)
+        timing[ty] = (time.perf_counter() - t0, xs.size)
         y = kernels.dequantize(ty, q, xs.size).reshape(xs.shape)
         out[ty] = float(((xs64 - y) ** 2 @ w).sum()) / (float((xs64 ** 2 @ w).sum()) or 1.0)
-    return out, float((x64 ** 2).sum()) * t.rows / len(idx), len(idx)
+    return out, float((x64 ** 2).sum()) * t.rows / len(idx), len(idx), timing
 
 
 def quant_errors(src: SourceGGUF, groups: Iterable[Group], types: dict[str, list[int]],
@@ -116,8 +125,11 @@ def quant_errors(src: SourceGGUF, groups: Iterable[Group], types: dict[str, list
         return g.name, _one(src, data, g, tys, im, max_rows)
 
     with cf.ThreadPoolExecutor(max(1, threads)) as pool:
-        for name, (errs, frob2, n) in pool.map(work, groups):
+        for name, (errs, frob2, n, timing) in pool.map(work, groups):
             res.by_group[name], res.frob2[name], res.sampled_rows[name] = errs, frob2, n
+            for ty, (sec, elems) in timing.items():
+                acc = res.timing.setdefault(ty, [0.0, 0])
+                acc[0], acc[1] = acc[0] + sec, acc[1] + elems
     for gs in by_kind.values():
         _scale_slow(res, gs, types, slow_at)
     return res
