@@ -6,9 +6,9 @@
   ``imatrix[j]`` the mean squared activation of column j, numerator and denominator are the expected
   squared change and the expected squared size of the layer's output per token, so groups with and without
   an imatrix entry (token_embd: a lookup, never a matmul) are on one scale. Rows are sampled evenly
-  (``max_rows``). The slow IQ3 types (their grid search quantizes 10-30x slower than Q4_K) are measured on
-  half as many rows in up to ``SLOW_LAYERS`` layers per kind; the other layers of the kind take their own
-  Q3_K error times the kind's median IQ3/Q3_K ratio.
+  (about ``ROW_ELEMENTS`` weights, 16..``max_rows`` rows). The slow IQ3 types (their grid search quantizes
+  10-30x slower than Q4_K) are measured on half as many rows in up to ``SLOW_LAYERS`` layers per kind; the
+  other layers of the kind take their own Q3_K error times the kind's median IQ3/Q3_K ratio.
 - ``adapter_deltas``: per group, the Frobenius norm of the LoRA delta ``scale * B @ A``, from the r x r
   products (no weight-sized matrix is formed); tensors the adapter replaces outright are listed apart.
 
@@ -42,6 +42,8 @@ LOW_TYPES = (Q2_K,)
 SLOW_TYPES = (IQ3_XXS, IQ3_S)
 SLOW_LAYERS = 4
 MAX_ROWS = 64
+MIN_ROWS = 16
+ROW_ELEMENTS = 1 << 16     # rows sampled per group: about this many weights, 16..64 rows
 
 
 def candidates(g: Group, has_imatrix: bool, *, low_bits: bool = False) -> list[int]:
@@ -82,7 +84,7 @@ def _one(src: SourceGGUF, data: np.memmap, g: Group, types: list[int], im: Optio
          max_rows: int) -> tuple[dict[int, float], float, int, dict[int, tuple[float, int]]]:
     t = src.by_name[g.name]
     rb = row_bytes(t.ggml_type, t.n_per_row)
-    idx = _sample(t.rows, max_rows)
+    idx = _sample(t.rows, max(MIN_ROWS, min(max_rows, ROW_ELEMENTS // max(1, t.n_per_row))))
     start = src.data_start + t.offset
     raw = np.concatenate([data[start + i * rb:start + (i + 1) * rb] for i in idx])
     x = kernels.to_f32(raw, t.ggml_type, np.empty(len(idx) * t.n_per_row, np.float32)).reshape(len(idx), -1)
