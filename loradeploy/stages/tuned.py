@@ -39,7 +39,7 @@ def build_tuned(ctx: StageContext, src: Path, labels: list[str], imatrix, thread
     if ctx.cfg.quantization.tuned_measure:
         ctx.progress("tuned: reference logits (F16)", 0, 0)
         cal, more = calibration_source(ctx).build_with_more(4 * MAX_TOKENS)
-        seqs, text = search_sequences(cal.sequences, more.sequences)   # held out from verify's when there is more
+        seqs, text = search_sequences(cal.sequences, more.sequences, cal.kinds, more.kinds)   # held out from verify's
         scorer = Scorer.of_gguf(src, seqs, threads, source=text)
     for f in labels:
         b = build(src, f, ctx.paths.gguf(f), imatrix=imatrix, adapter_dir=adapter, threads=threads,

@@ -35,15 +35,17 @@ def _rebuild(f16: Path, recipe: Path, base: str, dst: Path, imatrix: str | None)
     return dst
 
 
-def _tuned_run(root: Path, base: Path, adapter: Path, *, imatrix=None, stages=None):
+def _tuned_run(root: Path, base: Path, adapter: Path, *, imatrix=None, stages=None, verify_tokens=None):
     data = _data(root, base, adapter, port=_port(), formats=("TUNED@Q4_K_M", "Q4_K_M"),
                  **({"stages": stages} if stages else {}))
     data["quantization"]["imatrix"] = imatrix
+    if verify_tokens:              # verify scores fewer tokens than the samples hold: the rest is held out
+        data.setdefault("verify", {})["max_tokens"] = verify_tokens
     cfg = config_from_dict(data)
     return cfg, run_pipeline(cfg, [MODEL])
 
 
-def _check_quantize(cfg, imatrix: bool) -> tuple[dict, Path]:
+def _check_quantize(cfg, imatrix: bool, heldout: bool = False) -> tuple[dict, Path]:
     rec = RunRecord.load(cfg.pipeline.state_dir, MODEL)
     q = rec.info("quantize")
     gguf = Path(next(a.path for a in rec.artifacts("quantize", "gguf") if a.format == TUNED))
@@ -55,15 +57,16 @@ def _check_quantize(cfg, imatrix: bool) -> tuple[dict, Path]:
     assert t["recipe"] == recipe.read_text() and t["base"] == "Q4_K_M" and t["budget"] == TUNED
     assert t["adapter_weighted"] is True and t["engine"] == "loradeploy"
     # measured: the recipe kept is the lowest-KLD of the stock mix, the estimate's and the corrected one
-    # whose top-1 is no worse than the stock mix's (one position's flip allowed); the search read calibration
-    # text verify does not score
+    # whose top-1 is no worse than the stock mix's (one position's flip allowed); with more samples than
+    # verify scores, the search reads the rest (held out), else verify's own text
     m = t["measured"]
-    slack = 1 / m["text"]["positions"] + 1e-9
+    floor = m["top1"]["stock"] - 1 / m["text"]["positions"]          # top-1 is kept to 6 decimals
     have = [k for k in ("stock", "estimate", "corrected") if k in m["kld"]]
-    kept = [k for k in have if m["top1"][k] >= m["top1"]["stock"] - slack]
-    assert set(m["rejected"]) == set(have) - set(kept)
+    kept = [k for k in have if k not in m["rejected"]]
+    assert "stock" in kept and all(m["top1"][k] < floor + 1e-5 for k in m["rejected"])
+    assert all(m["top1"][k] > floor - 1e-5 for k in kept)
     assert m["kld"][m["chosen"]] == min(m["kld"][k] for k in kept)
-    assert m["text"]["text"] == "heldout" and m["text"]["positions"] > 0
+    assert m["text"]["text"] == ("heldout" if heldout else "in-sample") and m["text"]["positions"] > 0
     assert t["seconds"]["quantize"] == 0.0          # the file kept is the one the search wrote and scored
     assert {"lower:output", "lower:attn_q", "lower:ffn_down"} <= set(m["kld"])
     # size within budget: never larger than the stock Q4_K_M it replaces (with the same imatrix or none)
@@ -133,8 +136,9 @@ def test_a_tuned_version_rolls_back_like_any(tuned_served, llama_pair):
 
 def test_a_tuned_format_with_the_fine_tunes_imatrix_is_rebuilt_by_llama_quantize(llama_pair, tmp_path):
     base, adapter = llama_pair
-    cfg, res = _tuned_run(tmp_path, base, adapter, imatrix="auto", stages=["fetch", "merge", "convert", "quantize"])
+    cfg, res = _tuned_run(tmp_path, base, adapter, imatrix="auto", stages=["fetch", "merge", "convert", "quantize"],
+                          verify_tokens=256)
     assert res.ok, _why(res)
-    t, _ = _check_quantize(cfg, imatrix=True)
+    t, _ = _check_quantize(cfg, imatrix=True, heldout=True)
     # IQ types are candidates once an imatrix is there; the file still stays within Q4_K_M's size
     assert t["bytes"] <= t["limit_bytes"]

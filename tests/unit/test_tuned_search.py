@@ -42,6 +42,11 @@ def test_the_search_reads_text_verify_does_not_score():
     assert text == "heldout" and seqs == more[2:]
     seqs, text = search_sequences(verify, more[:2])                    # nothing beyond verify's: its own text
     assert text == "in-sample" and seqs == verify
+    # verify reads conversations: general text alone beyond them does not make a held-out set
+    kinds = ["chat", "chat", "text", "text"]
+    assert search_sequences(verify, more, ["chat", "chat"], kinds)[1] == "in-sample"
+    assert search_sequences(verify, more, ["chat", "chat"], ["chat", "chat", "chat", "text"])[1] == "heldout"
+    assert search_sequences(verify, more, ["text", "text"], kinds)[1] == "heldout"
 
 
 def test_a_recipe_with_worse_top1_than_the_stock_mix_is_not_kept():

@@ -58,7 +58,7 @@ class Measured:
 
     def to_dict(self) -> dict:
         return {"kld": {k: round(v, 6) for k, v in self.kld.items()},
-                "top1": {k: round(v, 4) for k, v in self.top1.items()}, "chosen": self.chosen,
+                "top1": {k: round(v, 6) for k, v in self.top1.items()}, "chosen": self.chosen,
                 "rejected": self.rejected, "correction": {k: float(f"{v:.4g}") for k, v in self.correction.items()},
                 "seconds": self.seconds, "text": self.text, "skipped": self.skipped}
 

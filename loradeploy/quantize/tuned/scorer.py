@@ -195,11 +195,16 @@ class Scorer:
                 "reference_seconds": round(self.reference_seconds, 3)}
 
 
-def search_sequences(verify_seqs: Sequence[Sequence[int]], more_seqs: Optional[Sequence[Sequence[int]]]
-                     ) -> tuple[list[list[int]], str]:
+def search_sequences(verify_seqs: Sequence[Sequence[int]], more_seqs: Optional[Sequence[Sequence[int]]],
+                     verify_kinds: Sequence[str] = (), more_kinds: Sequence[str] = ()) -> tuple[list[list[int]], str]:
     """(the sequences the search scores on, heldout | in-sample): the calibration text verify does not
-    score when there is enough of it, else verify's own."""
-    held = heldout(verify_seqs, more_seqs or [])
-    if sum(len(s) for s in held) >= MIN_HELDOUT:
+    score when there is enough of it (and, where verify reads conversations, enough of that is
+    conversations, not only the general text after them), else verify's own."""
+    more = list(more_seqs or [])
+    kinds = dict(zip(map(tuple, more), more_kinds)) if len(more_kinds) == len(more) else {}
+    held = heldout(verify_seqs, more)
+    chat = sum(len(s) for s in held if kinds.get(tuple(s)) == "chat")
+    wants_chat = "chat" in verify_kinds and bool(kinds)
+    if sum(len(s) for s in held) >= MIN_HELDOUT and (not wants_chat or chat >= MIN_HELDOUT // 2):
         return held, "heldout"
     return [list(s) for s in verify_seqs], "in-sample"
