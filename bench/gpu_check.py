@@ -60,6 +60,17 @@ CMAKE_CUDA = ("-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=90", "-DGGML_CUDA_NC
 BUILD_COMMIT = "sdist-832db0699007"
 
 
+def _kill_group(proc: "subprocess.Popen") -> None:
+    """Stop a server started in its own process group: SIGTERM, then SIGKILL after 10 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def log(msg: str) -> None:
     print(f"[gpu_check {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -895,13 +906,7 @@ def serve_one(exe: Path, gguf: Path, tag: str, out_dir: Path | None, work: Path,
             res["nvidia_smi_used_before_after_mib"] = [before.get("--query-gpu=memory.used"),
                                                        nvidia_smi("--query-gpu=memory.used").get("--query-gpu=memory.used")]
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        _kill_group(proc)
     text = log_path.read_text(errors="replace")
     res["log_lines"] = [l for l in text.splitlines()
                         if re.search(r"offload|CUDA|VRAM|GPU|buffer size|ggml_cuda|no usable", l)][:40]
@@ -1283,13 +1288,7 @@ def ours(a) -> int:
             serve["vram_used_before_after_mib"] = [before, nvidia_smi("--query-gpu=memory.used").get(
                 "--query-gpu=memory.used")]
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        _kill_group(proc)
     text = log_path.read_text(errors="replace")
     serve["log_lines"] = [l for l in text.splitlines()
                           if re.search(r"offload|CUDA0|VRAM|ggml_cuda|no usable|error", l)][:30]
