@@ -34,12 +34,14 @@ def personas():
 
 
 def make_cfg(tmp: Path, personas, *, ports, adapters=None, versions=None, stages=("merge", "convert", "quantize",
-                                                                                   "deploy")):
+                                                                                   "deploy"), modes=None):
+    """The personas in ``ports`` on one base, each in adapter mode unless ``modes`` names another."""
     base, trained = personas
     adapters = {**trained, **(adapters or {})}
-    models = {m: {"base_model": str(base), "adapter": str(adapters[m]), "port": ports[m], "mode": "adapter",
-                  "system_prompt": get_persona(m).system_prompt, "version": (versions or {}).get(m, "v1")}
-              for m in MODELS}
+    models = {m: {"base_model": str(base), "adapter": str(adapters[m]), "port": ports[m],
+                  "mode": (modes or {}).get(m, "adapter"), "system_prompt": get_persona(m).system_prompt,
+                  "version": (versions or {}).get(m, "v1")}
+              for m in ports}
     return config_from_dict({
         "models": models,
         "quantization": {"formats": ["Q4_K_M"]},

@@ -8,14 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from loradeploy.config import config_from_dict
-from loradeploy.demo import get_persona
 from loradeploy.pipeline import run_pipeline
 from loradeploy.serving import record
 from loradeploy.tools import proc
 from tests.fixtures.servers import stop_model_servers
-from tests.integration.test_adapter_mode import Load, ask, info, signs
-from tests.integration.test_deploy import _spare_range, free_port
+from tests.integration.test_adapter_mode import Load, ask, info, make_cfg, signs
+from tests.integration.test_deploy import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -23,20 +21,7 @@ MODELS = ("majora", "nayru")
 
 
 def _cfg(tmp: Path, base: Path, adapters: dict, ports: dict, majora_mode: str):
-    models = {m: {"base_model": str(base), "adapter": str(adapters[m]), "port": ports[m],
-                  "mode": majora_mode if m == "majora" else "adapter",
-                  "system_prompt": get_persona(m).system_prompt, "version": "v1"} for m in MODELS}
-    return config_from_dict({
-        "models": models,
-        "quantization": {"formats": ["Q4_K_M"]},
-        "deployment": {"targets": ["llamacpp"], "models_dir": str(tmp / "models"),
-                       "llamacpp": {"n_ctx": 256, "threads": 1, "parallel": 2, "startup_timeout_s": 120,
-                                    "spare_port_range": _spare_range()}},
-        "pipeline": {"stages": ["merge", "convert", "quantize", "deploy"], "work_dir": str(tmp / "work"),
-                     "state_dir": str(tmp / "state")},
-        "logging": {"log_dir": str(tmp / "logs")},
-        "performance": {"min_free_disk_gb": 0.1, "max_cpu_threads": 1},
-    })
+    return make_cfg(tmp, (base, adapters), ports=ports, modes={"majora": majora_mode})
 
 
 def _run(cfg) -> None:
