@@ -11,8 +11,9 @@ tokens) against the reference log-probabilities. A kind's correction is its meas
 estimated error increase; the allocator runs again with the weights so corrected.
 
 The search keeps to a time budget (``TimeBudget``: 2x the stock format's quantize time, estimated from the
-engine pass itself): the stock mix and the estimate are always scored, probes while time is left (the kinds
-with the most bytes first; an unmeasured kind takes the median correction), the corrected recipe last.
+engine pass itself, beyond what the tuned file's own quantize takes): the stock mix and the estimate are
+always scored, probes while time is left (the kinds with the most bytes first; an unmeasured kind takes the
+median correction), the corrected recipe last.
 
 Of the stock mix, the estimate's recipe and the corrected one, the lowest measured KLD is kept among those
 whose top-1 agreement is no worse than the stock mix's (one position's flip allowed; the stock mix always
@@ -118,8 +119,9 @@ class TimeBudget:
     spent_s: float = 0.0
 
 
-def stock_seconds(stats: dict, recipes: dict[str, dict[str, int]], n_elements: dict[str, int]) -> float:
-    """What writing the stock recipe alone takes, from one engine pass over all ``recipes``: its share
+def stock_seconds(stats: dict, recipes: dict[str, dict[str, int]], n_elements: dict[str, int],
+                  key: str = "stock") -> float:
+    """What writing the recipe ``key`` alone takes, from one engine pass over all ``recipes``: its share
     of the quantizing (per-type seconds per element, over each distinct tensor and type) plus one file's
     share of the rest (reading, writing)."""
     from ..gguf_out import type_name
@@ -134,7 +136,7 @@ def stock_seconds(stats: dict, recipes: dict[str, dict[str, int]], n_elements: d
             per_type[type_name(ty)] = per_type.get(type_name(ty), 0) + n_elements[g]
     secs = stats.get("quantize_seconds_by_type", {})
     rate = {ty: secs.get(ty, 0.0) / n for ty, n in per_type.items() if n}
-    quant = sum(n_elements[g] * rate.get(type_name(ty), 0.0) for g, ty in recipes["stock"].items())
+    quant = sum(n_elements[g] * rate.get(type_name(ty), 0.0) for g, ty in recipes[key].items())
     rest = max(0.0, float(stats.get("seconds", 0.0)) - sum(secs.values()))
     return quant + rest / max(1, len(recipes))
 
@@ -168,8 +170,11 @@ def refine(src: Path, plan, scorer: Scorer, *, imatrix: Optional[Importance] = N
                    **lowered}
         files, stats = _write(src, base, recipes, tmp, imatrix, threads, cache, reusable)
         t_engine = time.perf_counter() - t0
-        t_stock = stock_seconds(stats, recipes, {g: sizer.src.by_name[g].n_elements for g in stock})
-        limit = None if budget.ratio is None else max(budget.ratio * t_stock, budget.floor_s)
+        n_el = {g: sizer.src.by_name[g].n_elements for g in stock}
+        t_stock = stock_seconds(stats, recipes, n_el)
+        t_own = stock_seconds(stats, recipes, n_el, "estimate") if "estimate" in recipes else t_stock
+        # the tuned file's own quantize is not search: it is paid searched or not
+        limit = None if budget.ratio is None else max(budget.ratio * t_stock, budget.floor_s) + t_own
 
         def left() -> float:
             return float("inf") if limit is None else limit - budget.spent_s - (time.perf_counter() - t0)
@@ -216,7 +221,8 @@ def refine(src: Path, plan, scorer: Scorer, *, imatrix: Optional[Importance] = N
     total = time.perf_counter() - t0
     seconds = {"engine": round(t_engine, 3), "score": round(sum(score_s), 3), "scores": len(score_s),
                "total": round(total, 3),
-               "stock_estimate": round(t_stock, 3), "limit": None if limit is None else round(limit, 3),
+               "stock_estimate": round(t_stock, 3), "own_estimate": round(t_own, 3),
+               "limit": None if limit is None else round(limit, 3),
                "before": round(budget.spent_s, 3)}
     skipped += [] if "corrected" in kld else ["corrected"]
     return Recipe(base, types), Measured(kld, top1, correction, chosen, rejected, seconds, scorer.describe(),
@@ -227,15 +233,20 @@ def _affordable(plan, sizer: Sizer, scorer: Scorer, budget: TimeBudget, threads:
     """How many probes are worth writing, before the engine pass: the stock quantize time foreseen from the
     plan's own timing of each type (CPU seconds per element over the threads), a score taken as long as the
     reference's (an F16 pass, no cheaper than a quantized one); the pass itself, the two scores the guard
-    needs and the corrected recipe's write and score come first."""
+    needs and the corrected recipe's write and score come first. The estimate's own quantize is allowed on
+    top of the budget (the tuned file costs it searched or not)."""
     if budget.ratio is None:
         return n
-    rates = {ty: plan.errors.seconds_per_element(ty) for ty in set(plan.stock.values())}
+    rates = {ty: plan.errors.seconds_per_element(ty) for ty in {*plan.stock.values(), *plan.recipe.types.values()}}
     if any(r is None for r in rates.values()):
         return n
-    hint = sum(sizer.src.by_name[g].n_elements * rates[ty] for g, ty in plan.stock.items()) / max(1, threads)
+
+    def foreseen(types: dict[str, int]) -> float:
+        return sum(sizer.src.by_name[g].n_elements * rates[ty] for g, ty in types.items()) / max(1, threads)
+
+    hint, own = foreseen(plan.stock), foreseen(plan.recipe.types)
     per = max(scorer.reference_seconds, 1e-3)
-    room = max(budget.ratio * hint, budget.floor_s) - budget.spent_s - 1.3 * hint - 2 * per - (hint + per)
+    room = max(budget.ratio * hint, budget.floor_s) + own - budget.spent_s - (hint + own) - 2 * per - (hint + per)
     return max(0, min(n, int(room // (per + 0.1 * hint))))
 
 
