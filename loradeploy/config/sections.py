@@ -90,9 +90,10 @@ class QuantizationConfig(_Section):
     engine: Literal["auto", "loradeploy", "llama.cpp"] = Field(
         "auto", description="auto: loradeploy's byte-identical engine where it applies, else llama.cpp's quantizer")
     tuned_measure: bool = Field(
-        True, description="TUNED@ formats: correct the cheap per-tensor estimates by KLD measured on verify's "
-                          "calibration text (a llama.cpp pass per tensor kind) and keep the stock mix where nothing "
-                          "measures better; off: the cheap estimates alone")
+        True, description="TUNED@ formats: correct the cheap per-tensor estimates by KLD measured on calibration "
+                          "text verify does not score (a batched llama.cpp pass per probe, within 2x the stock "
+                          "quantize time) and keep the stock mix where nothing measures better; off: the cheap "
+                          "estimates alone")
 
     _tt = field_validator("output_tensor_type", "token_embedding_type")(classmethod(lambda cls, v: tensor_type(v)))
 
