@@ -41,6 +41,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +59,20 @@ LOGPROB_TOL_F32 = 1e-3     # nats, the same with the CUDA reference in float32
 VERIFY_TOKENS = 512        # calibration tokens of the 0.5B comparison (verify's auto would take 2048)
 CMAKE_CUDA = ("-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=90", "-DGGML_CUDA_NCCL=OFF")
 BUILD_COMMIT = "sdist-832db0699007"
+
+
+def _wait_health(proc: "subprocess.Popen", port: int, until: float) -> bool:
+    """True once the server on ``port`` answers /health with 200 before ``until`` (monotonic); False when
+    it exits or the time is up."""
+    while time.monotonic() < until and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except Exception:  # noqa: BLE001 - still loading
+            pass
+        time.sleep(0.3)
+    return False
 
 
 def _kill_group(proc: "subprocess.Popen") -> None:
@@ -873,18 +888,7 @@ def serve_one(exe: Path, gguf: Path, tag: str, out_dir: Path | None, work: Path,
                                                                                       os.environ.get("LD_LIBRARY_PATH")]))})
     t0 = time.monotonic()
     try:
-        up = False
-        while time.monotonic() < min(deadline, t0 + 90):
-            if proc.poll() is not None:
-                break
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        up = True
-                        break
-            except Exception:  # noqa: BLE001 - loading
-                pass
-            time.sleep(0.5)
+        up = _wait_health(proc, port, min(deadline, t0 + 90))
         res["ready_s"] = round(time.monotonic() - t0, 2)
         res["up"] = up
         res["exit_code"] = proc.poll()
@@ -1266,15 +1270,7 @@ def ours(a) -> int:
                                 env={**os.environ, "LLAMA_ARG_LOG_VERBOSITY": "4"})
     t = time.monotonic()
     try:
-        up = False
-        while time.monotonic() < t + 60 and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        up = True
-                        break
-            except Exception:  # noqa: BLE001 - loading
-                time.sleep(0.3)
+        up = _wait_health(proc, port, t + 60)
         serve.update(up=up, ready_s=round(time.monotonic() - t, 2), exit_code=proc.poll())
         if up:
             body = json.dumps({"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16}).encode()
