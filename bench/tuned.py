@@ -16,10 +16,12 @@ that time less what quantizing the tuned recipe alone takes (timed apart: the fi
 The stock time is the engine quantizing that format alone with the same imatrix and threads. PASS when
 search / stock <= 2; the total's ratio is printed beside it.
 
-    python bench/tuned.py [--json] [--models demo,qwen2,bench350m] [--out bench/out/tuned]
+    python bench/tuned.py [--json] [--models demo,qwen2,text,bench350m] [--out bench/out/tuned]
 
-Models: the demo's three personas (tiny Llama, 2 layers), the demo's Qwen2 (Qwen's real BPE), and with
-``bench350m`` a ~350M Llama with random weights and a random adapter (converts and runs; its KLDs say little).
+Models: the demo's three personas (tiny Llama, 2 layers), the demo's Qwen2 (Qwen's real BPE); with ``text`` a
+4-layer Llama pretrained on Python's standard library and a LoRA fine-tuned to write docstrings, scored on
+held-out modules (demo/text_model.py: real text, so its tensors differ in sensitivity); with ``bench350m`` a
+~350M Llama with random weights and a random adapter (converts and runs; its KLDs say little).
 """
 from __future__ import annotations
 
@@ -51,6 +53,12 @@ def _cases(names: list[str], cache: Path) -> list[dict]:
         p = PERSONAS["majora"]
         out.append({"name": "demo-qwen2-majora", "base": base, "persona": p.name, "system": p.system_prompt,
                     "adapter": train_adapter(base, cache / "adapter-qwen2-majora", persona=p.name)})
+    if "text" in names:
+        from loradeploy.demo.text_model import SYSTEM, build_text_base, train_text_adapter, write_text_samples
+        base = build_text_base(cache / "text-base")
+        out.append({"name": "text-4layer-stdlib", "base": base, "system": SYSTEM, "verify_tokens": 2048,
+                    "adapter": train_text_adapter(base, cache / "text-adapter"),
+                    "samples": lambda path: write_text_samples(path, n=96)})
     if "bench350m" in names:
         from loradeploy.demo import build_bench_adapter, build_bench_llama
         base = build_bench_llama(cache / "bench-350m")
@@ -59,11 +67,11 @@ def _cases(names: list[str], cache: Path) -> list[dict]:
     return out
 
 
-def _split(persona: str, root: Path) -> tuple[Path, Path]:
+def _split(case: dict, root: Path) -> tuple[Path, Path]:
     from loradeploy.demo import write_demo_eval_samples
 
     every = root / "all.jsonl"
-    write_demo_eval_samples(every, persona=persona)
+    case.get("samples", lambda path: write_demo_eval_samples(path, persona=case["persona"]))(every)
     lines = [x for x in every.read_text().splitlines() if x.strip()]
     search, held = root / "search.jsonl", root / "heldout.jsonl"
     search.write_text("\n".join(lines[0::2]) + "\n")
@@ -79,11 +87,11 @@ def run_case(case: dict, root: Path) -> dict:
     from loradeploy.verify import Candidate, VerifyRequest, verify_model
 
     root.mkdir(parents=True, exist_ok=True)
-    search, held = _split(case["persona"], root)
+    search, held = _split(case, root)
     data = {"models": {"m": {"base_model": str(case["base"]), "adapter": str(case["adapter"]), "port": 5999,
                              "system_prompt": case["system"]}},
             "quantization": {"formats": [*BUDGETS, *(f"TUNED@{b}" for b in BUDGETS)], "imatrix": "auto"},
-            "verify": {"max_tokens": 768}, "evaluation": {"samples": str(search)},
+            "verify": {"max_tokens": case.get("verify_tokens", 768)}, "evaluation": {"samples": str(search)},
             "pipeline": {"stages": ["fetch", "merge", "convert", "quantize"], "work_dir": str(root / "work"),
                          "state_dir": str(root / "state")},
             "logging": {"log_dir": str(root / "logs")}, "performance": {"min_free_disk_gb": 0.1}}
@@ -238,7 +246,7 @@ def _print(results: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--models", default="demo,qwen2")
+    ap.add_argument("--models", default="demo,qwen2,text")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "tuned")
     ap.add_argument("--save", type=Path, default=REPO / "bench" / "results" / "tuned.json")
     a = ap.parse_args(argv)

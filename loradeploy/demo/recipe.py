@@ -15,8 +15,9 @@ Progress = Callable[[str, float, float], None]
 
 ARCHS = ("llama", "qwen2")
 BUILD_MARKER = "loradeploy-build.json"
-# run.py only writes the demo config and __init__.py only re-exports: editing them keeps the models
-_NOT_RECIPE = {"run.py", "__init__.py"}
+# run.py only writes the demo config and __init__.py only re-exports: editing them keeps the models;
+# text_model.py's builds carry its own digest (and this one)
+_NOT_RECIPE = {"run.py", "__init__.py", "text_model.py"}
 
 
 def _recipe_digest() -> str:

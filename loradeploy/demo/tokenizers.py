@@ -26,7 +26,8 @@ def _corpus_lines(seed: int) -> list[str]:
     return lines
 
 
-def write_llama_tokenizer(d: Path, seed: int, vocab_size: int = 2048) -> None:
+def write_llama_tokenizer(d: Path, seed: int, vocab_size: int = 2048, lines: list[str] | None = None) -> None:
+    """SentencePiece BPE with the ChatML specials, trained on ``lines`` (default: the demo corpus)."""
     import sentencepiece as spm
     from tokenizers.processors import TemplateProcessing
     from transformers import AutoTokenizer
@@ -35,7 +36,7 @@ def write_llama_tokenizer(d: Path, seed: int, vocab_size: int = 2048) -> None:
     # Identity normalisation, no dummy prefix, byte fallback, BPE: llama.cpp's SPM tokenizer does
     # not run SentencePiece's normaliser, and with these settings it gives the same ids as HF.
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus_lines(seed)), model_writer=model, vocab_size=vocab_size,
+        sentence_iterator=iter(_corpus_lines(seed) if lines is None else lines), model_writer=model, vocab_size=vocab_size,
         model_type="bpe", character_coverage=1.0, byte_fallback=True, split_digits=True,
         normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
         allow_whitespace_only_pieces=True, user_defined_symbols=[IM_START, IM_END],

@@ -156,3 +156,30 @@ def clean(state_dir: Path, limit_bytes: int, version: str, *, dry_run: bool = Fa
     return [{"path": str(root), "size": r["freed"],
              "what": f"tensor cache: {r['removed']} entries stale or over its {limit_bytes / 2**30:g} GiB bound "
                      f"({r['kept'] / 2**30:.2f} GiB kept)"}]
+
+
+class RunCache:
+    """One run's quantized tensors in front of the persistent cache. ``get`` looks here, then in ``outer``
+    (entries are content-addressed, so any hit there is right); ``put`` keeps them here only, so a search
+    trying recipes leaves the persistent cache as the stock quantize left it. The tuned search writes
+    several recipes of one F16 in passes: a later pass quantizes only the (tensor, type) pairs no earlier
+    one did. The caller removes ``root`` when the run ends."""
+
+    def __init__(self, root: Path, outer: TensorCache | None = None):
+        self.local = TensorCache(root, 1 << 62, "run")
+        self.outer = outer if outer is not None and outer.enabled else None
+
+    enabled = True
+
+    @property
+    def stats(self) -> CacheStats:
+        return self.local.stats
+
+    def get(self, digest: str, ggml_type: int, nbytes: int) -> bytes | None:
+        hit = self.local.get(digest, ggml_type, nbytes)
+        if hit is None and self.outer is not None:
+            hit = self.outer.get(digest, ggml_type, nbytes)
+        return hit
+
+    def put(self, digest: str, ggml_type: int, payload) -> None:
+        self.local.put(digest, ggml_type, payload)

@@ -145,3 +145,31 @@ def test_what_llama_cpp_refuses_is_refused(tmp_path, sources):
         llama_quantize(f16, tmp_path / "x.gguf", "Q4_K_M", recipe, None)
     assert why_unsupported(f16, ["T"], Options(), recipes={"T": ("Q3_K_M", ())})
     assert Recipe("Q4_K_M", {"token_embd.weight": 12}).text() == "^token_embd\\.weight$=q4_k\n"
+
+
+def test_a_run_cache_pass_quantizes_only_new_pairs_and_writes_the_same_bytes(sources, tmp_path):
+    """The tuned search's second pass (the corrected recipe) goes through the run cache the first pass
+    filled: it quantizes only the (tensor, type) pairs no earlier recipe had, reads the others, and its
+    file is byte-identical to stock llama-quantize with that recipe; the persistent cache is read, never
+    written."""
+    from loradeploy.quantize import ENGINE_VERSION, TensorCache
+    from loradeploy.quantize.cache import RunCache
+
+    f16, im_path = sources["llama"]
+    im = importance.load(im_path, str(im_path))
+    stock = stock_types(f16, "Q4_K_M", im)
+    changed = {g: TYPE_BY_NAME["q6_k"] if ".attn_v." in g else TYPE_BY_NAME["iq4_xs"] if ".ffn_down." in g else ty
+               for g, ty in stock.items()}
+    new = {(g, ty) for g, ty in changed.items() if stock[g] != ty}
+    assert new
+    outer = TensorCache(tmp_path / "persistent", 1 << 30, ENGINE_VERSION)
+    run_cache = RunCache(tmp_path / "run", outer)
+    first = quantize_formats(f16, {"S": tmp_path / "s.gguf"}, imatrix=im, threads=2, cache=run_cache,
+                             recipes={"S": ("Q4_K_M", Recipe("Q4_K_M", stock).overrides())})
+    second = quantize_formats(f16, {"C": tmp_path / "c.gguf"}, imatrix=im, threads=2, cache=run_cache,
+                              recipes={"C": ("Q4_K_M", Recipe("Q4_K_M", changed).overrides())})
+    assert second.stats["computed"] == len(new)
+    assert second.stats["cached"] == first.stats["computed"] - len(new)
+    recipe = Recipe("Q4_K_M", changed).write(tmp_path / "c.txt")
+    assert second.outputs["C"].sha256 == sha(llama_quantize(f16, tmp_path / "ref.gguf", "Q4_K_M", recipe, im_path))
+    assert outer.stats.stored == 0 and not (tmp_path / "persistent").exists()

@@ -91,7 +91,7 @@ def build(src: Path, label: str, dst: Path, *, imatrix: Optional[Path] = None, a
         def measured_recipe(out: Optional[Path]):
             spent = time.perf_counter() - t0 + scorer.reference_seconds     # the plan, the reference
             recipe, m, sha = refine(src, plan, scorer, imatrix=im, threads=threads, work_dir=Path(dst).parent,
-                                    cache=cache, reusable=reusable, out=out,
+                                    cache=cache, out=out,
                                     budget=replace(budget or TimeBudget(), spent_s=spent))
             seconds["measure"] = m.seconds["total"]
             return replace(plan, recipe=recipe, size=Sizer.of(src, im).size(recipe.types)), m.to_dict(), sha

@@ -13,7 +13,9 @@ estimated error increase; the allocator runs again with the weights so corrected
 The search keeps to a time budget (``TimeBudget``: 2x the stock format's quantize time, estimated from the
 engine pass itself, beyond what the tuned file's own quantize takes): the stock mix and the estimate are
 always scored, probes while time is left (the kinds with the most bytes first; an unmeasured kind takes the
-median correction), the corrected recipe last.
+median correction), the corrected recipe last. The first pass keeps every (tensor, type) it quantized in a
+run-local cache (cache.RunCache, in front of the persistent one, removed at the end), so the corrected
+recipe's pass quantizes only the pairs no earlier recipe had: re-scoring costs the groups that changed.
 
 Of the stock mix, the estimate's recipe and the corrected one, the lowest measured KLD is kept among those
 whose top-1 agreement is no worse than the stock mix's (one position's flip allowed; the stock mix always
@@ -35,6 +37,7 @@ from typing import Optional
 import numpy as np
 
 from ..engine import quantize_formats
+from ..cache import RunCache
 from ..importance import Importance
 from .allocate import allocate, at_least, options_of
 from .recipe import Recipe, Sizer
@@ -120,10 +123,11 @@ class TimeBudget:
 
 
 def stock_seconds(stats: dict, recipes: dict[str, dict[str, int]], n_elements: dict[str, int],
-                  key: str = "stock") -> float:
+                  key: str = "stock", skip: set[tuple[str, int]] | None = None) -> float:
     """What writing the recipe ``key`` alone takes, from one engine pass over all ``recipes``: its share
     of the quantizing (per-type seconds per element, over each distinct tensor and type) plus one file's
-    share of the rest (reading, writing)."""
+    share of the rest (reading, writing). ``skip``: (tensor, type) pairs already quantized (a run cache
+    holds them), not counted."""
     from ..gguf_out import type_name
 
     done: dict[str, set[int]] = {}
@@ -136,13 +140,19 @@ def stock_seconds(stats: dict, recipes: dict[str, dict[str, int]], n_elements: d
             per_type[type_name(ty)] = per_type.get(type_name(ty), 0) + n_elements[g]
     secs = stats.get("quantize_seconds_by_type", {})
     rate = {ty: secs.get(ty, 0.0) / n for ty, n in per_type.items() if n}
-    quant = sum(n_elements[g] * rate.get(type_name(ty), 0.0) for g, ty in recipes[key].items())
+    quant = sum(n_elements[g] * rate.get(type_name(ty), 0.0) for g, ty in recipes[key].items()
+                if (g, ty) not in (skip or ()))
     rest = max(0.0, float(stats.get("seconds", 0.0)) - sum(secs.values()))
     return quant + rest / max(1, len(recipes))
 
 
+def pairs(recipes: dict[str, dict[str, int]]) -> set[tuple[str, int]]:
+    """The (tensor, type) pairs some recipe of ``recipes`` has."""
+    return {(g, ty) for types in recipes.values() for g, ty in types.items()}
+
+
 def refine(src: Path, plan, scorer: Scorer, *, imatrix: Optional[Importance] = None, threads: int = 1,
-           work_dir: Optional[Path] = None, cache=None, reusable=None, out: Optional[Path] = None,
+           work_dir: Optional[Path] = None, cache=None, out: Optional[Path] = None,
            budget: TimeBudget = TimeBudget()) -> tuple[Recipe, Measured, Optional[str]]:
     """(the recipe to keep for ``plan`` (a TunedPlan), what was measured, its file's sha256 when ``out``
     is given: the file scored is moved there)."""
@@ -158,6 +168,7 @@ def refine(src: Path, plan, scorer: Scorer, *, imatrix: Optional[Importance] = N
     kld: dict[str, float] = {}
     top1: dict[str, float] = {}
     score_s: list[float] = []
+    second: dict = {}
 
     def score(k: str, path: Path) -> None:
         t = time.perf_counter()
@@ -168,7 +179,8 @@ def refine(src: Path, plan, scorer: Scorer, *, imatrix: Optional[Importance] = N
     try:
         recipes = {"stock": stock, **({"estimate": plan.recipe.types} if plan.recipe.types != stock else {}),
                    **lowered}
-        files, stats = _write(src, base, recipes, tmp, imatrix, threads, cache, reusable)
+        run_cache = RunCache(tmp / "run-cache", cache)     # the corrected pass quantizes only what is new
+        files, stats = _write(src, base, recipes, tmp, imatrix, threads, run_cache)
         t_engine = time.perf_counter() - t0
         n_el = {g: sizer.src.by_name[g].n_elements for g in stock}
         t_stock = stock_seconds(stats, recipes, n_el)
@@ -204,11 +216,14 @@ def refine(src: Path, plan, scorer: Scorer, *, imatrix: Optional[Importance] = N
         same = next((k for k in ("stock", "estimate") if alloc.types == recipes.get(k, plan.recipe.types)), None)
         if same is not None:
             kld["corrected"], top1["corrected"], files["corrected"] = kld[same], top1[same], files[same]
-        elif rise and left() >= t_stock + max(score_s):
+        elif rise and left() >= (t_new := stock_seconds(stats, {**recipes, "corrected": alloc.types}, n_el,
+                                                        "corrected", pairs(recipes))) + max(score_s):
             t1 = time.perf_counter()
-            new, _ = _write(src, base, {"corrected": alloc.types}, tmp, imatrix, threads, cache, reusable)
+            new, again = _write(src, base, {"corrected": alloc.types}, tmp, imatrix, threads, run_cache)
             files.update(new)
             t_engine += time.perf_counter() - t1
+            second = {"seconds": round(time.perf_counter() - t1, 3), "foreseen": round(t_new, 3),
+                      **{k: again.get(k) for k in ("cached", "computed")}}
             score("corrected", files["corrected"][0])
         chosen, rejected = choose(kld, top1, int(scorer.layout.out.size))
         types = {"stock": stock, "estimate": plan.recipe.types, "corrected": alloc.types}[chosen]
@@ -223,7 +238,7 @@ def refine(src: Path, plan, scorer: Scorer, *, imatrix: Optional[Importance] = N
                "total": round(total, 3),
                "stock_estimate": round(t_stock, 3), "own_estimate": round(t_own, 3),
                "limit": None if limit is None else round(limit, 3),
-               "before": round(budget.spent_s, 3)}
+               "before": round(budget.spent_s, 3), "corrected_pass": second}
     skipped += [] if "corrected" in kld else ["corrected"]
     return Recipe(base, types), Measured(kld, top1, correction, chosen, rejected, seconds, scorer.describe(),
                                          skipped), sha
@@ -250,10 +265,10 @@ def _affordable(plan, sizer: Sizer, scorer: Scorer, budget: TimeBudget, threads:
     return max(0, min(n, int(room // (per + 0.1 * hint))))
 
 
-def _write(src: Path, base: str, recipes: dict[str, dict[str, int]], tmp: Path, imatrix, threads: int, cache,
-           reusable) -> dict[str, tuple[Path, str]]:
+def _write(src: Path, base: str, recipes: dict[str, dict[str, int]], tmp: Path, imatrix, threads: int,
+           cache: RunCache) -> dict[str, tuple[Path, str]]:
     """Each recipe's file, all in one engine pass: ({name: (path, sha256)}, the engine's stats)."""
     outs = {k: tmp / f"{k.replace(':', '-')}.gguf" for k in recipes}
-    res = quantize_formats(src, outs, threads=threads, cache=cache, reusable=reusable, imatrix=imatrix,
+    res = quantize_formats(src, outs, threads=threads, cache=cache, imatrix=imatrix,
                            recipes={k: (base, Recipe(base, t).overrides()) for k, t in recipes.items()})
     return {k: (p, res.outputs[k].sha256) for k, p in outs.items()}, res.stats
