@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from loradeploy.quantize.tuned.measure import TimeBudget, choose, probes, stock_seconds
+from loradeploy.quantize.tuned.measure import TimeBudget, choose, stock_seconds, top1_worse
+from loradeploy.quantize.tuned.probe import corrected_errors, corrections, probes, trusted
 from loradeploy.quantize.tuned.scorer import MIN_HELDOUT, heldout, layout, search_sequences
 
 
@@ -58,9 +59,17 @@ def test_a_recipe_with_worse_top1_than_the_stock_mix_is_not_kept():
     assert chosen == "stock" and "below the stock mix" in rejected["estimate"]
     # equal KLD: the corrected recipe, then the estimate, before the stock mix
     assert choose({k: 0.01 for k in kld}, {k: 0.9 for k in kld})[0] == "corrected"
-    # one position of the sample may flip (near-tied tokens); two may not
-    assert choose(kld, {"stock": 0.95, "estimate": 0.95, "corrected": 0.95 - 1 / 200}, 200)[0] == "corrected"
-    assert choose(kld, {"stock": 0.95, "estimate": 0.95, "corrected": 0.95 - 2 / 200}, 200)[0] == "estimate"
+    # per position (paired): a flip or two between near-tied tokens is noise, three lost and none won is not
+    stock = np.ones(200, bool)
+    lose = lambda n: np.r_[np.zeros(n, bool), np.ones(200 - n, bool)]
+    agree = {"stock": stock, "estimate": stock, "corrected": lose(2)}
+    assert choose(kld, {"stock": 1.0, "estimate": 1.0, "corrected": 0.99}, agree)[0] == "corrected"
+    agree["corrected"] = lose(3)
+    assert choose(kld, {"stock": 1.0, "estimate": 1.0, "corrected": 0.985}, agree)[0] == "estimate"
+    assert not top1_worse(stock, lose(2)) and top1_worse(stock, lose(3))
+    part = np.r_[np.ones(100, bool), np.zeros(100, bool)]          # the stock mix right on half
+    swapped = np.r_[np.ones(97, bool), np.zeros(3, bool), np.ones(3, bool), np.zeros(97, bool)]
+    assert not top1_worse(part, swapped)                             # lost 3, won 3 back
     # a candidate the budget left unmeasured is not chosen
     assert choose({"stock": 0.01, "estimate": 0.02}, {"stock": 0.9, "estimate": 0.9}) == ("stock", {})
 
@@ -71,12 +80,34 @@ def test_a_probe_lowers_a_few_layers_spread_over_the_kind():
     errs = {n: {11: 0.3, 12: 0.1, 13: 0.05} for n in names}          # Q3_K, Q4_K, Q5_K
     plan = SimpleNamespace(errors=SimpleNamespace(by_group=errs), weights={n: 1.0 for n in names}, stock=stock)
     sizer = SimpleNamespace(cost=lambda n, ty: {11: 3, 12: 4, 13: 5}[ty])
-    lowered, est, kinds = probes(plan, sizer, layers=4)
-    low = lowered["lower:ffn_up"]
+    moved, est, kinds = probes(plan, sizer, layers=4)
+    low, up = moved["lower:ffn_up"], moved["raise:ffn_up"]
     changed = sorted(int(n.split(".")[1]) for n in names if low[n] != stock[n])
     assert changed == [0, 4, 7, 11] and all(low[f"blk.{i}.ffn_up.weight"] == 11 for i in changed)
-    assert abs(est["ffn_up"] - 4 * 0.2) < 1e-12 and lowered["lower:output"]["output.weight"] == 11
-    assert kinds["ffn_up"] == names[:12]
+    assert all(up[f"blk.{i}.ffn_up.weight"] == 13 for i in changed) and sum(up[n] != stock[n] for n in names) == 4
+    assert abs(est["lower:ffn_up"] - 4 * 0.2) < 1e-12 and abs(est["raise:ffn_up"] - 4 * 0.05) < 1e-12
+    assert moved["lower:output"]["output.weight"] == 11 and kinds["ffn_up"] == names[:12]
+
+
+def test_the_corrected_allocation_keeps_to_what_was_measured_and_scales_each_side():
+    """A kind whose downward probe measured flat may go one type down, never further (Q3_K stays out for a
+    Q5_K stock); the upward side takes its own measured ratio."""
+    names = ["blk.0.ffn_up.weight", "token_embd.weight"]
+    stock = {n: 13 for n in names}                                               # Q5_K
+    errs = {n: {11: 0.4, 12: 0.1, 13: 0.05, 14: 0.02} for n in names}            # Q3_K .. Q6_K
+    sizer = SimpleNamespace(cost=lambda n, ty: {11: 3, 12: 4, 13: 5, 14: 6}[ty])
+    assert set(trusted(errs, stock, sizer)["token_embd.weight"]) == {12, 13, 14}
+    kinds = {"ffn_up": names[:1], "token_embd": names[1:]}
+    kld = {"stock": 1.0, "lower:ffn_up": 1.0, "raise:ffn_up": 0.99, "lower:token_embd": 1.5, "raise:token_embd": 0.7}
+    est = {"lower:ffn_up": 0.05, "raise:ffn_up": 0.03, "lower:token_embd": 0.05, "raise:token_embd": 0.03}
+    corr = corrections(kld, est, kinds)
+    assert corr["lower"]["token_embd"] == 10.0 and abs(corr["raise"]["token_embd"] - 10.0) < 1e-9
+    assert corr["lower"]["ffn_up"] == 1e-3 * 10.0                                # flat: the floor, not zero
+    assert abs(corr["raise"]["ffn_up"] - 0.01 / 0.03) < 1e-9
+    e = corrected_errors(errs, {n: 1.0 for n in names}, stock, corr, sizer)
+    assert set(e["blk.0.ffn_up.weight"]) == {12, 13, 14} and e["token_embd.weight"][13] == 0.0
+    assert abs(e["token_embd.weight"][14] - 10.0 * (0.02 - 0.05)) < 1e-12
+    assert abs(e["token_embd.weight"][12] - 10.0 * (0.1 - 0.05)) < 1e-12
 
 
 def test_the_stock_recipes_time_is_its_share_of_one_engine_pass():

@@ -22,7 +22,7 @@ from .measure import TimeBudget, refine
 from .recipe import Sizer
 
 SUFFIX = ".tensor-types.txt"
-CODE_VERSION = 5     # bump when what chooses a recipe changes: tuned files are made again
+CODE_VERSION = 6     # bump when what chooses a recipe changes: tuned files are made again
 
 
 def recipe_path(gguf: Path) -> Path:

@@ -2,30 +2,31 @@
 
 The cheap estimate puts every group on one scale (importance-weighted noise-to-signal), but a group's error
 does not reach the logits alike: the output matrix's lands on them directly, an early attention matrix's is
-damped by every layer after it. So, per tensor kind (attn_q ... ffn_down, token_embd, output), one probe:
-the stock format with that kind one type cheaper in up to ``PROBE_LAYERS`` layers spread over the model (the
-measured rise and the estimated one are over the same groups, so their ratio holds for the kind). All probes,
-the stock file and the estimate's own recipe come from one engine pass (each tensor read once, each distinct
-type quantized once); each is scored by ``scorer.Scorer`` (one batched llama.cpp pass over a few hundred
-tokens) against the reference log-probabilities. A kind's correction is its measured KLD increase over its
-estimated error increase; the allocator runs again with the weights so corrected.
+damped by every layer after it, an embedding row's is in the residual stream at every layer. So, per tensor
+kind, two probes (probe.py): the stock format with that kind one type cheaper, and one type dearer, in up to
+four layers spread over the model. All probes, the stock file and the estimate's own recipe come from one
+engine pass (each tensor read once, each distinct type quantized once); each is scored by ``scorer.Scorer``
+(one batched llama.cpp pass) against the reference log-probabilities. A kind's correction on each side is its
+measured KLD change over its estimated error change; the allocator runs again on the error changes so
+corrected, no more than one type below the stock one (the range measured).
 
 The search keeps to a time budget (``TimeBudget``: 2x the stock format's quantize time, estimated from the
 engine pass itself, beyond what the tuned file's own quantize takes): the stock mix and the estimate are
-always scored, probes while time is left (the kinds with the most bytes first; an unmeasured kind takes the
+always scored, probes while time is left (the kinds with the most bytes first; an unmeasured side takes the
 median correction), the corrected recipe last. The first pass keeps every (tensor, type) it quantized in a
 run-local cache (cache.RunCache, in front of the persistent one, removed at the end), so the corrected
 recipe's pass quantizes only the pairs no earlier recipe had: re-scoring costs the groups that changed.
 
 Of the stock mix, the estimate's recipe and the corrected one, the lowest measured KLD is kept among those
-whose top-1 agreement is no worse than the stock mix's (one position's flip allowed; the stock mix always
-qualifies), so on the search's text the tuned file is never worse than the stock format. The kept file is the one already written and
-scored: nothing is quantized twice.
+whose top-1 agreement is not significantly worse than the stock mix's (a paired McNemar test per position;
+the stock mix always qualifies), so on the search's text the tuned file is never worse than the stock format.
+The kept file is the one already written and scored: nothing is quantized again.
 
 The reference is the F16 GGUF's own logits, which verify measures within ~1e-6 KLD of the PEFT model.
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -40,10 +41,10 @@ from ..engine import quantize_formats
 from ..cache import RunCache
 from ..importance import Importance
 from .allocate import allocate, at_least, options_of
+from .probe import corrected_errors, corrections, probes
 from .recipe import Recipe, Sizer
 from .scorer import Scorer
 
-PROBE_LAYERS = 4          # layers of a kind lowered in its probe, spread evenly
 SEARCH_RATIO = 2.0        # the search takes at most this many times the stock format's quantize (issue 20) ...
 SEARCH_FLOOR_S = 5.0      # ... or this long: below it llama.cpp's fixed costs (a load, one pass) decide
 CHOICES = ("stock", "estimate", "corrected")
@@ -58,54 +59,50 @@ class Measured:
     rejected: dict[str, str] = field(default_factory=dict)    # candidate -> why the guard refused it
     seconds: dict = field(default_factory=dict)
     text: dict = field(default_factory=dict)                   # Scorer.describe(): what was scored on
-    skipped: list = field(default_factory=list)                # probes (kinds) / corrected left out by the budget
+    skipped: list = field(default_factory=list)                # probes (side:kind) / corrected left out by the budget
+    correction_up: dict[str, float] = field(default_factory=dict)   # kind -> the same, one type dearer
+    flips: dict[str, list[int]] = field(default_factory=dict)       # candidate -> [top-1 lost, won] vs the stock mix
 
     def to_dict(self) -> dict:
         return {"kld": {k: round(v, 6) for k, v in self.kld.items()},
                 "top1": {k: round(v, 6) for k, v in self.top1.items()}, "chosen": self.chosen,
                 "rejected": self.rejected, "correction": {k: float(f"{v:.4g}") for k, v in self.correction.items()},
+                "correction_up": {k: float(f"{v:.4g}") for k, v in self.correction_up.items()}, "flips": self.flips,
                 "seconds": self.seconds, "text": self.text, "skipped": self.skipped}
 
 
-def _kind(name: str) -> str:
-    parts = name.split(".")
-    return parts[2] if parts[0] == "blk" else parts[0]
+GUARD_Z = 1.64     # the top-1 guard's one-sided McNemar test, ~95 %
 
 
-def _spread(names: list[str], n: int) -> list[str]:
-    if len(names) <= n:
-        return names
-    return [names[i] for i in np.unique(np.linspace(0, len(names) - 1, n).round().astype(int))]
+def flips(stock: np.ndarray, cand: np.ndarray) -> tuple[int, int]:
+    """(positions where ``cand`` loses the reference's top-1 the stock mix keeps, where it wins one back)."""
+    return int((stock & ~cand).sum()), int((cand & ~stock).sum())
 
 
-def probes(plan, sizer: Sizer, layers: int = PROBE_LAYERS) -> tuple[dict[str, dict[str, int]], dict[str, float],
-                                                                     dict[str, list[str]]]:
-    """({lower:<kind>: types}, {kind: estimated error increase}, {kind: its groups})."""
-    errs, w, stock = plan.errors.by_group, plan.weights, plan.stock
-    kinds: dict[str, list[str]] = {}
-    for g in stock:
-        kinds.setdefault(_kind(g), []).append(g)
-    out, est = {}, {}
-    for kind, names in kinds.items():
-        lower, delta = dict(stock), 0.0
-        for g in _spread(names, layers):
-            cheaper = sorted((sizer.cost(g, ty), ty) for ty in errs[g] if sizer.cost(g, ty) < sizer.cost(g, stock[g]))
-            if cheaper:
-                lower[g] = cheaper[-1][1]
-                delta += w[g] * (errs[g][lower[g]] - errs[g][stock[g]])
-        if lower != stock and delta > 0:
-            out[f"lower:{kind}"], est[kind] = lower, delta
-    return out, est, kinds
+def top1_worse(stock: np.ndarray, cand: np.ndarray, z: float = GUARD_Z) -> bool:
+    """Whether ``cand`` agrees with the reference's top-1 at significantly fewer positions than the stock
+    mix (per-position booleans, paired): it loses the argmax at ``lost`` positions the stock mix keeps and
+    wins it at ``gained`` others; refused when ``lost - gained > z * sqrt(lost + gained)`` (McNemar). An
+    argmax flipping between near-tied tokens is noise: one or two such flips with none back pass, three
+    do not."""
+    lost, gained = flips(stock, cand)
+    return lost - gained > z * math.sqrt(lost + gained)
 
 
-def choose(kld: dict[str, float], top1: dict[str, float], positions: int = 0) -> tuple[str, dict[str, str]]:
-    """The candidate kept: least KLD among those measured whose top-1 is no worse than the stock mix's,
-    one position of ``positions`` allowed (one argmax flipping between near-tied tokens is noise at a few
-    hundred positions); ties: corrected, then estimate. Also {candidate: why refused}."""
-    slack = 1.0 / positions + 1e-9 if positions > 0 else 1e-12
+def choose(kld: dict[str, float], top1: dict[str, float],
+           agree: Optional[dict[str, np.ndarray]] = None) -> tuple[str, dict[str, str]]:
+    """The candidate kept: least KLD among those measured whose top-1 is not significantly worse than the
+    stock mix's (``top1_worse`` on the per-position agreement ``agree``; without it, any drop refuses);
+    ties: corrected, then estimate. Also {candidate: why refused}."""
     have = [k for k in CHOICES if k in kld]
+
+    def worse(k: str) -> bool:
+        if agree is not None and k in agree and "stock" in agree:
+            return top1_worse(agree["stock"], agree[k])
+        return top1[k] < top1["stock"] - 1e-12
+
     rejected = {k: f"top-1 {top1[k]:.4f} below the stock mix's {top1['stock']:.4f}" for k in have
-                if k != "stock" and top1[k] < top1["stock"] - slack}
+                if k != "stock" and worse(k)}
     ok = [k for k in have if k not in rejected]
     return min(ok, key=lambda k: (kld[k], -CHOICES.index(k))), rejected
 
@@ -159,26 +156,28 @@ def refine(src: Path, plan, scorer: Scorer, *, imatrix: Optional[Importance] = N
     t0 = time.perf_counter()
     sizer = Sizer.of(src, imatrix)
     errs, w, stock, base = plan.errors.by_group, plan.weights, plan.stock, plan.recipe.base
-    lowered, est_delta, kinds = probes(plan, sizer)
+    probe_types, est, kinds = probes(plan, sizer)
     size = {k: sum(sizer.cost(g, stock[g]) for g in names) for k, names in kinds.items()}
-    order = sorted(est_delta, key=lambda k: -size[k])                  # the kinds with the most bytes first
+    # the kinds with the most bytes first, each kind's two sides together
+    order = sorted(est, key=lambda p: (-size[p.split(":", 1)[1]], p.split(":", 1)[1], p))
     unwritten = order[_affordable(plan, sizer, scorer, budget, threads, len(order)):]
-    lowered = {k: v for k, v in lowered.items() if k.split(":", 1)[1] not in unwritten}
+    probe_types = {k: v for k, v in probe_types.items() if k not in unwritten}
     tmp = Path(tempfile.mkdtemp(prefix="tuned-probes-", dir=work_dir))
     kld: dict[str, float] = {}
     top1: dict[str, float] = {}
     score_s: list[float] = []
     second: dict = {}
+    agree: dict[str, np.ndarray] = {}
 
     def score(k: str, path: Path) -> None:
         t = time.perf_counter()
         r = scorer.score(path)
-        kld[k], top1[k] = float(r["kld_mean"]), float(r["top1"])
+        kld[k], top1[k], agree[k] = float(r["kld_mean"]), float(r["top1"]), r["agree"]
         score_s.append(time.perf_counter() - t)
 
     try:
         recipes = {"stock": stock, **({"estimate": plan.recipe.types} if plan.recipe.types != stock else {}),
-                   **lowered}
+                   **probe_types}
         run_cache = RunCache(tmp / "run-cache", cache)     # the corrected pass quantizes only what is new
         files, stats = _write(src, base, recipes, tmp, imatrix, threads, run_cache)
         t_engine = time.perf_counter() - t0
@@ -196,27 +195,26 @@ def refine(src: Path, plan, scorer: Scorer, *, imatrix: Optional[Importance] = N
                 score(k, files[k][0])
         if "estimate" not in files:
             kld["estimate"], top1["estimate"], files["estimate"] = kld["stock"], top1["stock"], files["stock"]
+            agree["estimate"] = agree["stock"]
         skipped = list(unwritten)
-        for kind in [k for k in order if k not in unwritten]:
+        for key in [k for k in order if k not in unwritten]:
             per = max(score_s)
             if left() < per + (t_stock + per):                       # room kept for the corrected recipe
-                skipped.append(kind)
+                skipped.append(key)
             else:
-                score(f"lower:{kind}", files[f"lower:{kind}"][0])
-            files.pop(f"lower:{kind}")[0].unlink()
-        rise = {k: max(kld[f"lower:{k}"] - kld["stock"], 0.0) / d for k, d in est_delta.items()
-                if f"lower:{k}" in kld}
-        fallback = float(np.median(list(rise.values()))) if rise else 1.0
-        floor = 1e-3 * max(rise.values(), default=1.0) or 1e-12
-        correction = {k: max(rise.get(k, fallback), floor) for k in kinds}
-        weights = {g: w[g] * correction[_kind(g)] for g in stock}
+                score(key, files[key][0])
+            files.pop(key)[0].unlink()
+        measured = any(k in kld for k in est)
+        corr = corrections(kld, est, kinds)
         costs = {g: {ty: sizer.cost(g, ty) for ty in errs[g]} for g in stock}
-        alloc = allocate(options_of(costs, errs, weights, keep=stock), plan.limit - sizer.head - sizer.fixed,
+        alloc = allocate(options_of(costs, corrected_errors(errs, w, stock, corr, sizer), {}, keep=stock),
+                         plan.limit - sizer.head - sizer.fixed,
                          start=stock, at_least=at_least(plan.limit, sizer.head, sizer.fixed))
         same = next((k for k in ("stock", "estimate") if alloc.types == recipes.get(k, plan.recipe.types)), None)
         if same is not None:
             kld["corrected"], top1["corrected"], files["corrected"] = kld[same], top1[same], files[same]
-        elif rise and left() >= (t_new := stock_seconds(stats, {**recipes, "corrected": alloc.types}, n_el,
+            agree["corrected"] = agree[same]
+        elif measured and left() >= (t_new := stock_seconds(stats, {**recipes, "corrected": alloc.types}, n_el,
                                                         "corrected", pairs(recipes))) + max(score_s):
             t1 = time.perf_counter()
             new, again = _write(src, base, {"corrected": alloc.types}, tmp, imatrix, threads, run_cache)
@@ -225,7 +223,7 @@ def refine(src: Path, plan, scorer: Scorer, *, imatrix: Optional[Importance] = N
             second = {"seconds": round(time.perf_counter() - t1, 3), "foreseen": round(t_new, 3),
                       **{k: again.get(k) for k in ("cached", "computed")}}
             score("corrected", files["corrected"][0])
-        chosen, rejected = choose(kld, top1, int(scorer.layout.out.size))
+        chosen, rejected = choose(kld, top1, agree)
         types = {"stock": stock, "estimate": plan.recipe.types, "corrected": alloc.types}[chosen]
         sha = None
         if out is not None:
@@ -240,8 +238,9 @@ def refine(src: Path, plan, scorer: Scorer, *, imatrix: Optional[Importance] = N
                "limit": None if limit is None else round(limit, 3),
                "before": round(budget.spent_s, 3), "corrected_pass": second}
     skipped += [] if "corrected" in kld else ["corrected"]
-    return Recipe(base, types), Measured(kld, top1, correction, chosen, rejected, seconds, scorer.describe(),
-                                         skipped), sha
+    return Recipe(base, types), Measured(kld, top1, corr["lower"], chosen, rejected, seconds, scorer.describe(),
+                                         skipped, corr["raise"],
+                                         {k: list(flips(agree["stock"], agree[k])) for k in CHOICES[1:] if k in agree}), sha
 
 
 def _affordable(plan, sizer: Sizer, scorer: Scorer, budget: TimeBudget, threads: int, n: int) -> int:

@@ -23,8 +23,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-MAX_TOKENS = 384          # forward-pass tokens (prefix-tree nodes) per score
-MAX_POSITIONS = 192       # positions whose logits are compared
+MAX_TOKENS = 1024         # forward-pass tokens (prefix-tree nodes) per score
+MAX_POSITIONS = 1024      # positions whose logits are compared ...
+MIN_POSITIONS = 192       # ... however large the vocabulary
+POSITION_BYTES = 64 << 20  # ... else as many as keep the reference's float32 log-probabilities this small
 MIN_TOKENS = 96           # the fewest forward-pass tokens, however large the model
 TOKEN_FLOPS = 4e10        # above ~100M weights the forward pass is capped near this many weight-tokens
 MIN_HELDOUT = 256         # fewer held-out tokens than this: the search reads verify's own text (recorded)
@@ -145,6 +147,16 @@ def tokens_for(gguf: Path) -> int:
     return int(min(MAX_TOKENS, max(MIN_TOKENS, TOKEN_FLOPS / max(n, 1))))
 
 
+def positions_for(gguf: Path) -> int:
+    """Scored positions per score: each costs the reference a row of vocabulary-sized log-probabilities,
+    so ``MAX_POSITIONS`` for small vocabularies, ``MIN_POSITIONS`` for Qwen's 152k."""
+    from ..gguf_out import read_source
+
+    t = read_source(Path(gguf)).by_name.get("token_embd.weight")
+    vocab = t.rows if t is not None else 1 << 17
+    return int(min(MAX_POSITIONS, max(MIN_POSITIONS, POSITION_BYTES // (4 * vocab))))
+
+
 def _log_softmax(x: np.ndarray, rows: int = 16) -> np.ndarray:
     out = np.empty(x.shape, np.float32)
     for lo in range(0, x.shape[0], rows):          # a few rows at a time: float64 temporaries stay small
@@ -167,11 +179,13 @@ class Scorer:
 
     @classmethod
     def of_gguf(cls, gguf: Path, sequences: Sequence[Sequence[int]], threads: int = 1, *,
-                max_tokens: Optional[int] = None, max_positions: int = MAX_POSITIONS,
+                max_tokens: Optional[int] = None, max_positions: Optional[int] = None,
                 source: str = "in-sample") -> "Scorer":
-        """``max_tokens``: default ``tokens_for`` the model's size."""
+        """``max_tokens``, ``max_positions``: default ``tokens_for`` the model's size, ``positions_for`` its
+        vocabulary."""
         t0 = time.perf_counter()
         max_tokens = tokens_for(gguf) if max_tokens is None else max_tokens
+        max_positions = positions_for(gguf) if max_positions is None else max_positions
         lay = layout(sequences, max_tokens=max_tokens, max_positions=max_positions)
         if lay.out.size == 0:
             raise ValueError("no calibration positions to score the tuned search on")
@@ -187,7 +201,7 @@ class Scorer:
         stats.add(self.ref, _logits(gguf, self.layout, self.threads), self.layout.nxt)
         self.seconds += time.perf_counter() - t0
         self.scores += 1
-        return stats.summary()
+        return {**stats.summary(), "agree": np.concatenate(stats.same_top)}   # per position: same top-1
 
     def describe(self) -> dict:
         return {"text": self.source, "tokens": self.layout.n_tokens, "positions": int(self.layout.out.size),
