@@ -168,12 +168,23 @@ def disk_need(base: BaseModelInfo, adapter: AdapterInfo, path: str, formats: Seq
     untouched = sum(numel(i["shape"]) for n, (_, i) in base.tensors.items() if n not in touched)
     quants = [f for f in formats if f.upper() != w.convert_type.upper()]
     vocab = int(base.config.get("vocab_size") or 0)
+    # a tuned search keeps its stock mix, estimate and run cache beside the file (probes: measure.disk_room)
+    search = sum(3 * int(params * BPW[_base_of(f)] / 8) for f in quants if f.upper().startswith("TUNED-"))
     return {"merged folder": params * 2 if path != FUSED or keep_merged else 0,
+            "tuned search": search,
             f"{w.convert_type.upper()} GGUF": size[w.convert_type.upper()],
             "quants": sum(size[f] for f in quants) + sum(size[f] for f in w.twins),
             "tensor cache": min(w.tensor_cache_bytes, sum(int(untouched * BPW.get(f, 8) / 8) for f in quants)),
             "verify log-prob memmap": verify_positions(w, params) * vocab * 4,
             "base GGUF": int(params * BPW.get(w.base_gguf.upper(), 8) / 8) if w.base_gguf else 0}
+
+
+def _base_of(fmt: str) -> str:
+    """The stock format a tuned label is sized after (TUNED-Q4_K_M -> Q4_K_M); others as they are."""
+    f = fmt.upper()
+    if not f.startswith("TUNED-"):
+        return f
+    return f.split("-", 1)[1] if f.split("-", 1)[1] in BPW else "Q8_0"    # a bpw or size budget: at most Q8_0
 
 
 def plan_merge(base_model: str, adapter_dir: Path, *, merge: "MergeConfig", performance: "PerformanceConfig",

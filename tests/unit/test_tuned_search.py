@@ -2,6 +2,7 @@
 verify's text, the top-1 guard when choosing the recipe, and probes spread over a kind's layers."""
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -132,3 +133,21 @@ def test_slow_types_are_measured_on_a_few_layers_and_scaled_on_the_rest(tmp_path
     _scale_slow(res, gs, {g.name: [Q3_K, Q4_K, IQ3_XXS] for g in gs}, {gs[0].name, gs[5].name})
     assert abs(res.by_group[gs[2].name][IQ3_XXS] - 2.2 * 0.6) < 1e-12
     assert res.scaled == {g.name: [IQ3_XXS] for g in gs[1:5]}
+
+
+def test_probe_files_are_held_to_the_disk_and_the_preflight_counts_the_search():
+    from loradeploy.merge.preflight import BPW, RunWrites, disk_need
+    from loradeploy.quantize.tuned.measure import DISK_MARGIN, disk_room
+
+    gb = 1 << 30
+    # 4.5 GB files (7B at Q4_K_M): stock, estimate, corrected and the run cache stay, so 30 GB free leaves 2
+    assert disk_room(Path("."), int(4.5 * gb), 18, free=30 * gb) == int((30 * gb - 18 * gb - DISK_MARGIN) // (4.5 * gb))
+    assert disk_room(Path("."), int(4.5 * gb), 18, free=10 * gb) == 0
+    assert disk_room(Path("."), 1 << 20, 18, free=30 * gb) == 18
+    base = SimpleNamespace(param_count=7_000_000_000, config={"vocab_size": 152064},
+                           tensors={"w": (None, {"shape": [7_000_000_000]})})
+    adapter = SimpleNamespace(pairs={}, full_tensors=[])
+    plain = disk_need(base, adapter, "two-step", ["Q4_K_M"], False, RunWrites())
+    tuned = disk_need(base, adapter, "two-step", ["Q4_K_M", "TUNED-Q4_K_M", "TUNED-4.8BPW"], False, RunWrites())
+    assert plain["tuned search"] == 0
+    assert tuned["tuned search"] == 3 * int(7e9 * BPW["Q4_K_M"] / 8) + 3 * int(7e9 * BPW["Q8_0"] / 8)

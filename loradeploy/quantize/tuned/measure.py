@@ -160,9 +160,10 @@ def refine(src: Path, plan, scorer: Scorer, *, imatrix: Optional[Importance] = N
     size = {k: sum(sizer.cost(g, stock[g]) for g in names) for k, names in kinds.items()}
     # the kinds with the most bytes first, each kind's two sides together
     order = sorted(est, key=lambda p: (-size[p.split(":", 1)[1]], p.split(":", 1)[1], p))
-    unwritten = order[_affordable(plan, sizer, scorer, budget, threads, len(order)):]
-    probe_types = {k: v for k, v in probe_types.items() if k not in unwritten}
     tmp = Path(tempfile.mkdtemp(prefix="tuned-probes-", dir=work_dir))
+    n_probes = min(_affordable(plan, sizer, scorer, budget, threads, len(order)), disk_room(tmp, plan.size, len(order)))
+    unwritten = order[n_probes:]
+    probe_types = {k: v for k, v in probe_types.items() if k not in unwritten}
     kld: dict[str, float] = {}
     top1: dict[str, float] = {}
     score_s: list[float] = []
@@ -241,6 +242,17 @@ def refine(src: Path, plan, scorer: Scorer, *, imatrix: Optional[Importance] = N
     return Recipe(base, types), Measured(kld, top1, corr["lower"], chosen, rejected, seconds, scorer.describe(),
                                          skipped, corr["raise"],
                                          {k: list(flips(agree["stock"], agree[k])) for k in CHOICES[1:] if k in agree}), sha
+
+
+DISK_MARGIN = 1 << 30    # bytes the search leaves free on the work folder's disk
+
+
+def disk_room(folder: Path, file_bytes: int, n: int, free: Optional[int] = None) -> int:
+    """How many of ``n`` probe files fit on ``folder``'s disk beside what the search keeps: the stock mix, the
+    estimate, the corrected file and the run cache (about one file), and ``DISK_MARGIN``. The probes are
+    written in one pass, so they are on disk together (at 7B, ~4.5 GB each at Q4_K_M)."""
+    free = shutil.disk_usage(folder).free if free is None else free
+    return int(max(0, min(n, (free - 4 * file_bytes - DISK_MARGIN) // max(1, file_bytes))))
 
 
 def _affordable(plan, sizer: Sizer, scorer: Scorer, budget: TimeBudget, threads: int, n: int) -> int:
