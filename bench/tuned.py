@@ -79,7 +79,7 @@ def _split(case: dict, root: Path) -> tuple[Path, Path]:
     return search, held
 
 
-def run_case(case: dict, root: Path) -> dict:
+def run_case(case: dict, root: Path, search_ratio: float | None = 2.0) -> dict:
     from loradeploy.config import config_from_dict
     from loradeploy.pipeline import run_pipeline
     from loradeploy.quantize import quantize_formats
@@ -90,7 +90,8 @@ def run_case(case: dict, root: Path) -> dict:
     search, held = _split(case, root)
     data = {"models": {"m": {"base_model": str(case["base"]), "adapter": str(case["adapter"]), "port": 5999,
                              "system_prompt": case["system"]}},
-            "quantization": {"formats": [*BUDGETS, *(f"TUNED@{b}" for b in BUDGETS)], "imatrix": "auto"},
+            "quantization": {"formats": [*BUDGETS, *(f"TUNED@{b}" for b in BUDGETS)], "imatrix": "auto",
+                             "tuned_search_ratio": search_ratio},
             "verify": {"max_tokens": case.get("verify_tokens", 768)}, "evaluation": {"samples": str(search)},
             "pipeline": {"stages": ["fetch", "merge", "convert", "quantize"], "work_dir": str(root / "work"),
                          "state_dir": str(root / "state")},
@@ -249,12 +250,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="demo,qwen2,text")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "tuned")
     ap.add_argument("--save", type=Path, default=REPO / "bench" / "results" / "tuned.json")
+    ap.add_argument("--search-ratio", default="2.0",
+                    help="quantization.tuned_search_ratio for the tuned formats (none: no time limit)")
     a = ap.parse_args(argv)
     from tests.fixtures.models import cache_dir
 
-    results = [run_case(c, a.out / c["name"]) for c in _cases(a.models.split(","), cache_dir())]
+    ratio = None if a.search_ratio.lower() in ("none", "null") else float(a.search_ratio)
+    results = [run_case(c, a.out / c["name"], ratio) for c in _cases(a.models.split(","), cache_dir())]
     doc = {"bench": "tuned", "targets": {"kld_vs_imatrix": TARGET_VS_IMATRIX, "kld_vs_plain": TARGET_VS_PLAIN,
                                          "size_tolerance": SIZE_TOL, "search_vs_stock_quantize": TARGET_COST},
+           "tuned_search_ratio": ratio,
            "heldout": True, "machine": {"cpus": os.cpu_count(), "threads": 2}, "results": results}
     a.save.parent.mkdir(parents=True, exist_ok=True)
     a.save.write_text(json.dumps(doc, indent=1, default=str))

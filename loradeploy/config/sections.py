@@ -94,6 +94,10 @@ class QuantizationConfig(_Section):
                           "text verify does not score (a batched llama.cpp pass per probe, within 2x the stock "
                           "quantize time) and keep the stock mix where nothing measures better; off: the cheap "
                           "estimates alone")
+    tuned_search_ratio: Optional[float] = Field(
+        2.0, gt=0, description="TUNED@ formats: the measured search's time, at most this many times the stock "
+                               "format's quantize (never under 5 s); probes that do not fit are skipped and take "
+                               "the median correction. null: no limit, every probe is measured")
 
     _tt = field_validator("output_tensor_type", "token_embedding_type")(classmethod(lambda cls, v: tensor_type(v)))
 

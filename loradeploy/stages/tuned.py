@@ -8,6 +8,7 @@ from ..quantize import ENGINE_VERSION, TensorCache, cache_dir
 from ..quantize import imatrix as imx
 from ..quantize.reuse import reusable
 from ..quantize.tuned.build import CODE_VERSION as TUNED_CODE, build
+from ..quantize.tuned.measure import TimeBudget
 from ..quantize.tuned.scorer import MAX_TOKENS, Scorer, search_sequences
 from .base import Artifact, StageContext
 from .convert import validate
@@ -44,7 +45,8 @@ def build_tuned(ctx: StageContext, src: Path, labels: list[str], imatrix, thread
     for f in labels:
         b = build(src, f, ctx.paths.gguf(f), imatrix=imatrix, adapter_dir=adapter, threads=threads,
                   engine=ctx.cfg.quantization.engine, cache=cache, reusable=reusable(changed), log_path=ctx.log_path,
-                  progress=lambda d, t, f=f: ctx.progress(f"quantizing {f}", d, t), scorer=scorer)
+                  progress=lambda d, t, f=f: ctx.progress(f"quantizing {f}", d, t), scorer=scorer,
+                  budget=TimeBudget(ratio=ctx.cfg.quantization.tuned_search_ratio))
         validate(b.path, ctx.log)
         ctx.log.info("%s from %s: %s, %d bytes (at most %d), %s, %s; measured: %s", f, b.plan.recipe.base,
                      b.plan.recipe.counts(), b.plan.size, b.plan.limit, b.engine, b.seconds, b.measured)
@@ -61,4 +63,5 @@ def tuned_inputs(ctx: StageContext) -> dict:
     if not any(map(is_tuned, ctx.cfg.formats_for(ctx.model_name))):
         return {}
     q = ctx.cfg.quantization
-    return {"tuned": [TUNED_CODE, q.tuned_measure] + ([calibration_source(ctx).inputs()] if q.tuned_measure else [])}
+    return {"tuned": [TUNED_CODE, q.tuned_measure, q.tuned_search_ratio] +
+            ([calibration_source(ctx).inputs()] if q.tuned_measure else [])}

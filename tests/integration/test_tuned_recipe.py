@@ -173,3 +173,34 @@ def test_a_run_cache_pass_quantizes_only_new_pairs_and_writes_the_same_bytes(sou
     recipe = Recipe("Q4_K_M", changed).write(tmp_path / "c.txt")
     assert second.outputs["C"].sha256 == sha(llama_quantize(f16, tmp_path / "ref.gguf", "Q4_K_M", recipe, im_path))
     assert outer.stats.stored == 0 and not (tmp_path / "persistent").exists()
+
+
+def test_probes_the_disk_cannot_hold_at_once_are_written_in_later_passes_with_the_same_result(
+        sources, tmp_path, monkeypatch):
+    """At 7B a probe file is ~4.5 GB: when the disk holds only a few, the rest are written in later passes
+    through the run cache. Every KLD measured, the recipe kept and its bytes are those of one pass."""
+    import numpy as np
+
+    from loradeploy.quantize.tuned import measure
+    from loradeploy.quantize.tuned.scorer import Scorer
+
+    f16, im_path = sources["llama"]
+    im = importance.load(im_path, str(im_path))
+    rng = np.random.default_rng(0)
+    vocab = read_source(f16).by_name["token_embd.weight"].rows
+    scorer = Scorer.of_gguf(f16, [list(rng.integers(4, vocab, 60)) for _ in range(4)], 2)
+    plan = plan_tuned(f16, "TUNED@Q4_K_M", imatrix=im)
+
+    def search(name: str):
+        work = tmp_path / name
+        work.mkdir()
+        return measure.refine(f16, plan, scorer, imatrix=im, threads=2, work_dir=work, out=work / "t.gguf",
+                              budget=measure.TimeBudget(ratio=None))
+
+    recipe, one, sha = search("one-pass")
+    monkeypatch.setattr(measure, "disk_room", lambda folder, size, n, free=None, keep=4: min(n, 3 if keep == 4 else 2))
+    recipe2, many, sha2 = search("passes")
+    probes = [k for k in one.kld if ":" in k]
+    assert len(probes) > 5 and one.seconds["probe_passes"] == 1
+    assert many.seconds["probe_passes"] == 1 + -(-(len(probes) - 3) // 2) and not many.skipped
+    assert many.kld == one.kld and many.chosen == one.chosen and recipe2.types == recipe.types and sha2 == sha

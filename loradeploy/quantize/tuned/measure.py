@@ -161,9 +161,9 @@ def refine(src: Path, plan, scorer: Scorer, *, imatrix: Optional[Importance] = N
     # the kinds with the most bytes first, each kind's two sides together
     order = sorted(est, key=lambda p: (-size[p.split(":", 1)[1]], p.split(":", 1)[1], p))
     tmp = Path(tempfile.mkdtemp(prefix="tuned-probes-", dir=work_dir))
-    n_probes = min(_affordable(plan, sizer, scorer, budget, threads, len(order)), disk_room(tmp, plan.size, len(order)))
-    unwritten = order[n_probes:]
-    probe_types = {k: v for k, v in probe_types.items() if k not in unwritten}
+    unwritten = order[_affordable(plan, sizer, scorer, budget, threads, len(order)):]
+    pending = [k for k in order if k not in unwritten]
+    later = pending[disk_room(tmp, plan.size, len(pending)):]         # written in more passes, as the disk frees
     kld: dict[str, float] = {}
     top1: dict[str, float] = {}
     score_s: list[float] = []
@@ -178,8 +178,8 @@ def refine(src: Path, plan, scorer: Scorer, *, imatrix: Optional[Importance] = N
 
     try:
         recipes = {"stock": stock, **({"estimate": plan.recipe.types} if plan.recipe.types != stock else {}),
-                   **probe_types}
-        run_cache = RunCache(tmp / "run-cache", cache)     # the corrected pass quantizes only what is new
+                   **{k: probe_types[k] for k in pending if k not in later}}
+        run_cache = RunCache(tmp / "run-cache", cache)     # later passes quantize only what is new
         files, stats = _write(src, base, recipes, tmp, imatrix, threads, run_cache)
         t_engine = time.perf_counter() - t0
         n_el = {g: sizer.src.by_name[g].n_elements for g in stock}
@@ -191,6 +191,12 @@ def refine(src: Path, plan, scorer: Scorer, *, imatrix: Optional[Importance] = N
         def left() -> float:
             return float("inf") if limit is None else limit - budget.spent_s - (time.perf_counter() - t0)
 
+        def t_pass(new: dict[str, dict[str, int]]) -> float:
+            """A later pass foreseen: reading the F16 again, writing its files, quantizing its new pairs."""
+            io = max(0.0, float(stats.get("seconds", 0.0)) - sum(stats.get("quantize_seconds_by_type", {}).values()))
+            quant = sum(stock_seconds(stats, {**recipes, k: t}, n_el, k, pairs(recipes)) for k, t in new.items())
+            return io * (1 + len(new)) / (1 + len(recipes)) + quant
+
         for k in ("stock", "estimate"):
             if k in files:
                 score(k, files[k][0])
@@ -198,13 +204,28 @@ def refine(src: Path, plan, scorer: Scorer, *, imatrix: Optional[Importance] = N
             kld["estimate"], top1["estimate"], files["estimate"] = kld["stock"], top1["stock"], files["stock"]
             agree["estimate"] = agree["stock"]
         skipped = list(unwritten)
-        for key in [k for k in order if k not in unwritten]:
-            per = max(score_s)
-            if left() < per + (t_stock + per):                       # room kept for the corrected recipe
-                skipped.append(key)
-            else:
-                score(key, files[key][0])
-            files.pop(key)[0].unlink()
+        corrected_room = t_pass({"corrected": plan.recipe.types})            # room kept for the corrected recipe
+        passes = 1
+        while True:
+            for key in [k for k in pending if k in files]:
+                per = max(score_s)
+                if left() < per + (corrected_room + per):
+                    skipped.append(key)
+                else:
+                    score(key, files[key][0])
+                files.pop(key)[0].unlink()
+            if not later:
+                break
+            batch = {k: probe_types[k] for k in later[:max(1, disk_room(tmp, plan.size, len(later), keep=2))]}
+            if left() < t_pass(batch) + len(batch) * max(score_s) + corrected_room + max(score_s):
+                skipped += later
+                break
+            t1 = time.perf_counter()
+            new, _ = _write(src, base, batch, tmp, imatrix, threads, run_cache)
+            t_engine += time.perf_counter() - t1
+            files.update(new)
+            recipes.update(batch)
+            later, passes = later[len(batch):], passes + 1
         measured = any(k in kld for k in est)
         corr = corrections(kld, est, kinds)
         costs = {g: {ty: sizer.cost(g, ty) for ty in errs[g]} for g in stock}
@@ -215,8 +236,7 @@ def refine(src: Path, plan, scorer: Scorer, *, imatrix: Optional[Importance] = N
         if same is not None:
             kld["corrected"], top1["corrected"], files["corrected"] = kld[same], top1[same], files[same]
             agree["corrected"] = agree[same]
-        elif measured and left() >= (t_new := stock_seconds(stats, {**recipes, "corrected": alloc.types}, n_el,
-                                                        "corrected", pairs(recipes))) + max(score_s):
+        elif measured and left() >= (t_new := t_pass({"corrected": alloc.types})) + max(score_s):
             t1 = time.perf_counter()
             new, again = _write(src, base, {"corrected": alloc.types}, tmp, imatrix, threads, run_cache)
             files.update(new)
@@ -237,7 +257,7 @@ def refine(src: Path, plan, scorer: Scorer, *, imatrix: Optional[Importance] = N
                "total": round(total, 3),
                "stock_estimate": round(t_stock, 3), "own_estimate": round(t_own, 3),
                "limit": None if limit is None else round(limit, 3),
-               "before": round(budget.spent_s, 3), "corrected_pass": second}
+               "before": round(budget.spent_s, 3), "probe_passes": passes, "corrected_pass": second}
     skipped += [] if "corrected" in kld else ["corrected"]
     return Recipe(base, types), Measured(kld, top1, corr["lower"], chosen, rejected, seconds, scorer.describe(),
                                          skipped, corr["raise"],
@@ -247,12 +267,13 @@ def refine(src: Path, plan, scorer: Scorer, *, imatrix: Optional[Importance] = N
 DISK_MARGIN = 1 << 30    # bytes the search leaves free on the work folder's disk
 
 
-def disk_room(folder: Path, file_bytes: int, n: int, free: Optional[int] = None) -> int:
-    """How many of ``n`` probe files fit on ``folder``'s disk beside what the search keeps: the stock mix, the
-    estimate, the corrected file and the run cache (about one file), and ``DISK_MARGIN``. The probes are
-    written in one pass, so they are on disk together (at 7B, ~4.5 GB each at Q4_K_M)."""
+def disk_room(folder: Path, file_bytes: int, n: int, free: Optional[int] = None, keep: int = 4) -> int:
+    """How many of ``n`` probe files fit on ``folder``'s disk beside the ``keep`` files the search has yet to
+    write (first pass: the stock mix, the estimate, the corrected file and the run cache, about one file;
+    later passes: the corrected file and the cache's growth) and ``DISK_MARGIN``. A pass's probes are on disk
+    together (at 7B, ~4.5 GB each at Q4_K_M); the rest wait for a later pass."""
     free = shutil.disk_usage(folder).free if free is None else free
-    return int(max(0, min(n, (free - 4 * file_bytes - DISK_MARGIN) // max(1, file_bytes))))
+    return int(max(0, min(n, (free - keep * file_bytes - DISK_MARGIN) // max(1, file_bytes))))
 
 
 def _affordable(plan, sizer: Sizer, scorer: Scorer, budget: TimeBudget, threads: int, n: int) -> int:
@@ -272,7 +293,8 @@ def _affordable(plan, sizer: Sizer, scorer: Scorer, budget: TimeBudget, threads:
 
     hint, own = foreseen(plan.stock), foreseen(plan.recipe.types)
     per = max(scorer.reference_seconds, 1e-3)
-    room = max(budget.ratio * hint, budget.floor_s) + own - budget.spent_s - (hint + own) - 2 * per - (hint + per)
+    # the corrected pass reads the run cache: its reading and writing, about a quarter of a stock quantize
+    room = max(budget.ratio * hint, budget.floor_s) + own - budget.spent_s - (hint + own) - 2 * per - (hint / 4 + per)
     return max(0, min(n, int(room // (per + 0.1 * hint))))
 
 
