@@ -175,21 +175,28 @@ def test_a_run_cache_pass_quantizes_only_new_pairs_and_writes_the_same_bytes(sou
     assert outer.stats.stored == 0 and not (tmp_path / "persistent").exists()
 
 
-def test_probes_the_disk_cannot_hold_at_once_are_written_in_later_passes_with_the_same_result(
-        sources, tmp_path, monkeypatch):
-    """At 7B a probe file is ~4.5 GB: when the disk holds only a few, the rest are written in later passes
-    through the run cache. Every KLD measured, the recipe kept and its bytes are those of one pass."""
+@pytest.fixture(scope="module")
+def search_inputs(sources):
+    """(F16, its imatrix, a scorer over random token ids, the TUNED@Q4_K_M plan) for the measured search."""
     import numpy as np
 
-    from loradeploy.quantize.tuned import measure
     from loradeploy.quantize.tuned.scorer import Scorer
 
     f16, im_path = sources["llama"]
     im = importance.load(im_path, str(im_path))
-    rng = np.random.default_rng(0)
     vocab = read_source(f16).by_name["token_embd.weight"].rows
+    rng = np.random.default_rng(0)
     scorer = Scorer.of_gguf(f16, [list(rng.integers(4, vocab, 60)) for _ in range(4)], 2)
-    plan = plan_tuned(f16, "TUNED@Q4_K_M", imatrix=im)
+    return f16, im, scorer, plan_tuned(f16, "TUNED@Q4_K_M", imatrix=im)
+
+
+def test_probes_the_disk_cannot_hold_at_once_are_written_in_later_passes_with_the_same_result(
+        search_inputs, tmp_path, monkeypatch):
+    """At 7B a probe file is ~4.5 GB: when the disk holds only a few, the rest are written in later passes
+    through the run cache. Every KLD measured, the recipe kept and its bytes are those of one pass."""
+    from loradeploy.quantize.tuned import measure
+
+    f16, im, scorer, plan = search_inputs
 
     def search(name: str):
         work = tmp_path / name
@@ -204,3 +211,26 @@ def test_probes_the_disk_cannot_hold_at_once_are_written_in_later_passes_with_th
     assert len(probes) > 5 and one.seconds["probe_passes"] == 1
     assert many.seconds["probe_passes"] == 1 + -(-(len(probes) - 3) // 2) and not many.skipped
     assert many.kld == one.kld and many.chosen == one.chosen and recipe2.types == recipe.types and sha2 == sha
+
+
+def test_a_search_with_no_disk_left_skips_what_does_not_fit_and_keeps_a_scored_file(search_inputs, tmp_path,
+                                                                                    monkeypatch):
+    """No room for any probe, nor for the corrected file: nothing more is written (no full disk), the
+    probes and the corrected recipe are recorded as skipped, and the file kept is one already scored."""
+    from loradeploy.quantize.tuned import measure
+
+    f16, im, scorer, plan = search_inputs
+    monkeypatch.setattr(measure, "disk_room", lambda folder, size, n, free=None, keep=4: 0)
+    recipe, m, sha = measure.refine(f16, plan, scorer, imatrix=im, threads=2, work_dir=tmp_path, out=tmp_path / "t.gguf",
+                                    budget=measure.TimeBudget(ratio=None))
+    assert set(m.kld) <= {"stock", "estimate", "corrected"} and m.seconds["probe_passes"] == 1
+    assert "corrected" in m.skipped and any(k.startswith("lower:") for k in m.skipped)
+    assert m.chosen in ("stock", "estimate") and sha == hashlib.sha256((tmp_path / "t.gguf").read_bytes()).hexdigest()
+    # room for every probe in the first pass, none for the corrected file: probes measured, corrected skipped
+    monkeypatch.setattr(measure, "disk_room", lambda folder, size, n, free=None, keep=4: n if keep == 4 else 0)
+    work = tmp_path / "again"
+    work.mkdir()
+    recipe, m, sha = measure.refine(f16, plan, scorer, imatrix=im, threads=2, work_dir=work, out=work / "t.gguf",
+                                    budget=measure.TimeBudget(ratio=None))
+    assert any(k.startswith("raise:") for k in m.kld) and m.chosen in ("stock", "estimate")
+    assert "corrected" in m.skipped or m.kld["corrected"] in (m.kld["stock"], m.kld["estimate"])

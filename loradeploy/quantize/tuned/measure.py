@@ -216,8 +216,8 @@ def refine(src: Path, plan, scorer: Scorer, *, imatrix: Optional[Importance] = N
                 files.pop(key)[0].unlink()
             if not later:
                 break
-            batch = {k: probe_types[k] for k in later[:max(1, disk_room(tmp, plan.size, len(later), keep=2))]}
-            if left() < t_pass(batch) + len(batch) * max(score_s) + corrected_room + max(score_s):
+            batch = {k: probe_types[k] for k in later[:disk_room(tmp, plan.size, len(later), keep=2)]}
+            if not batch or left() < t_pass(batch) + len(batch) * max(score_s) + corrected_room + max(score_s):
                 skipped += later
                 break
             t1 = time.perf_counter()
@@ -236,7 +236,8 @@ def refine(src: Path, plan, scorer: Scorer, *, imatrix: Optional[Importance] = N
         if same is not None:
             kld["corrected"], top1["corrected"], files["corrected"] = kld[same], top1[same], files[same]
             agree["corrected"] = agree[same]
-        elif measured and left() >= (t_new := t_pass({"corrected": alloc.types})) + max(score_s):
+        elif measured and disk_room(tmp, plan.size, 1, keep=0) and \
+                left() >= (t_new := t_pass({"corrected": alloc.types})) + max(score_s):
             t1 = time.perf_counter()
             new, again = _write(src, base, {"corrected": alloc.types}, tmp, imatrix, threads, run_cache)
             files.update(new)
