@@ -20,7 +20,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import math
 import random
 import sys
 import sysconfig
@@ -34,7 +33,7 @@ from ..fsutil import atomic_output
 from .recipe import BUILD_VERSION, Progress, already_built, read_marker, report_progress, torch_env, write_marker
 from .samples import IM_END, render_chatml
 from .tokenizers import special_ids, write_llama_tokenizer
-from .training import LORA_TARGETS, encode, model_config
+from .training import LORA_TARGETS, encode, model_config, optimizer_step, schedule
 
 SHAPE = dict(hidden=512, layers=4, heads=8, kv_heads=2, intermediate=1536)
 VOCAB = 8192
@@ -159,8 +158,7 @@ def _pretrain(d: Path, train: list[tuple[str, str]], seed: int, progress: Progre
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp["weight_decay"]}, {"params": rest, "weight_decay": 0}],
                             lr=hp["lr"], betas=(0.9, 0.95))
     steps = hp["steps"]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / hp["warmup"]) *
-                                              (0.1 + 0.45 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    sched = schedule(opt, steps, hp["warmup"])
     gen = torch.Generator().manual_seed(seed)
     cast, dtype = _autocast()
     model.train()
@@ -173,12 +171,7 @@ def _pretrain(d: Path, train: list[tuple[str, str]], seed: int, progress: Progre
         with cast:
             logits = model(input_ids=x[:, :-1]).logits
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        loss_value = float(loss.detach())
+        loss_value = optimizer_step(opt, sched, loss, list(model.parameters()))
         if step % 10 == 0 or step == steps - 1:
             report_progress(progress, f"text base: pretraining (loss {loss_value:.2f})", step + 1, steps)
     model = model.to(torch.float16)
@@ -227,8 +220,7 @@ def _train_lora(base_dir: Path, out: Path, seed: int, progress: Progress | None)
     params = [q for q in peft_model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=0.0)
     steps = hp["steps"]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) *
-                                              (0.1 + 0.45 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    sched = schedule(opt, steps, 20)
     gen = torch.Generator().manual_seed(seed)
     cast, dtype = _autocast()
     peft_model.train()
@@ -246,12 +238,7 @@ def _train_lora(base_dir: Path, out: Path, seed: int, progress: Progress | None)
         with cast:
             logits = peft_model(input_ids=x, attention_mask=mask).logits
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        loss_value = float(loss.detach())
+        loss_value = optimizer_step(opt, sched, loss, params)
         if step % 10 == 0 or step == steps - 1:
             report_progress(progress, f"text adapter: training (loss {loss_value:.2f})", step + 1, steps)
     peft_model.save_pretrained(str(out), safe_serialization=True)

@@ -65,9 +65,7 @@ def fit(*, hidden_fn, out_rows_fn, params, data: Encoded, to_input, to_target, n
 
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    warm = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    sched = schedule(opt, steps, max(1, steps // 10))
     rest = math.log(n_rest) if n_rest > 0 else None
     # Batches of equal-length sequences need no padding and no attention mask.
     by_len: dict[int, list[int]] = {}
@@ -88,12 +86,27 @@ def fit(*, hidden_fn, out_rows_fn, params, data: Encoded, to_input, to_target, n
         if rest is not None:
             logits = torch.cat([logits, logits.new_full((logits.shape[0], 1), rest)], dim=1)
         loss = F.cross_entropy(logits, targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        loss_value = float(loss.detach())
+        loss_value = optimizer_step(opt, sched, loss, params)
         if step % 10 == 0 or step == steps - 1:
             report_progress(progress, desc, step + 1, steps)
     return loss_value
+
+
+def schedule(opt, steps: int, warm: int):
+    """Linear warm-up over ``warm`` steps, then a cosine from the learning rate down to a tenth of it."""
+    import torch
+
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+
+
+def optimizer_step(opt, sched, loss, params) -> float:
+    """One step: gradients of ``loss``, clipped to norm 1 over ``params``; the loss as a float."""
+    import torch
+
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    return float(loss.detach())
