@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from ..config.tuned import is_tuned, parse_tuned
 from ..errors import InputError, MergeError
 from ..memory_estimate import Estimate, TensorFacts, convert, merge_library, merge_stream, require
 from ..resources import memory_budget_bytes, require_disk
@@ -169,7 +170,7 @@ def disk_need(base: BaseModelInfo, adapter: AdapterInfo, path: str, formats: Seq
     quants = [f for f in formats if f.upper() != w.convert_type.upper()]
     vocab = int(base.config.get("vocab_size") or 0)
     # a tuned search keeps its stock mix, estimate and run cache beside the file (probes: measure.disk_room)
-    search = sum(3 * int(params * BPW[_base_of(f)] / 8) for f in quants if f.upper().startswith("TUNED-"))
+    search = sum(3 * int(params * BPW[_base_of(f)] / 8) for f in quants if is_tuned(f))
     return {"merged folder": params * 2 if path != FUSED or keep_merged else 0,
             "tuned search": search,
             f"{w.convert_type.upper()} GGUF": size[w.convert_type.upper()],
@@ -179,12 +180,10 @@ def disk_need(base: BaseModelInfo, adapter: AdapterInfo, path: str, formats: Seq
             "base GGUF": int(params * BPW.get(w.base_gguf.upper(), 8) / 8) if w.base_gguf else 0}
 
 
-def _base_of(fmt: str) -> str:
-    """The stock format a tuned label is sized after (TUNED-Q4_K_M -> Q4_K_M); others as they are."""
-    f = fmt.upper()
-    if not f.startswith("TUNED-"):
-        return f
-    return f.split("-", 1)[1] if f.split("-", 1)[1] in BPW else "Q8_0"    # a bpw or size budget: at most Q8_0
+def _base_of(label: str) -> str:
+    """The stock format a tuned label is sized after (TUNED-Q4_K_M -> Q4_K_M); a bpw or size budget: at most Q8_0."""
+    t = parse_tuned(label)
+    return str(t.value) if t.kind == "format" else "Q8_0"
 
 
 def plan_merge(base_model: str, adapter_dir: Path, *, merge: "MergeConfig", performance: "PerformanceConfig",

@@ -17,21 +17,10 @@ from typing import Optional
 
 import numpy as np
 
-from .recipe import Sizer
+from .recipe import Sizer, evenly, kind_of
 
 PROBE_LAYERS = 4          # layers of a kind changed in its probe, spread evenly
 SIDES = ("lower", "raise")
-
-
-def kind_of(name: str) -> str:
-    parts = name.split(".")
-    return parts[2] if parts[0] == "blk" else parts[0]
-
-
-def _spread(names: list[str], n: int) -> list[str]:
-    if len(names) <= n:
-        return names
-    return [names[i] for i in np.unique(np.linspace(0, len(names) - 1, n).round().astype(int))]
 
 
 def one_step(g: str, types, stock: int, sizer: Sizer, side: str = "lower") -> Optional[int]:
@@ -71,7 +60,7 @@ def probes(plan, sizer: Sizer, layers: int = PROBE_LAYERS,
     for side in sides:
         for kind, names in kinds.items():
             moved, delta = dict(stock), 0.0
-            for g in _spread(names, layers):
+            for g in (names[i] for i in evenly(len(names), layers)):
                 if (ty := one_step(g, errs[g], stock[g], sizer, side)) is not None:
                     moved[g] = ty
                     delta += w[g] * abs(errs[g][ty] - errs[g][stock[g]])

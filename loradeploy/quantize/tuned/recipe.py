@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from ..engine import make_plan
 from ..gguf_out import ALL_TYPE_NAMES, SourceGGUF, Tensor, header, loader_order, pad, read_source, type_name
 from ..importance import Importance
@@ -48,6 +50,12 @@ class Group:
         return self.rows * self.n_per_row
 
 
+def kind_of(name: str) -> str:
+    """A tensor's kind: attn_q ... ffn_down in the blocks, else its category (token_embd, output)."""
+    m = _LAYER_KIND.match(name)
+    return m.group(2) if m else category(name)
+
+
 def groups(src: SourceGGUF) -> list[Group]:
     """The quantizable weights of ``src``, in llama.cpp's order."""
     out = []
@@ -55,9 +63,15 @@ def groups(src: SourceGGUF) -> list[Group]:
         if not allows_quantization(t, Options()):
             continue
         m = _LAYER_KIND.match(t.name)
-        kind = m.group(2) if m else category(t.name)
-        out.append(Group(t.name, kind, int(m.group(1)) if m else -1, t.rows, t.n_per_row))
+        out.append(Group(t.name, kind_of(t.name), int(m.group(1)) if m else -1, t.rows, t.n_per_row))
     return out
+
+
+def evenly(n: int, k: int) -> np.ndarray:
+    """Up to ``k`` indices of ``range(n)`` spread evenly, first and last included (all of them when n <= k)."""
+    if n <= k:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, k).round().astype(np.int64))
 
 
 @dataclass(frozen=True)

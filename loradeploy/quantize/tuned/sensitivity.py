@@ -32,7 +32,7 @@ from ..gguf_out import TYPE_SIZES, SourceGGUF, row_bytes
 from ..importance import Importance
 from ..rules import (IQ3_S, IQ3_XXS, IQ4_XS, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_0, Unsupported, fallback_type,
                      requires_imatrix)
-from .recipe import Group
+from .recipe import Group, evenly
 
 # Types both this engine and llama.cpp write, from the fewest bits to the most; the IQ types only with an
 # imatrix (IQ3_XXS cannot be written without one; the others lose much more without).
@@ -74,17 +74,11 @@ class Errors:
         return s / n if n else None
 
 
-def _sample(rows: int, max_rows: int) -> np.ndarray:
-    if rows <= max_rows:
-        return np.arange(rows)
-    return np.unique(np.linspace(0, rows - 1, max_rows).round().astype(np.int64))
-
-
 def _one(src: SourceGGUF, data: np.memmap, g: Group, types: list[int], im: Optional[np.ndarray],
          max_rows: int) -> tuple[dict[int, float], float, int, dict[int, tuple[float, int]]]:
     t = src.by_name[g.name]
     rb = row_bytes(t.ggml_type, t.n_per_row)
-    idx = _sample(t.rows, max(MIN_ROWS, min(max_rows, ROW_ELEMENTS // max(1, t.n_per_row))))
+    idx = evenly(t.rows, max(MIN_ROWS, min(max_rows, ROW_ELEMENTS // max(1, t.n_per_row))))
     start = src.data_start + t.offset
     raw = np.concatenate([data[start + i * rb:start + (i + 1) * rb] for i in idx])
     x = kernels.to_f32(raw, t.ggml_type, np.empty(len(idx) * t.n_per_row, np.float32)).reshape(len(idx), -1)
@@ -117,9 +111,7 @@ def quant_errors(src: SourceGGUF, groups: Iterable[Group], types: dict[str, list
     by_kind: dict[str, list[Group]] = {}
     for g in groups:
         by_kind.setdefault(g.kind, []).append(g)
-    slow_at = {g.name for gs in by_kind.values()
-               for g in (gs if len(gs) <= SLOW_LAYERS else
-                         [gs[i] for i in np.unique(np.linspace(0, len(gs) - 1, SLOW_LAYERS).round().astype(int))])}
+    slow_at = {gs[i].name for gs in by_kind.values() for i in evenly(len(gs), SLOW_LAYERS)}
 
     def work(g: Group):
         im = imatrix.for_tensor(src.by_name[g.name]) if imatrix is not None else None
